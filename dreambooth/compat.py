@@ -1,0 +1,49 @@
+"""Differences between the library versions we support, kept in one place.
+
+Tested in both environments: transformers 4.30.2 / diffusers 0.31 (the WebUI's world) and the newest releases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TEXT_PREFIX = "text_model."
+
+
+def text_encoder_state_dict(model: Any) -> dict[str, Any]:
+    """The text encoder's weights with transformers-4 names (``text_model.`` prefix), without ``position_ids``.
+
+    transformers 5 drops the ``text_model.`` prefix from ``CLIPTextModel.state_dict()`` and no longer saves
+    ``position_ids``; transformers 4.30 has both.
+    """
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        out[key if key.startswith(TEXT_PREFIX) else TEXT_PREFIX + key] = value
+    return out
+
+
+def load_text_encoder_state_dict(model: Any, state_dict: dict[str, Any], assign: bool = False) -> None:
+    """Load weights named as :func:`text_encoder_state_dict` returns them into a ``CLIPTextModel`` (strict).
+
+    ``assign=True`` adopts the given tensors instead of copying them (for a model built on the meta device).
+    """
+    own = model.state_dict()
+    uses_prefix = any(k.startswith(TEXT_PREFIX) for k in own)
+    converted = {}
+    for key, value in state_dict.items():
+        name = key if uses_prefix else key.removeprefix(TEXT_PREFIX)
+        converted[name] = value
+    for key, value in own.items():
+        if key.endswith("embeddings.position_ids"):
+            converted[key] = value  # a buffer derived from the config, not a trained weight
+    model.load_state_dict(converted, strict=True, assign=assign)
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` header of a safetensors file (empty when there is none)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -1,0 +1,394 @@
+"""Trainable components of a Stable Diffusion model, and their conversion from / to files and folders.
+
+``load_components`` reads an original single file (``.safetensors`` / ``.ckpt``, with its sidecar yaml), an
+in-memory original-format state dict (the WebUI's loaded model) or a diffusers folder.  ``save_single_file`` writes
+the components back as one file the WebUI loads; ``save_diffusers_folder`` writes a diffusers folder.  Tensors
+that belong to no trained component travel along as ``extras`` so that no key of the original file is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..compat import load_text_encoder_state_dict, text_encoder_state_dict
+from ..errors import ModelFileError
+from . import files
+from .architecture import CLIP_L, METADATA_KEY, Architecture, detect_architecture
+from .keymap import join_original, split_original
+
+ARCH_FILE = "dreambooth.json"
+EXTRAS_FILE = "dreambooth_extras.safetensors"
+
+
+@dataclass
+class Components:
+    """The parts a DreamBooth run trains or uses, plus what is needed to write them back losslessly."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    arch: Architecture
+    extras: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to(self, device: Any = None, dtype: Any = None) -> Components:
+        for module in (self.unet, self.vae, self.text_encoder):
+            current = next(module.parameters())
+            if dtype is not None and current.dtype != dtype:
+                module.to(dtype=dtype)
+            if device is not None and current.device != _device(device):
+                module.to(device=device)
+        return self
+
+
+def _device(device: Any) -> Any:
+    import torch
+
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+def _on_meta(factory: Any) -> Any:
+    """Build a module without allocating or initialising its weights (they are loaded right after)."""
+    import torch
+
+    with torch.device("meta"):
+        return factory()
+
+
+def _load_into(module: Any, state_dict: dict[str, Any], what: str, source: str) -> None:
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{source}: the {what} weights do not fit the detected architecture: {error}") from error
+    _materialize_buffers(module, what, source)
+
+
+def _materialize_buffers(module: Any, what: str, source: str) -> None:
+    """Create the buffers left on the meta device: CLIP's ``position_ids`` (derived from the config)."""
+    import torch
+
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                raise ModelFileError(f"{source}: the {what} buffer '{name}' is not in the checkpoint.")
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            persistent = name in module.state_dict()
+            ids = torch.arange(buffer.shape[-1]).expand((1, -1))
+            owner.register_buffer("position_ids", ids, persistent=persistent)
+
+
+def build_unet(arch: Architecture) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**arch.unet)
+
+
+def build_vae(arch: Architecture) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**arch.vae)
+
+
+def build_text_encoder(arch: Architecture) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**arch.text))
+
+
+def build_scheduler(arch: Architecture) -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**arch.scheduler_config())
+
+
+def build_tokenizer(arch: Architecture) -> Any:
+    """The tokenizer folder a sidecar yaml names (SD 1.x), else the CLIP vocabulary shipped by open-clip-torch."""
+    if arch.clip_version and (Path(arch.clip_version) / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(arch.clip_version, local_files_only=True)
+    from .tokenizer import clip_tokenizer
+
+    return clip_tokenizer(arch.family, max_length=arch.text["max_position_embeddings"])
+
+
+def guess_v_prediction(unet: Any) -> bool:
+    """The WebUI's test for SD 2.x 768 models: a v-prediction UNet moves a grey latent strongly at t=999."""
+    import torch
+
+    parameter = next(unet.parameters())
+    with torch.no_grad():
+        context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=torch.float32)
+        latent = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=torch.float32)
+        original = parameter.dtype
+        unet.to(torch.float32)
+        out = unet(latent, torch.tensor([999]), encoder_hidden_states=context).sample
+        unet.to(original)
+    return (out - latent).mean().item() < -1
+
+
+# -------------------------------------------------------------------------------------------------- loading
+
+
+def components_from_state_dict(
+    state_dict: dict[str, Any],
+    source: str = "state dict",
+    yaml_config: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
+    device: Any = "cpu",
+    dtype: Any = None,
+    arch: Architecture | None = None,
+) -> Components:
+    """Components from an original-format state dict (a file's tensors, or the WebUI's model in memory)."""
+    import torch
+
+    arch = arch or detect_architecture(state_dict, source, yaml_config=yaml_config, metadata=metadata)
+    parts = split_original(state_dict, arch, source)
+    unet = _on_meta(lambda: build_unet(arch))
+    _load_into(unet, parts["unet"], "UNet", source)
+    vae = _on_meta(lambda: build_vae(arch))
+    _load_into(vae, parts["vae"], "VAE", source)
+    text_encoder = _on_meta(lambda: build_text_encoder(arch))
+    try:
+        load_text_encoder_state_dict(text_encoder, parts["text_encoder"], assign=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{source}: the text encoder weights do not fit: {error}") from error
+    _materialize_buffers(text_encoder, "text encoder", source)
+    if arch.family == "sd2" and arch.prediction_source == "default" and arch.is_standard_size:
+        if guess_v_prediction(unet):
+            arch.prediction_type = "v_prediction"
+        arch.prediction_source = "guess"
+    components = Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(arch),
+        noise_scheduler=build_scheduler(arch),
+        arch=arch,
+        extras=parts["extras"],
+        source=source,
+    )
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return components.to(device=device, dtype=dtype or torch.float32)
+
+
+def load_components(
+    path: str | os.PathLike,
+    device: Any = "cpu",
+    dtype: Any = None,
+    original_config: str | os.PathLike | None = None,
+) -> Components:
+    """Load a single-file checkpoint (with ``NAME.yaml`` beside it, if any) or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers_folder(path, device=device, dtype=dtype)
+    state_dict, metadata = files.read_state_dict(path)
+    yaml_path = Path(original_config) if original_config else files.sidecar_yaml_path(path)
+    yaml_config = files.read_yaml(yaml_path) if yaml_path.is_file() else None
+    if original_config and yaml_config is None:
+        raise ModelFileError(f"{original_config}: the config yaml given with --original-config does not exist.")
+    return components_from_state_dict(
+        state_dict, str(path), yaml_config=yaml_config, metadata=metadata, device=device, dtype=dtype
+    )
+
+
+def arch_from_diffusers_configs(folder: Path) -> Architecture:
+    """An Architecture from a diffusers folder's own configs (one without our ``dreambooth.json``)."""
+
+    def read(part: str) -> dict[str, Any]:
+        config_file = folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+        if not config_file.is_file():
+            raise ModelFileError(f"{folder}: not a diffusers model folder ({config_file} is missing).")
+        return {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+
+    from .architecture import SD_SCHEDULE
+
+    unet, vae, text, scheduler = read("unet"), read("vae"), read("text_encoder"), read("scheduler")
+    family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+    text_keys = (
+        "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads max_position_embeddings "
+        "hidden_act projection_dim pad_token_id bos_token_id eos_token_id"
+    ).split()
+    layers = int(text["num_hidden_layers"])
+    return Architecture(
+        family=family,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        unet=unet,
+        vae=vae,
+        text={k: text[k] for k in text_keys if k in text},
+        text_blocks_in_file=layers + 1 if family == "sd2" else layers,
+        schedule={
+            "timesteps": scheduler.get("num_train_timesteps", SD_SCHEDULE["timesteps"]),
+            "linear_start": scheduler.get("beta_start", SD_SCHEDULE["linear_start"]),
+            "linear_end": scheduler.get("beta_end", SD_SCHEDULE["linear_end"]),
+        },
+        scale_factor=float(vae.get("scaling_factor", 0.18215)),
+        prediction_source="config",
+    )
+
+
+def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype: Any = None) -> Components:
+    """Components from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    arch_file = folder / ARCH_FILE
+    arch = Architecture.from_json(arch_file.read_text()) if arch_file.is_file() else arch_from_diffusers_configs(folder)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"{folder}: cannot load the diffusers model folder ({error}).") from error
+    if (folder / "tokenizer" / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    else:
+        tokenizer = build_tokenizer(arch)
+    extras = {}
+    if (folder / EXTRAS_FILE).is_file():
+        extras, _ = files.read_state_dict(folder / EXTRAS_FILE)
+    components = Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=build_scheduler(arch),
+        arch=arch,
+        extras=extras,
+        source=str(folder),
+    )
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return components.to(device=device, dtype=dtype or torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------- saving
+
+
+def to_original_state_dict(components: Components, half: bool = False) -> dict[str, Any]:
+    """The components as one original-format (ldm / WebUI) state dict, on the CPU."""
+    import torch
+
+    arch = components.arch
+    extras = dict(components.extras)
+    if arch.family == "sd1":
+        key = CLIP_L + "embeddings.position_ids"
+        extras.setdefault(key, torch.arange(arch.text["max_position_embeddings"]).unsqueeze(0))
+    state_dict = join_original(
+        _cpu(components.unet.state_dict()),
+        _cpu(components.vae.state_dict()),
+        _cpu(text_encoder_state_dict(components.text_encoder)),
+        arch,
+        extras,
+    )
+    if half:
+        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _cpu(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().to("cpu") for k, v in state_dict.items()}
+
+
+def save_single_file(
+    components: Components,
+    destination: str | os.PathLike,
+    half: bool = False,
+    metadata: dict[str, str] | None = None,
+    sidecar: bool | None = None,
+) -> list[Path]:
+    """Write one original-format checkpoint (``.safetensors`` or ``.ckpt``), plus ``NAME.yaml`` when needed.
+
+    ``sidecar=None`` writes the yaml when the architecture needs one (SD 2.x, inpainting, non-standard sizes).
+    Returns the written paths.  Every write is atomic.
+    """
+    destination = Path(destination)
+    state_dict = to_original_state_dict(components, half=half)
+    header = {
+        "format": "pt",
+        METADATA_KEY: components.arch.to_json(),
+        "dreambooth.version": __version__,
+        "dreambooth.architecture_name": components.arch.name,
+        **(metadata or {}),
+    }
+    written = [files.write_state_dict(state_dict, destination, metadata=header)]
+    if sidecar if sidecar is not None else components.arch.needs_sidecar_yaml:
+        from .architecture import ldm_yaml
+
+        written.append(files.write_yaml(ldm_yaml(components.arch), files.sidecar_yaml_path(destination)))
+    return written
+
+
+def save_diffusers_folder(components: Components, destination: str | os.PathLike, half: bool = False) -> Path:
+    """Write a diffusers folder; written beside the destination first and renamed into place when complete."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    destination = Path(destination)
+    if destination.exists():
+        raise ModelFileError(f"{destination}: already exists; choose a new folder name (nothing was overwritten).")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        dtype = torch.float16 if half else None
+        for name, module in (("unet", components.unet), ("vae", components.vae)):
+            _save_module(module, temp / name, dtype)
+        _save_module(components.text_encoder, temp / "text_encoder", dtype)
+        components.tokenizer.save_pretrained(str(temp / "tokenizer"))
+        components.noise_scheduler.save_pretrained(str(temp / "scheduler"))
+        (temp / ARCH_FILE).write_text(components.arch.to_json())
+        (temp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        if components.extras:
+            extras = components.extras
+            if half:
+                extras = {k: v.half() if v.is_floating_point() else v for k, v in extras.items()}
+            files.write_state_dict(extras, temp / EXTRAS_FILE)
+        temp.rename(destination)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return destination
+
+
+def _save_module(module: Any, folder: Path, dtype: Any) -> None:
+    import copy
+
+    if dtype is not None:
+        module = copy.deepcopy(module).to(dtype)
+    module.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _model_index() -> dict[str, Any]:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _version("diffusers"),
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

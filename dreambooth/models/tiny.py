@@ -1,0 +1,146 @@
+"""Tiny Stable Diffusion models with random weights, built offline, for the tests and the demo.
+
+They have the real SD architectures at a small size: GroupNorm-32-compatible channel counts and a VAE with four
+levels (8x downscale, 4 latent channels), as the WebUI's ldm code and diffusers' single-file loader assume.  The
+SD 1.x tiny model is laid out so the real WebUI can load it: its sidecar yaml names a local folder holding the tiny
+CLIP text model and its tokenizer instead of ``openai/clip-vit-large-patch14``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .architecture import SD_SCALE_FACTOR, Architecture
+from .components import Components, build_scheduler, build_text_encoder, build_unet, build_vae, save_single_file
+
+
+def tiny_architecture(family: str = "sd1", prediction_type: str | None = None, inpainting: bool = False) -> Architecture:
+    """SD 1.x (epsilon) or SD 2.x (v-prediction by default) at a test size."""
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")
+    prediction = prediction_type or ("epsilon" if family == "sd1" else "v_prediction")
+    text_layers = 4
+    return Architecture(
+        family=family,
+        prediction_type=prediction,
+        unet={
+            "sample_size": 8,
+            "in_channels": 9 if inpainting else 4,
+            "out_channels": 4,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 2,
+            "use_linear_projection": family == "sd2",
+            "transformer_layers_per_block": 1,
+            "norm_num_groups": 32,
+        },
+        vae={
+            "sample_size": 64,
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [32, 32, 32, 32],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "scaling_factor": SD_SCALE_FACTOR,
+        },
+        text={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu" if family == "sd1" else "gelu",
+            "projection_dim": 32,
+            "pad_token_id": 49407 if family == "sd1" else 0,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+        },
+        text_blocks_in_file=text_layers if family == "sd1" else text_layers + 1,
+        prediction_source="metadata",
+    )
+
+
+def tiny_components(arch: Architecture | None = None, seed: int = 0) -> Components:
+    """Random-weight components for ``arch`` (default: tiny SD 1.x), reproducible from ``seed``."""
+    import torch
+
+    from .tokenizer import clip_tokenizer
+
+    arch = arch or tiny_architecture()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet, vae, text_encoder = build_unet(arch), build_vae(arch), build_text_encoder(arch)
+        extras: dict[str, Any] = {}
+        if arch.family == "sd2":
+            # What an SD 2.x file holds beyond the penultimate-layer encoder: the last block and the projection.
+            hidden, inner = arch.text["hidden_size"], arch.text["intermediate_size"]
+            block = f"cond_stage_model.model.transformer.resblocks.{arch.text_blocks_in_file - 1}."
+            shapes = {
+                "ln_1.weight": (hidden,),
+                "ln_1.bias": (hidden,),
+                "attn.in_proj_weight": (3 * hidden, hidden),
+                "attn.in_proj_bias": (3 * hidden,),
+                "attn.out_proj.weight": (hidden, hidden),
+                "attn.out_proj.bias": (hidden,),
+                "ln_2.weight": (hidden,),
+                "ln_2.bias": (hidden,),
+                "mlp.c_fc.weight": (inner, hidden),
+                "mlp.c_fc.bias": (inner,),
+                "mlp.c_proj.weight": (hidden, inner),
+                "mlp.c_proj.bias": (hidden,),
+            }
+            extras = {block + name: torch.randn(shape) * 0.02 for name, shape in shapes.items()}
+            extras["cond_stage_model.model.text_projection"] = torch.randn(hidden, arch.text["projection_dim"])
+            extras["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(arch.family),
+        noise_scheduler=build_scheduler(arch),
+        arch=arch,
+        extras=extras,
+        source=f"tiny-{arch.family}",
+    )
+
+
+def write_tiny_checkpoint(
+    directory: str | os.PathLike,
+    family: str = "sd1",
+    prediction_type: str | None = None,
+    inpainting: bool = False,
+    suffix: str = ".safetensors",
+    seed: int = 0,
+    name: str | None = None,
+) -> Path:
+    """Write a tiny single-file checkpoint with its sidecar yaml into ``directory``; returns the checkpoint path.
+
+    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = tiny_architecture(family, prediction_type, inpainting)
+    name = name or f"tiny-{family}{'-inpainting' if inpainting else ''}"
+    components = tiny_components(arch, seed=seed)
+    if family == "sd1":
+        clip_dir = (directory / f"{name}-clip").resolve()
+        components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
+        components.tokenizer.save_pretrained(str(clip_dir))
+        arch.clip_version = str(clip_dir)
+    destination = directory / f"{name}{suffix}"
+    save_single_file(components, destination, sidecar=True)
+    return destination
