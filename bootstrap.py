@@ -106,7 +106,7 @@ def run_tests(extra: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this file may be run by any python3
         raise SystemExit("bootstrap: Python 3.10 or newer is needed")
     if not argv or argv[0] not in {"demo", "test", "env"}:
         print(__doc__)

@@ -127,7 +127,7 @@ def unet_structure(sd: dict[str, Any], source: str) -> dict[str, Any]:
     """UNet2DConditionModel arguments that follow from the weights (head counts excluded)."""
     keys = [k for k in sd if k.startswith(UNET)]
     conv_in = _require(sd, UNET + "input_blocks.0.0.weight", source)
-    model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    in_channels = int(conv_in.shape[1])
     out_channels = int(_require(sd, UNET + "out.2.weight", source).shape[0])
     levels: list[list[int]] = [[]]  # input block indices of the resnets, per level
     for index in _indices(keys, re.escape(UNET) + r"input_blocks\.(\d+)\."):
@@ -373,7 +373,10 @@ def ldm_yaml(arch: Architecture) -> dict[str, Any]:
         "monitor": "val/loss_simple_ema",
         "scale_factor": arch.scale_factor,
         "use_ema": False,
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": unet_params,
+        },
         "first_stage_config": {
             "target": "ldm.models.autoencoder.AutoencoderKL",
             "params": {
@@ -397,4 +400,10 @@ def ldm_yaml(arch: Architecture) -> dict[str, Any]:
         "cond_stage_config": cond,
     }
     target = "LatentInpaintDiffusion" if arch.is_inpainting else "LatentDiffusion"
-    return {"model": {"base_learning_rate": 1.0e-4, "target": f"ldm.models.diffusion.ddpm.{target}", "params": params}}
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-4,
+            "target": f"ldm.models.diffusion.ddpm.{target}",
+            "params": params,
+        }
+    }

@@ -216,10 +216,19 @@ def arch_from_diffusers_configs(folder: Path) -> Architecture:
 
     unet, vae, text, scheduler = read("unet"), read("vae"), read("text_encoder"), read("scheduler")
     family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
-    text_keys = (
-        "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads max_position_embeddings "
-        "hidden_act projection_dim pad_token_id bos_token_id eos_token_id"
-    ).split()
+    text_keys = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "projection_dim",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    ]
     layers = int(text["num_hidden_layers"])
     return Architecture(
         family=family,
@@ -300,7 +309,7 @@ def to_original_state_dict(components: Components, half: bool = False) -> dict[s
 
 
 def _cpu(state_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().to("cpu") for k, v in state_dict.items()}
+    return {k: v.detach() if v.is_meta else v.detach().to("cpu") for k, v in state_dict.items()}
 
 
 def save_single_file(

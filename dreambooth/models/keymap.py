@@ -97,7 +97,11 @@ def vae_table(arch: Architecture) -> Table:
         original_level = levels - 1 - i
         for j in range(n + 1):
             table.append(
-                (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{original_level}.block.{j}.", "vae_resnet")
+                (
+                    f"decoder.up_blocks.{i}.resnets.{j}.",
+                    f"decoder.up.{original_level}.block.{j}.",
+                    "vae_resnet",
+                )
             )
         if i < levels - 1:
             table.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{original_level}.upsample.", "plain"))

@@ -13,10 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import SD_SCALE_FACTOR, Architecture
-from .components import Components, build_scheduler, build_text_encoder, build_unet, build_vae, save_single_file
+from .components import (
+    Components,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    save_single_file,
+)
 
 
-def tiny_architecture(family: str = "sd1", prediction_type: str | None = None, inpainting: bool = False) -> Architecture:
+def tiny_architecture(
+    family: str = "sd1", prediction_type: str | None = None, inpainting: bool = False
+) -> Architecture:
     """SD 1.x (epsilon) or SD 2.x (v-prediction by default) at a test size."""
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")

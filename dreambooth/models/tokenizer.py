@@ -56,7 +56,8 @@ def find_bpe_file() -> Path:
 
 def vocabulary_files(directory: Path, bpe_file: Path | None = None) -> tuple[Path, Path]:
     """Write transformers' ``vocab.json`` and ``merges.txt`` for CLIP into ``directory``."""
-    lines = gzip.open(bpe_file or find_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_file or find_bpe_file(), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
