@@ -78,3 +78,14 @@ def test_components_load_on_the_requested_dtype(tiny_checkpoint):
     for module in (components.unet, components.vae, components.text_encoder):
         assert {p.dtype for p in module.parameters()} == {torch.float16}
         assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_components_from_an_in_memory_state_dict(tiny_checkpoint):
+    """Inside the WebUI the trainer starts from ``shared.sd_model.state_dict()``: no file involved."""
+    from dreambooth.models.components import components_from_state_dict, to_original_state_dict
+
+    state_dict, _ = read_state_dict(tiny_checkpoint("sd1"))
+    yaml_config = __import__("yaml").safe_load(tiny_checkpoint("sd1").with_suffix(".yaml").read_text())
+    components = components_from_state_dict(dict(state_dict), "loaded model", yaml_config=yaml_config)
+    assert components.arch.family == "sd1" and components.source == "loaded model"
+    assert_same_tensors(to_original_state_dict(components), state_dict)

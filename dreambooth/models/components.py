@@ -149,7 +149,11 @@ def components_from_state_dict(
     dtype: Any = None,
     arch: Architecture | None = None,
 ) -> Components:
-    """Components from an original-format state dict (a file's tensors, or the WebUI's model in memory)."""
+    """Components from an original-format state dict (a file's tensors, or the WebUI's model in memory).
+
+    The tensors are adopted, not copied, when they already have the requested device and dtype: pass a copy
+    if the source must stay untouched while the components are trained.
+    """
     import torch
 
     arch = arch or detect_architecture(state_dict, source, yaml_config=yaml_config, metadata=metadata)
