@@ -47,3 +47,13 @@ def safetensors_metadata(path: str) -> dict[str, str]:
 
     with safe_open(path, framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+def text_final_layer_norm(model: Any) -> Any:
+    """CLIP's final layer norm: ``model.text_model.final_layer_norm`` (transformers 4) or ``model.final_layer_norm``."""
+    inner = getattr(model, "text_model", model)
+    return inner.final_layer_norm
+
+
+def enable_text_gradient_checkpointing(model: Any) -> None:
+    model.gradient_checkpointing_enable()

@@ -1,0 +1,537 @@
+"""The training run: ``Trainer(settings, callbacks, commands).run()``.
+
+Stages: validate -> load the base model -> generate missing class images -> check every image -> cache latents (and
+text embeddings when the text encoder is frozen) -> optimizer / schedule (or resume) -> steps -> final save.
+Progress goes out through guarded callbacks; commands (cancel, save now, sample now) are read between steps.
+
+Every random draw of a step comes from generators seeded by (seed, sample index): the noise, the timestep and the
+latent sample of sample ``g`` do not depend on what ran before, which makes resume exact and the run independent of
+how its batches are split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.dataset import Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
+from ..errors import DreamBoothError
+from ..events import Callbacks, Commands, Progress, guarded
+from ..settings import Settings
+from .loss import dreambooth_loss, training_target
+from .sampling import encode_prompts, generate
+
+STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    cancelled: bool
+    checkpoints: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    state_dir: Path | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds_per_step: float | None = None
+    peak_memory_gib: float | None = None
+
+
+def resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DreamBoothError("device 'cuda' was asked for, but torch sees no CUDA GPU; use device auto or cpu")
+    return torch.device(name)
+
+
+def peak_memory_gib(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def total_steps_for(settings: Settings, plan: SamplePlan, instance_count: int) -> int:
+    per_step = settings.train_batch_size * settings.gradient_accumulation_steps
+    if settings.max_train_steps:
+        return settings.max_train_steps
+    if settings.num_train_epochs:
+        return max(1, math.ceil(settings.num_train_epochs * plan.epoch_length / per_step))
+    return max(1, STEPS_PER_INSTANCE_IMAGE * instance_count)
+
+
+class Trainer:
+    """One DreamBooth run.  ``components`` may be given (e.g. the WebUI's model already in memory)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        callbacks: Callbacks | None = None,
+        commands: Commands | None = None,
+        components: Any = None,
+    ):
+        self.requested = settings
+        self.settings = settings.effective()
+        self.callbacks = callbacks or Callbacks()
+        self.commands = commands or Commands()
+        self.components = components
+        self.text_cache: dict[str, Any] = {}
+        self.latent_cache = None
+        self.timings = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def _emit(self, phase: str, message: str = "", **values: Any) -> None:
+        progress = Progress(phase=phase, message=message, **values)
+        self.last_progress = progress
+        guarded(self.callbacks, "on_progress", progress)
+        if message:
+            guarded(self.callbacks, "on_log", message)
+
+    def log(self, message: str) -> None:
+        guarded(self.callbacks, "on_log", message)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _load(self, device: Any) -> Any:
+        import torch
+
+        from ..models.components import load_components
+
+        s = self.settings
+        components = self.components
+        if components is None:
+            self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
+            components = load_components(s.pretrained_model_name_or_path)
+        if s.pretrained_vae_name_or_path:
+            components.vae = load_vae(s.pretrained_vae_name_or_path, components)
+        layers = components.text_encoder.config.num_hidden_layers
+        if s.clip_skip > layers:
+            raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
+        components.to(device=device, dtype=torch.float32)
+        if s.attention == "xformers":
+            components.unet.enable_xformers_memory_efficient_attention()
+        return components
+
+    def _class_images(self, components: Any) -> None:
+        from ..data.class_images import generate_class_images
+
+        s = self.settings
+        for index, concept in enumerate(s.concepts):
+            wanted = s.class_images_for(concept)
+            made = generate_class_images(
+                components,
+                concept.class_data_dir,
+                concept.class_prompt,
+                concept.class_negative_prompt,
+                wanted,
+                seed=mix_seed(s.seed, "class", index) % (2**31),
+                steps=s.class_inference_steps,
+                guidance_scale=s.save_guidance_scale,
+                resolution=s.resolution,
+                batch_size=s.sample_batch_size,
+                clip_skip=s.clip_skip,
+                should_stop=lambda: self.commands.cancelled,
+                on_progress=lambda done, total, i=index: self._emit(
+                    "class_images", f"concept {i + 1}: class image {done} of {total}", step=done, total_steps=total
+                ),
+            )
+            if made:
+                self.log(f"concept {index + 1}: generated {len(made)} class images in {concept.class_data_dir}")
+
+    def _examples(self) -> tuple[list[list[Example]], list[list[Example]] | None]:
+        from ..data.images import check_images
+
+        s = self.settings
+        instances = [instance_examples(s, i, c) for i, c in enumerate(s.concepts)]
+        classes = [class_examples(s, i, c) for i, c in enumerate(s.concepts)] if s.with_prior_preservation else None
+        paths = [e.path for group in instances + (classes or []) for e in group]
+        problems = check_images(paths)
+        if problems:
+            lines = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
+            raise DreamBoothError(f"{len(problems)} image(s) cannot be used; fix or remove them:\n{lines}")
+        for index, group in enumerate(instances):
+            if not group:
+                raise DreamBoothError(
+                    f"concept {index + 1}: no instance images in {s.concepts[index].instance_data_dir}"
+                )
+        if classes is not None:
+            for index, group in enumerate(classes):
+                if not group:
+                    raise DreamBoothError(
+                        f"concept {index + 1}: no class images in {s.concepts[index].class_data_dir} "
+                        "(generation was cancelled or num_class_images is 0)"
+                    )
+        return instances, classes
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _latent(self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int) -> Any:
+        import torch
+
+        from ..data.cache import pixels
+
+        components, s = self.components, self.settings
+        if self.latent_cache is not None:
+            mean, std = self.latent_cache.get(example.path, flip)
+        else:
+            crop_seed = mix_seed(s.seed, "crop", example.path.as_posix(), epoch)
+            image = pixels(example.path, s.resolution, s.center_crop, flip, crop_seed)
+            parameter = next(components.vae.parameters())
+            with torch.no_grad():
+                dist = components.vae.encode(image.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
+            mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        sample = mean + std * torch.randn(mean.shape, generator=generator)
+        return sample * components.vae.config.scaling_factor
+
+    def _text(self, prompts: list[str], train_text: bool) -> Any:
+        import torch
+
+        components, s = self.components, self.settings
+        if train_text:
+            return encode_prompts(components.text_encoder, components.tokenizer, prompts, s.clip_skip)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
+        if missing:
+            with torch.no_grad():
+                encoded = encode_prompts(components.text_encoder, components.tokenizer, missing, s.clip_skip)
+            for prompt, hidden in zip(missing, encoded):
+                self.text_cache[prompt] = hidden
+        return torch.stack([self.text_cache[p] for p in prompts])
+
+    def _loss(self, samples: list[Sample], epoch: int, train_text: bool, device: Any, autocast: Any) -> Any:
+        import torch
+
+        components, s = self.components, self.settings
+        scheduler = components.noise_scheduler
+        started = time.perf_counter()
+        latents, noise, timesteps, prompts, is_prior = [], [], [], [], []
+        for sample in samples:
+            pairs = [(sample.instance, "instance")]
+            if sample.prior is not None:
+                pairs.append((sample.prior, "prior"))
+            for example, role in pairs:
+                generator = torch.Generator().manual_seed(mix_seed(s.seed, "sample", sample.index, role))
+                latent = self._latent(example, sample.flip, sample.index, generator, epoch)
+                latents.append(latent)
+                noise.append(torch.randn(latent.shape, generator=generator))
+                timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
+                prompts.append(example.prompt)
+                is_prior.append(role == "prior")
+        latents = torch.stack(latents).to(device)
+        noise = torch.stack(noise).to(device)
+        timesteps = torch.cat(timesteps).to(device)
+        is_prior = torch.tensor(is_prior, device=device)
+        self.timings["data"] += time.perf_counter() - started
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with autocast:
+            hidden = self._text(prompts, train_text).to(device)
+            prediction = components.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        target = training_target(scheduler, latents, noise, timesteps)
+        return dreambooth_loss(prediction, target, is_prior, s.prior_loss_weight)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+
+    def _save(
+        self,
+        step: int,
+        result: TrainResult,
+        modules: dict[str, Any],
+        optimizer: Any,
+        lr_scheduler: Any,
+        scaler: Any,
+        total: int,
+    ) -> None:
+        from ..models.components import save_single_file
+        from .state import save_state
+
+        s, out = self.settings, Path(self.settings.output_dir)
+        self._emit("saving", f"saving step {step}", step=step, total_steps=total)
+        metadata = {
+            "dreambooth.step": str(step),
+            "dreambooth.base_model": Path(s.pretrained_model_name_or_path).name,
+            "dreambooth.settings": self.requested.to_json(),
+        }
+        paths = save_single_file(
+            self.components, out / f"{s.model_name}_{step}.{s.save_format}", half=s.save_half, metadata=metadata
+        )
+        result.checkpoints.append(paths[0])
+        if s.save_training_state:
+            result.state_dir = save_state(
+                out / "state",
+                step,
+                modules,
+                optimizer,
+                lr_scheduler,
+                {"model_name": s.model_name, "total_steps": total, "checkpoint": str(paths[0])},
+                scaler,
+            )
+        guarded(self.callbacks, "on_checkpoint", step, paths)
+        self.log(f"saved {paths[0]}")
+        self._tests(step, result)
+
+    def _sample_prompts(self) -> list[str]:
+        s = self.settings
+        if s.save_sample_prompt:
+            return [s.save_sample_prompt]
+        return list(
+            dict.fromkeys((c.sample_prompt or c.instance_prompt).replace("[filewords]", "").strip() for c in s.concepts)
+        )
+
+    def _write_images(self, images: list[Any], folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"{index:03d}.png"
+            image.save(path)
+            paths.append(path)
+        return paths
+
+    def _samples(self, step: int, result: TrainResult, device: Any) -> None:
+        s = self.settings
+        if s.n_save_sample <= 0:
+            return
+        self._emit("sampling", f"making samples at step {step}", step=step)
+        images = generate(
+            self.components,
+            self._sample_prompts(),
+            negative_prompt=s.save_sample_negative_prompt,
+            steps=s.save_infer_steps,
+            guidance_scale=s.save_guidance_scale,
+            seed=s.sample_seed,
+            images_per_prompt=s.n_save_sample,
+            resolution=s.resolution,
+            clip_skip=s.clip_skip,
+            batch_size=s.sample_batch_size,
+            device=device,
+        )
+        paths = self._write_images(images, Path(s.output_dir) / "samples" / f"step_{step:06d}")
+        result.samples.extend(paths)
+        guarded(self.callbacks, "on_samples", step, paths)
+
+    def _tests(self, step: int, result: TrainResult) -> None:
+        s = self.settings
+        prompts = [s.test_prompt] if s.test_prompt else []
+        if s.test_prompts_file:
+            lines = Path(s.test_prompts_file).read_text(encoding="utf-8", errors="replace").splitlines()
+            prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            return
+        images = generate(
+            self.components,
+            prompts,
+            negative_prompt=s.test_negative_prompt,
+            steps=s.save_infer_steps,
+            guidance_scale=s.save_guidance_scale,
+            seed=s.test_seed,
+            images_per_prompt=s.test_images_per_prompt,
+            resolution=s.resolution,
+            clip_skip=s.clip_skip,
+            batch_size=s.sample_batch_size,
+        )
+        self._write_images(images, Path(s.output_dir) / "tests" / f"step_{step:06d}")
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self) -> TrainResult:
+        import torch
+
+        from ..data.cache import LatentCache
+        from .optim import make_lr_scheduler, make_optimizer
+        from .state import load_state
+
+        s = self.settings
+        s.raise_if_invalid()
+        device = resolve_device(s.device)
+        out = Path(s.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.components = components = self._load(device)
+        if s.with_prior_preservation:
+            self._class_images(components)
+        instances, classes = self._examples()
+        plan = SamplePlan(instances, classes, s.seed, s.hflip)
+        instance_count = sum(len(g) for g in instances)
+        total = total_steps_for(s, plan, instance_count)
+        result = TrainResult(step=0, total_steps=total, cancelled=False)
+
+        if s.cache_latents:
+            self.latent_cache = LatentCache(
+                components.vae, device, s.resolution, s.center_crop, s.seed, out / "cache" / "latents"
+            )
+            variants = (False, True) if s.hflip else (False,)
+            examples = [e for group in instances + (classes or []) for e in group]
+            for number, example in enumerate(examples, start=1):
+                for flip in variants:
+                    self.latent_cache.get(example.path, flip)
+                self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
+            if s.low_memory and device.type == "cuda":
+                components.vae.to("cpu")  # not needed again until a sample is made
+
+        unet, text_encoder = components.unet, components.text_encoder
+        if s.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        per_step = s.train_batch_size * s.gradient_accumulation_steps
+        scale = per_step if s.scale_lr else 1
+        groups = [{"params": list(unet.parameters()), "lr": s.learning_rate * scale}]
+        modules = {"unet": unet}
+        unet.requires_grad_(True).train()
+        if s.train_text_encoder:
+            text_encoder.requires_grad_(True).train()
+            if s.gradient_checkpointing:
+                text_encoder.gradient_checkpointing_enable()
+            groups.append({"params": list(text_encoder.parameters()), "lr": s.text_encoder_lr() * scale})
+            modules["text_encoder"] = text_encoder
+        optimizer = make_optimizer(groups, s, device)
+        lr_scheduler = make_lr_scheduler(optimizer, s, total)
+        scaler = None
+        if s.mixed_precision == "fp16":
+            scaler = torch.amp.GradScaler(device.type)
+        start = 0
+        if s.resume_from:
+            start = load_state(Path(s.resume_from), modules, optimizer, lr_scheduler, scaler)
+            self.log(f"resumed from {s.resume_from} at step {start}")
+        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        text_stop_step = math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0
+        writer = self._logger(out)
+
+        step = start
+        step_times: list[float] = []
+        last_saved = None
+        try:
+            while step < total:
+                if self.commands.cancelled:
+                    result.cancelled = True
+                    break
+                train_text = s.train_text_encoder and step < text_stop_step
+                if s.train_text_encoder and not train_text and text_encoder.training:
+                    text_encoder.requires_grad_(False).eval()
+                    self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
+                started = time.perf_counter()
+                losses = []
+                for micro in range(s.gradient_accumulation_steps):
+                    batch_index = step * s.gradient_accumulation_steps + micro
+                    samples = plan.batch(batch_index, s.train_batch_size)
+                    epoch = plan.epoch_of_batch(batch_index, s.train_batch_size)
+                    fb_started = time.perf_counter()
+                    loss, instance_loss, prior_loss = self._loss(samples, epoch, train_text, device, autocast)
+                    scaled = loss / s.gradient_accumulation_steps
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    self.timings["forward_backward"] += time.perf_counter() - fb_started
+                    losses.append(
+                        (loss.item(), instance_loss.item(), None if prior_loss is None else prior_loss.item())
+                    )
+                opt_started = time.perf_counter()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if s.max_grad_norm > 0:
+                    params = [p for g in groups for p in g["params"] if p.grad is not None]
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.timings["optimizer"] += time.perf_counter() - opt_started
+                step += 1
+                step_times.append(time.perf_counter() - started)
+                mean_loss = sum(x[0] for x in losses) / len(losses)
+                priors = [x[2] for x in losses if x[2] is not None]
+                result.losses.append((step, mean_loss))
+                recent = step_times[-20:]
+                seconds = sorted(recent)[len(recent) // 2]
+                lrs = {f"group{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                self._emit(
+                    "training",
+                    step=step,
+                    total_steps=total,
+                    epoch=plan.epoch_of_batch(step * s.gradient_accumulation_steps - 1, s.train_batch_size),
+                    loss=mean_loss,
+                    instance_loss=sum(x[1] for x in losses) / len(losses),
+                    prior_loss=sum(priors) / len(priors) if priors else None,
+                    learning_rates=lrs,
+                    seconds_per_step=seconds,
+                    eta_seconds=seconds * (total - step),
+                    peak_memory_gib=peak_memory_gib(device),
+                )
+                if writer is not None:
+                    writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
+                due = s.save_model_every_n_steps and step % s.save_model_every_n_steps == 0 and step < total
+                if due or self.commands.take("save"):
+                    self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
+                    self._samples(step, result, device)
+                    last_saved = step
+                elif self.commands.take("sample"):
+                    self._samples(step, result, device)
+            if result.cancelled:
+                self._emit(
+                    "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=total
+                )
+            if last_saved != step and (step > start or result.cancelled):
+                self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
+                if not result.cancelled:
+                    self._samples(step, result, device)
+        finally:
+            if writer is not None:
+                writer.close()
+            unet.requires_grad_(False).eval()
+            text_encoder.requires_grad_(False).eval()
+            components.vae.to(device)
+        result.step = step
+        result.seconds_per_step = sorted(step_times)[len(step_times) // 2] if step_times else None
+        result.peak_memory_gib = peak_memory_gib(device)
+        self._emit(
+            "cancelled" if result.cancelled else "done",
+            f"{'cancelled' if result.cancelled else 'finished'} at step {step} of {total}",
+            step=step,
+            total_steps=total,
+        )
+        return result
+
+    def _logger(self, out: Path) -> Any:
+        from .logging import make_logger
+
+        s = self.settings
+        folder = Path(s.logging_dir)
+        if not folder.is_absolute():
+            folder = out / folder
+        return make_logger(s.report_to, folder, self.requested.to_dict())
+
+
+def load_vae(path: str, components: Any) -> Any:
+    """A separate VAE: a diffusers VAE folder, or a single file with first_stage_model.* (or bare VAE) keys."""
+    from ..models.architecture import VAE, vae_structure
+    from ..models.components import build_vae
+    from ..models.files import read_state_dict
+    from ..models.keymap import _convert, vae_table
+
+    source = Path(path)
+    if source.is_dir():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(str(source), local_files_only=True)
+    state, _ = read_state_dict(source)
+    if not any(k.startswith(VAE) for k in state):
+        state = {VAE + k: v for k, v in state.items()}  # a bare VAE file (the usual .vae.safetensors)
+    import dataclasses
+
+    arch = dataclasses.replace(components.arch, vae={**components.arch.vae, **vae_structure(state, str(source))})
+    vae_state = {k[len(VAE) :]: v for k, v in state.items() if k.startswith(VAE)}
+    converted = _convert(vae_state, vae_table(arch), VAE, to_original=False, what=str(source))
+    vae = build_vae(arch)
+    try:
+        vae.load_state_dict(converted, strict=True)
+    except RuntimeError as error:
+        raise DreamBoothError(f"{source}: not a VAE that fits this model ({error})") from error
+    return vae.requires_grad_(False).eval()

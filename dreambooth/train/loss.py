@@ -1,0 +1,36 @@
+"""The DreamBooth loss, as small pure functions.
+
+noise -> add_noise -> predict -> target by prediction type -> split instance / prior by an explicit mask ->
+instance loss + prior_loss_weight x prior loss.  The mask (not the batch position) says which samples are class
+images, so the split is right whatever order a sampler produces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def training_target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> Any:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+
+
+def dreambooth_loss(prediction: Any, target: Any, is_prior: Any, prior_loss_weight: float) -> tuple[Any, Any, Any]:
+    """(total, instance, prior) mean-squared errors; ``is_prior`` is a bool tensor with one entry per sample.
+
+    ``prior`` is ``None`` when the batch has no class image.  Computed in fp32 whatever the prediction dtype.
+    """
+    import torch
+
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+    is_prior = is_prior.to(per_sample.device, torch.bool)
+    instance = per_sample[~is_prior].mean()
+    if not bool(is_prior.any()):
+        return instance, instance, None
+    prior = per_sample[is_prior].mean()
+    return instance + prior_loss_weight * prior, instance, prior
