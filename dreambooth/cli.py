@@ -3,7 +3,9 @@
 Commands:
   convert SRC DST   single file <-> diffusers folder (direction from SRC/DST), or single file -> single file
   info PATH         which Stable Diffusion a checkpoint or folder is
-  demo              build the tiny model, convert it both ways, check the round trip, make a sample image
+  train             train from a settings file (headless, progress bar)
+  demo              a real DreamBooth run on a tiny model built on the spot (CPU, offline)
+  bench             seconds per step and memory: our default vs the naive configuration vs the floor
 """
 
 from __future__ import annotations
@@ -66,7 +68,79 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from .events import Callbacks, Commands
+    from .settings import Settings, SettingsError
+    from .train.loop import Trainer
+
+    try:
+        settings = Settings.load(args.config).with_overrides(args.set or [])
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    problems = settings.validate()
+    if problems:
+        print(f"error: {args.config}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    commands = Commands()
+
+    def interrupt(signum, frame):  # first Ctrl-C: stop after this step with a resumable state
+        if commands.cancelled:
+            raise KeyboardInterrupt
+        print("\ncancelling after the current step (Ctrl-C again to abort without saving)", file=sys.stderr)
+        commands.cancel()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+
+    class Bar(Callbacks):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_progress(self, progress):
+            from tqdm import tqdm
+
+            if progress.phase != "training":
+                if progress.message and progress.phase not in ("caching",):
+                    tqdm.write(f"[{progress.phase}] {progress.message}")
+                return
+            if self.bar is None:
+                self.bar = tqdm(total=progress.total_steps, initial=progress.step - 1, unit="step", dynamic_ncols=True)
+            self.bar.update(progress.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{progress.loss:.4f}", mem=f"{progress.peak_memory_gib:.2f}GiB")
+
+        def on_log(self, message):
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    bar = Bar()
+    try:
+        result = Trainer(settings, callbacks=bar, commands=commands).run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar.bar is not None:
+            bar.bar.close()
+    state = f"; resumable state: {result.state_dir}" if result.state_dir else ""
+    print(f"{'cancelled' if result.cancelled else 'finished'} at step {result.step} of {result.total_steps}{state}")
+    for path in result.checkpoints:
+        print(f"checkpoint: {path}")
+    if result.samples:
+        print(f"samples: {result.samples[-1].parent}")
+    return 130 if result.cancelled else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(args)
     return 0
 
 
@@ -95,7 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the built-in demo on a tiny model (CPU, offline)")
     demo.add_argument("--out", default="demo-output", help="folder for the demo's files (default: demo-output)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     demo.set_defaults(func=cmd_demo)
+
+    train = commands.add_parser("train", help="train from a settings JSON file")
+    train.add_argument("--config", required=True, help="settings JSON (as saved by the tab or the demo)")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable), e.g. --set seed=7"
+    )
+    train.set_defaults(func=cmd_train)
+
+    bench = commands.add_parser("bench", help="measure seconds per step and memory (not a test)")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

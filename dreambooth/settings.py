@@ -255,14 +255,17 @@ class Settings:
 
     # ---------------------------------------------------------------------------------------------- validate
 
-    def validate(self, check_files: bool = True) -> list[str]:
-        """Every problem as a sentence; empty when the settings can be used."""
+    def validate(self, check_files: bool = True, model_in_memory: bool = False) -> list[str]:
+        """Every problem as a sentence; empty when the settings can be used.
+
+        ``model_in_memory``: the base model is given as loaded components, so its path is not checked.
+        """
         from .validation import validate_settings
 
-        return validate_settings(self, check_files=check_files)
+        return validate_settings(self, check_files=check_files, model_in_memory=model_in_memory)
 
-    def raise_if_invalid(self, check_files: bool = True) -> None:
-        problems = self.validate(check_files=check_files)
+    def raise_if_invalid(self, check_files: bool = True, model_in_memory: bool = False) -> None:
+        problems = self.validate(check_files=check_files, model_in_memory=model_in_memory)
         if problems:
             raise SettingsError(problems)
 

@@ -37,7 +37,7 @@ def count_images(folder: str) -> int:
     return len(list_images(folder)) if folder and Path(folder).is_dir() else 0
 
 
-def validate_settings(settings: Settings, check_files: bool = True) -> list[str]:
+def validate_settings(settings: Settings, check_files: bool = True, model_in_memory: bool = False) -> list[str]:
     s = settings
     problems = _bounds(s)
     if s.resolution % 8:
@@ -48,7 +48,7 @@ def validate_settings(settings: Settings, check_files: bool = True) -> list[str]
         problems.append("no concept: add at least one concept with an instance folder and an instance prompt")
     if not s.output_dir:
         problems.append("output_dir is empty: choose a folder for the checkpoints, samples and logs")
-    if not s.pretrained_model_name_or_path:
+    if not s.pretrained_model_name_or_path and not model_in_memory:
         problems.append("pretrained_model_name_or_path is empty: choose the base model to train from")
     if not s.model_name or any(c in s.model_name for c in '/\\:*?"<>|'):
         problems.append(f"model_name '{s.model_name}' must be a plain file name (no folders or special characters)")
@@ -57,6 +57,12 @@ def validate_settings(settings: Settings, check_files: bool = True) -> list[str]
             "low_memory applies the optimizer during the backward pass, which cannot accumulate gradients: "
             "set gradient_accumulation_steps to 1 or turn low_memory off"
         )
+    for name in ("tensorboard", "wandb"):
+        if s.report_to == name and importlib.util.find_spec(name) is None:
+            problems.append(
+                f"report_to {name} needs the {name} package, which is not installed: "
+                f"'pip install {name}', or set report_to none"
+            )
     if s.mixed_precision == "fp16" and s.device == "cpu":
         problems.append("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     if s.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -94,7 +100,10 @@ def validate_settings(settings: Settings, check_files: bool = True) -> list[str]
             "lower the batch size or add images"
         )
     if check_files:
-        for name in ("pretrained_model_name_or_path", "pretrained_vae_name_or_path", "test_prompts_file"):
+        names = ["pretrained_vae_name_or_path", "test_prompts_file"]
+        if not model_in_memory:
+            names.insert(0, "pretrained_model_name_or_path")
+        for name in names:
             value = getattr(s, name)
             if value and not Path(value).exists():
                 problems.append(f"{name}: '{value}' does not exist")

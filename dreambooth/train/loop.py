@@ -38,6 +38,7 @@ class TrainResult:
     state_dir: Path | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds_per_step: float | None = None
+    step_seconds: list[float] = field(default_factory=list)
     peak_memory_gib: float | None = None
 
 
@@ -79,7 +80,18 @@ class Trainer:
         callbacks: Callbacks | None = None,
         commands: Commands | None = None,
         components: Any = None,
+        *,
+        cache_text: bool = True,
+        final_save: bool = True,
+        check_model_path: bool | None = None,
     ):
+        """``cache_text`` / ``final_save`` exist for the benchmark's naive configuration; users keep the defaults.
+
+        ``check_model_path`` (default: only when no ``components`` are given) validates the base model's path.
+        """
+        self.cache_text = cache_text
+        self.final_save = final_save
+        self.check_model_path = components is None if check_model_path is None else check_model_path
         self.requested = settings
         self.settings = settings.effective()
         self.callbacks = callbacks or Callbacks()
@@ -198,8 +210,10 @@ class Trainer:
         import torch
 
         components, s = self.components, self.settings
-        if train_text:
-            return encode_prompts(components.text_encoder, components.tokenizer, prompts, s.clip_skip)
+        if train_text or not self.cache_text:
+            context = contextlib.nullcontext() if train_text else torch.no_grad()
+            with context:
+                return encode_prompts(components.text_encoder, components.tokenizer, prompts, s.clip_skip)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
         if missing:
             with torch.no_grad():
@@ -350,7 +364,7 @@ class Trainer:
         from .state import load_state
 
         s = self.settings
-        s.raise_if_invalid()
+        s.raise_if_invalid(model_in_memory=not self.check_model_path)
         device = resolve_device(s.device)
         out = Path(s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +492,7 @@ class Trainer:
                 self._emit(
                     "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=total
                 )
-            if last_saved != step and (step > start or result.cancelled):
+            if last_saved != step and (step > start or result.cancelled) and self.final_save:
                 self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
                 if not result.cancelled:
                     self._samples(step, result, device)
@@ -489,6 +503,7 @@ class Trainer:
             text_encoder.requires_grad_(False).eval()
             components.vae.to(device)
         result.step = step
+        result.step_seconds = step_times
         result.seconds_per_step = sorted(step_times)[len(step_times) // 2] if step_times else None
         result.peak_memory_gib = peak_memory_gib(device)
         self._emit(

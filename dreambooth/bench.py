@@ -1,0 +1,292 @@
+"""``python -m dreambooth bench``: seconds per step, the split of a step, and peak memory.  Not a test.
+
+For each scale and configuration three things are measured, each in its own process (so peak memory is its own):
+
+* **default** -- our trainer as a user runs it (cached latents, cached text embeddings when the text encoder is
+  frozen, fused AdamW when available);
+* **naive**   -- the same trainer with no latent or embedding cache: VAE and text encoder run every step, as
+  diffusers' ``examples/dreambooth/train_dreambooth.py`` does;
+* **floor**   -- the bare forward + backward + gradient clipping + plain AdamW step of the trained modules on tensors
+  made once (no data loading, no VAE; the text encoder only when it is trained).
+
+Seconds per step is the median of the steady-state steps (the first ``--warmup`` are dropped); configurations are
+interleaved and repeated (``--repeats``), and the median over repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SCALES = {
+    "tiny64": ("bench-tiny", 64),
+    "tiny128": ("bench-tiny", 128),
+    "small128": ("bench-small", 128),
+    "sd15-256": ("sd15", 256),
+}
+DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
+
+
+def bench_architecture(model: str) -> Any:
+    from .models.tiny import tiny_architecture
+
+    arch = tiny_architecture("sd1")
+    if model == "bench-tiny":
+        arch.unet.update(
+            block_out_channels=[32, 64],
+            layers_per_block=2,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        )
+        arch.vae.update(
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+        )
+        arch.text.update(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    elif model == "bench-small":
+        arch.unet.update(
+            block_out_channels=[64, 128, 256],
+            layers_per_block=2,
+            cross_attention_dim=256,
+            attention_head_dim=8,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        )
+        arch.vae.update(
+            block_out_channels=[64, 128, 256],
+            layers_per_block=2,
+            down_block_types=["DownEncoderBlock2D"] * 3,
+            up_block_types=["UpDecoderBlock2D"] * 3,
+        )
+        arch.text.update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+    elif model == "sd15":
+        arch.unet.update(
+            block_out_channels=[320, 640, 1280, 1280],
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        )
+        arch.vae.update(block_out_channels=[128, 256, 512, 512], layers_per_block=2)
+        arch.text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    else:
+        raise ValueError(f"unknown bench model {model!r}")
+    arch.text_blocks_in_file = arch.text["num_hidden_layers"]
+    return arch
+
+
+def _dataset(root: Path, resolution: int) -> tuple[Path, Path]:
+    from .demo import draw_instance_images
+
+    instance, prior = root / "instance", root / "class"
+    draw_instance_images(instance, count=4, size=resolution, seed=1)
+    draw_instance_images(prior, count=4, size=resolution, seed=2)
+    return instance, prior
+
+
+def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this process: spec = {scale, mode, prior, train_text, steps, warmup, batch}."""
+    import torch
+
+    from .models.tiny import tiny_components
+    from .settings import Concept, Settings
+    from .train.loop import Trainer, peak_memory_gib
+
+    torch.manual_seed(0)
+    model, resolution = SCALES[spec["scale"]]
+    components = tiny_components(bench_architecture(model), seed=0)
+    work = Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
+    if spec["mode"] == "floor":
+        return _floor(components, spec, resolution)
+    instance, prior = _dataset(work, resolution)
+    settings = Settings(
+        pretrained_model_name_or_path="in-memory",
+        output_dir=str(work / "out"),
+        resolution=resolution,
+        train_batch_size=spec["batch"],
+        max_train_steps=spec["steps"],
+        center_crop=True,
+        with_prior_preservation=spec["prior"],
+        train_text_encoder=spec["train_text"],
+        cache_latents=spec["mode"] == "default",
+        n_save_sample=0,
+        save_training_state=False,
+        device="cpu",
+        concepts=[
+            Concept(
+                instance_data_dir=str(instance),
+                instance_prompt="photo of zwx ring",
+                class_data_dir=str(prior),
+                class_prompt="photo of a ring",
+            )
+        ],
+        num_class_images=4,
+    )
+    trainer = Trainer(
+        settings, components=components, cache_text=spec["mode"] == "default", final_save=False, check_model_path=False
+    )
+    result = trainer.run()
+    steady = result.step_seconds[spec["warmup"] :]
+    steps = len(result.step_seconds)
+    return {
+        "seconds_per_step": statistics.median(steady),
+        "data": trainer.timings["data"] / steps,
+        "forward_backward": trainer.timings["forward_backward"] / steps,
+        "optimizer": trainer.timings["optimizer"] / steps,
+        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),
+    }
+
+
+def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, Any]:
+    """Forward + backward + clipping + plain AdamW on tensors made once."""
+    import torch
+
+    from .train.loop import peak_memory_gib
+    from .train.sampling import encode_prompts
+
+    unet, text_encoder = components.unet, components.text_encoder
+    unet.requires_grad_(True).train()
+    params = list(unet.parameters())
+    if spec["train_text"]:
+        text_encoder.requires_grad_(True).train()
+        params += list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=spec["mode"] == "floor_fused" or None)
+    count = spec["batch"] * (2 if spec["prior"] else 1)
+    scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    latents = torch.randn(count, 4, resolution // scale, resolution // scale)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, 1000, (count,))
+    noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        hidden = encode_prompts(text_encoder, components.tokenizer, ["photo of zwx ring"] * count)
+    times = []
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        if spec["train_text"]:
+            hidden = encode_prompts(text_encoder, components.tokenizer, ["photo of zwx ring"] * count)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return {
+        "seconds_per_step": statistics.median(times[spec["warmup"] :]),
+        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scales",
+        nargs="+",
+        default=DEFAULT_SCALES,
+        choices=sorted(SCALES),
+        help=f"model scales (default: {' '.join(DEFAULT_SCALES)}; sd15-256 is slow)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["default", "naive", "floor"],
+        choices=["default", "naive", "floor", "floor_fused"],
+    )
+    parser.add_argument("--steps", type=int, default=25, help="steps per measurement (default 25)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default 5)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
+    parser.add_argument("--prior", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--text", choices=["frozen", "trained", "both"], default="frozen")
+    parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement (JSON spec)
+
+
+def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.one:
+        print(json.dumps(measure_one(json.loads(args.one))))
+        return []
+    priors = {"on": [True], "off": [False], "both": [False, True]}[args.prior]
+    texts = {"frozen": [False], "trained": [True], "both": [False, True]}[args.text]
+    configs = [
+        {
+            "scale": scale,
+            "prior": prior,
+            "train_text": text,
+            "batch": 1,
+            "steps": max(args.steps if not scale.startswith("sd15") else 4, args.warmup + 3),
+            "warmup": args.warmup if not scale.startswith("sd15") else 1,
+        }
+        for scale in args.scales
+        for prior in priors
+        for text in texts
+    ]
+    results: dict[tuple, list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        for config in configs:
+            for mode in args.modes:
+                spec = {**config, "mode": mode}
+                output = subprocess.run(
+                    [sys.executable, "-m", "dreambooth", "bench", "--one", json.dumps(spec)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if output.returncode != 0:
+                    raise RuntimeError(f"bench run {spec} failed:\n{output.stderr[-3000:]}")
+                measured = json.loads(output.stdout.strip().splitlines()[-1])
+                key = (config["scale"], config["prior"], config["train_text"], mode)
+                results.setdefault(key, []).append(measured)
+                print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
+    rows = []
+    for (scale, prior, text, mode), runs in results.items():
+        row = {"scale": scale, "prior": prior, "train_text": text, "mode": mode}
+        for field in runs[0]:
+            row[field] = statistics.median(r[field] for r in runs)
+        rows.append(row)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    import platform
+
+    import torch
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior)"
+    )
+    header = (
+        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<12} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
+        f"{'optim':>6} {'peak GiB':>8} {'vs naive':>8} {'vs floor':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    index = {(r["scale"], r["prior"], r["train_text"], r["mode"]): r for r in rows}
+    for row in rows:
+        key = (row["scale"], row["prior"], row["train_text"])
+        naive, floor = index.get((*key, "naive")), index.get((*key, "floor"))
+        vs_naive = f"{naive['seconds_per_step'] / row['seconds_per_step']:.2f}x" if naive else ""
+        vs_floor = f"{row['seconds_per_step'] / floor['seconds_per_step']:.2f}" if floor else ""
+        split = "".join(
+            f" {row[k]:>{w}.3f}" if k in row else " " * (w + 1)
+            for k, w in (("data", 6), ("forward_backward", 8), ("optimizer", 6))
+        )
+        print(
+            f"{row['scale']:<10} {'on' if row['prior'] else 'off':<5} "
+            f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<12} "
+            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {vs_naive:>8} {vs_floor:>8}"
+        )
