@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,13 @@ class Settings:
         "VAE and text encoder off the GPU.",
         "memory",
     )
-    device: str = setting("auto", "Where to train: auto (CUDA when present), cuda, cpu.", "memory", headless_only=True)
+    device: str = setting(
+        "auto",
+        "Where to train: auto (CUDA when present), cuda, cpu.",
+        "memory",
+        choices=("auto", "cuda", "cpu"),
+        headless_only=True,
+    )
 
     # --- text encoder
     train_text_encoder: bool = setting(False, "Train the text encoder too.", "text_encoder")
@@ -315,8 +322,15 @@ class Settings:
             unknown = sorted(set(item) - concept_fields)
             if unknown:
                 problems.append(f"concept {index + 1}: unknown field(s) {', '.join(unknown)}")
-            concept = Concept(**{k: v for k, v in item.items() if k in concept_fields})
-            parsed.append(_resolve_concept_paths(concept, base_dir))
+            checked = {}
+            for spec in dataclasses.fields(Concept):
+                if spec.name in item:
+                    coerced, problem = _coerce(spec, item[spec.name])
+                    if problem:
+                        problems.append(f"concept {index + 1}: {problem}")
+                    else:
+                        checked[spec.name] = coerced
+            parsed.append(_resolve_concept_paths(Concept(**checked), base_dir))
         for name, value in list(values.items()):
             coerced, problem = _coerce(known[name], value)
             if problem:
@@ -341,15 +355,21 @@ class Settings:
     def with_overrides(self, assignments: list[str]) -> Settings:
         """Apply ``key=value`` strings (the CLI's ``--set``); values are parsed as JSON when they can be."""
         data = self.to_dict()
+        text_fields = {f.name for f in dataclasses.fields(Settings) if str(f.type).startswith("str")}
+        aliases = {a: f.name for f in dataclasses.fields(Settings) for a in f.metadata.get("aliases", ())}
         for assignment in assignments:
             if "=" not in assignment:
                 raise SettingsError([f"--set expects key=value, got '{assignment}'"])
             key, text = assignment.split("=", 1)
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                value = text
-            data[key.strip()] = value
+            key = key.strip()
+            if aliases.get(key, key) in text_fields:
+                value = text  # text fields take the text as given: --set model_name=2024
+            else:
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    value = text
+            data[key] = value
         return Settings.from_dict(data)
 
 
@@ -373,6 +393,8 @@ def _coerce(spec: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, bool):
             return value, None
         return value, f"'{spec.name}' must be true or false, not {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return value, f"'{spec.name}' must be a finite number, not {value!r}"
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             return value, f"'{spec.name}' must be a whole number, not {value!r}"

@@ -36,3 +36,61 @@ def tiny_checkpoint(tiny_dir):
         return tiny_dir / f"tiny-{variant}.safetensors"
 
     return get
+
+
+def draw_subject(folder, count=3, size=(64, 64), seed=0, captions=None):
+    """Small PNGs of a red ring on varied backgrounds; ``captions`` writes IMAGE.txt beside each."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for index in range(count):
+        image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        x, y = rng.randrange(size[0] // 2), rng.randrange(size[1] // 2)
+        draw.ellipse((x, y, x + size[0] // 3, y + size[1] // 3), fill=(220, 20, 30))
+        path = folder / f"img_{index}.png"
+        image.save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(captions[index % len(captions)])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def make_settings(tiny_checkpoint, tmp_path):
+    """``make_settings(**changes)``: settings of a 2-step tiny run at 64 px with one concept."""
+    from dreambooth.settings import Concept, Settings
+
+    instance = tmp_path / "instance"
+    if not instance.exists():
+        draw_subject(instance, count=3, size=(72, 64), captions=["a red ring on grass", "a red ring on sand"])
+
+    def make(concept=None, **changes):
+        values = {
+            "pretrained_model_name_or_path": str(tiny_checkpoint("sd1")),
+            "output_dir": str(tmp_path / "out"),
+            "resolution": 64,
+            "max_train_steps": 2,
+            "learning_rate": 1e-3,
+            "n_save_sample": 0,
+            "save_infer_steps": 2,
+            "class_inference_steps": 2,
+            "num_class_images": 2,
+            "sample_batch_size": 2,
+            "device": "cpu",
+        }
+        values.update(changes)
+        concept_values = {
+            "instance_data_dir": str(instance),
+            "instance_prompt": "photo of zwx ring",
+            "class_data_dir": str(tmp_path / "class"),
+            "class_prompt": "photo of a ring",
+        }
+        concept_values.update(concept or {})
+        return Settings(concepts=[Concept(**concept_values)], **values)
+
+    return make
