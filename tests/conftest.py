@@ -67,7 +67,7 @@ def make_settings(tiny_checkpoint, tmp_path):
 
     instance = tmp_path / "instance"
     if not instance.exists():
-        draw_subject(instance, count=3, size=(72, 64), captions=["a red ring on grass", "a red ring on sand"])
+        draw_subject(instance, count=3, size=(96, 64), captions=["a red ring on grass", "a red ring on sand"])
 
     def make(concept=None, **changes):
         values = {

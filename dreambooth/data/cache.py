@@ -61,12 +61,17 @@ class LatentCache:
         self._content: dict[Path, str] = {}
         self.encoded = 0  # how many images went through the VAE (tests and the benchmark read it)
 
-    def crop_seed(self, path: Path) -> int:
-        return mix_seed(self.seed, "crop", path.as_posix())
-
-    def key(self, path: Path, flip: bool) -> str:
+    def content(self, path: Path) -> str:
         if path not in self._content:
             self._content[path] = image_content_hash(path)
+        return self._content[path]
+
+    def crop_seed(self, path: Path) -> int:
+        """Keyed by the image's content, so moving or renaming the dataset keeps the crops."""
+        return mix_seed(self.seed, "crop", self.content(path))
+
+    def key(self, path: Path, flip: bool) -> str:
+        self.content(path)
         crop = "center" if self.center_crop else f"random{self.crop_seed(path)}"
         text = f"{self._content[path]}|{self.resolution}|{crop}|{int(flip)}|{self.vae_id}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -197,7 +197,9 @@ class Trainer:
         if self.latent_cache is not None:
             mean, std = self.latent_cache.get(example.path, flip)
         else:
-            crop_seed = mix_seed(s.seed, "crop", example.path.as_posix(), epoch)
+            from ..data.images import image_content_hash
+
+            crop_seed = mix_seed(s.seed, "crop", image_content_hash(example.path), epoch)
             image = pixels(example.path, s.resolution, s.center_crop, flip, crop_seed)
             parameter = next(components.vae.parameters())
             with torch.no_grad():

@@ -1,0 +1,391 @@
+"""Every settings field changes what the trainer does: one row per field, each with an observable difference.
+
+A row runs a short tiny training with the field changed (``changes``), and usually a reference run with
+``base`` settings, and compares something a user would see: the trained weights, the learning rates, the files
+written, the images made.  Fields whose effect exists only on a GPU are checked for the call they make.
+``test_every_field_has_a_row`` keeps the table complete: a new field without a row fails the suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import draw_subject
+
+from dreambooth.errors import DreamBoothError
+from dreambooth.events import Callbacks
+from dreambooth.settings import Concept, Settings, SettingsError
+from dreambooth.train.loop import Trainer
+
+
+def digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Run:
+    trainer: Trainer
+    result: object
+    out: Path
+    lrs: list
+
+    @property
+    def unet(self) -> str:
+        return digest(self.trainer.components.unet.state_dict())
+
+    @property
+    def text(self) -> str:
+        return digest(self.trainer.components.text_encoder.state_dict())
+
+    def images(self, folder: str) -> list[bytes]:
+        import numpy as np
+        from PIL import Image
+
+        return [np.asarray(Image.open(p)).tobytes() for p in sorted((self.out / folder).rglob("*.png"))]
+
+
+class Recorder(Callbacks):
+    def __init__(self):
+        self.lrs = []
+
+    def on_progress(self, progress):
+        if progress.phase == "training":
+            self.lrs.append(dict(progress.learning_rates))
+
+
+@pytest.fixture
+def train(make_settings, tmp_path):
+    counter = iter(range(1000))
+
+    def run(concept=None, **changes) -> Run:
+        out = tmp_path / f"run{next(counter)}"
+        changes.setdefault("output_dir", str(out))
+        settings = make_settings(concept=concept, **changes)
+        recorder = Recorder()
+        trainer = Trainer(settings, callbacks=recorder)
+        result = trainer.run()
+        return Run(trainer, result, Path(settings.output_dir), recorder.lrs)
+
+    return run
+
+
+PRIOR = {"with_prior_preservation": True}
+SAMPLES = {"n_save_sample": 1}
+TESTS = {"test_prompt": "photo of zwx ring on a table"}
+TEXT = {"train_text_encoder": True}
+
+
+def differs(attribute):
+    def check(base: Run, variant: Run) -> None:
+        a, b = getattr(base, attribute), getattr(variant, attribute)
+        assert a != b, f"{attribute} did not change"
+
+    return check
+
+
+def images_differ(folder):
+    def check(base: Run, variant: Run) -> None:
+        a, b = base.images(folder), variant.images(folder)
+        assert a and b and a != b
+
+    return check
+
+
+def count(folder, expected):
+    def check(base: Run, variant: Run) -> None:
+        assert len(variant.images(folder)) == expected
+
+    return check
+
+
+# field -> (base changes, variant changes, check); "concept." rows change the concept.
+ROWS = {
+    "pretrained_vae_name_or_path": None,  # its own test below
+    "pretrained_model_name_or_path": None,
+    "output_dir": ({}, {}, lambda b, v: (v.out / "dreambooth_2.safetensors").is_file()),
+    "model_name": ({}, {"model_name": "zwx"}, lambda b, v: (v.out / "zwx_2.safetensors").is_file()),
+    "save_format": ({}, {"save_format": "ckpt"}, lambda b, v: (v.out / "dreambooth_2.ckpt").is_file()),
+    "save_half": None,
+    "resume_from": None,
+    "concepts": ({}, {"concept": {"instance_prompt": "photo of qlx ring"}}, differs("unet")),
+    "resolution": ({}, {"resolution": 128}, differs("unet")),
+    "center_crop": ({}, {"center_crop": True}, differs("unet")),
+    "hflip": ({}, {"hflip": True}, differs("unet")),
+    "use_txt_as_label": ({}, {"use_txt_as_label": True}, differs("unet")),
+    "use_filename_as_label": ({}, {"use_filename_as_label": True}, differs("unet")),
+    "caption_template": (
+        {"use_txt_as_label": True},
+        {"use_txt_as_label": True, "caption_template": "[P] by [PX]"},
+        differs("unet"),
+    ),
+    "with_prior_preservation": ({}, PRIOR, differs("unet")),
+    "prior_loss_weight": (PRIOR, {**PRIOR, "prior_loss_weight": 0.0}, differs("unet")),
+    "num_class_images": ({}, {**PRIOR, "num_class_images": 3}, count("../class", 3)),
+    "sample_batch_size": None,
+    "class_inference_steps": (PRIOR, {**PRIOR, "class_inference_steps": 3}, None),
+    "seed": ({}, {"seed": 99}, differs("unet")),
+    "train_batch_size": ({}, {"train_batch_size": 2}, differs("unet")),
+    "num_train_epochs": (
+        {"max_train_steps": None, "num_train_epochs": 1},
+        {"max_train_steps": None, "num_train_epochs": 2},
+        lambda b, v: (b.result.total_steps, v.result.total_steps) == (3, 6),
+    ),
+    "max_train_steps": ({}, {"max_train_steps": 3}, lambda b, v: v.result.step == 3 and len(v.lrs) == 3),
+    "gradient_accumulation_steps": ({}, {"gradient_accumulation_steps": 2}, differs("unet")),
+    "learning_rate": ({}, {"learning_rate": 1e-4}, differs("unet")),
+    "scale_lr": (
+        {"train_batch_size": 2},
+        {"train_batch_size": 2, "scale_lr": True},
+        lambda b, v: v.lrs[0]["group0"] == 2 * b.lrs[0]["group0"],
+    ),
+    "lr_scheduler": ({"max_train_steps": 3}, {"max_train_steps": 3, "lr_scheduler": "linear"}, differs("lrs")),
+    "lr_warmup_steps": (
+        {"lr_scheduler": "constant_with_warmup"},
+        {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2},
+        differs("lrs"),
+    ),
+    "lr_cycles": (
+        {"lr_scheduler": "cosine_with_restarts", "max_train_steps": 4},
+        {"lr_scheduler": "cosine_with_restarts", "max_train_steps": 4, "lr_cycles": 2},
+        differs("lrs"),
+    ),
+    "lr_power": (
+        {"lr_scheduler": "polynomial", "max_train_steps": 3},
+        {"lr_scheduler": "polynomial", "max_train_steps": 3, "lr_power": 2.0},
+        differs("lrs"),
+    ),
+    "optimizer": None,
+    "adam_beta1": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta1": 0.5}, differs("unet")),
+    "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
+    "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),
+    "adam_epsilon": ({}, {"adam_epsilon": 1e-2}, differs("unet")),
+    "max_grad_norm": ({}, {"max_grad_norm": 1e-4}, differs("unet")),
+    "mixed_precision": ({}, {"mixed_precision": "bf16"}, differs("unet")),
+    "gradient_checkpointing": (
+        {},
+        {"gradient_checkpointing": True},
+        lambda b, v: (
+            v.trainer.components.unet.is_gradient_checkpointing
+            and not b.trainer.components.unet.is_gradient_checkpointing
+        ),
+    ),
+    "cache_latents": None,
+    "attention": None,
+    "low_memory": ({}, {"low_memory": True}, lambda b, v: v.trainer.components.unet.is_gradient_checkpointing),
+    "device": None,
+    "train_text_encoder": ({}, TEXT, differs("text")),
+    "text_encoder_learning_rate": (TEXT, {**TEXT, "text_encoder_learning_rate": 1e-2}, differs("text")),
+    "stop_text_encoder": None,
+    "clip_skip": ({}, {"clip_skip": 2}, differs("unet")),
+    "save_model_every_n_steps": (
+        {},
+        {"save_model_every_n_steps": 1},
+        lambda b, v: [p.name for p in v.result.checkpoints] == ["dreambooth_1.safetensors", "dreambooth_2.safetensors"],
+    ),
+    "save_training_state": ({}, {"save_training_state": False}, lambda b, v: not (v.out / "state").exists()),
+    "save_sample_prompt": (SAMPLES, {**SAMPLES, "save_sample_prompt": "a zwx ring in space"}, images_differ("samples")),
+    "save_sample_negative_prompt": (
+        SAMPLES,
+        {**SAMPLES, "save_sample_negative_prompt": "blurry"},
+        images_differ("samples"),
+    ),
+    "n_save_sample": ({}, {"n_save_sample": 2}, count("samples", 2)),
+    "save_infer_steps": (SAMPLES, {**SAMPLES, "save_infer_steps": 3}, images_differ("samples")),
+    "save_guidance_scale": (SAMPLES, {**SAMPLES, "save_guidance_scale": 1.5}, images_differ("samples")),
+    "sample_seed": (SAMPLES, {**SAMPLES, "sample_seed": 7}, images_differ("samples")),
+    "test_prompt": ({}, TESTS, count("tests", 1)),
+    "test_prompts_file": None,
+    "test_negative_prompt": (TESTS, {**TESTS, "test_negative_prompt": "blurry"}, images_differ("tests")),
+    "test_seed": (TESTS, {**TESTS, "test_seed": 5}, images_differ("tests")),
+    "test_images_per_prompt": ({}, {**TESTS, "test_images_per_prompt": 2}, count("tests", 2)),
+    "report_to": ({}, {"report_to": "tensorboard"}, lambda b, v: any((v.out / "logs").rglob("events.out.*"))),
+    "logging_dir": (
+        {"report_to": "tensorboard"},
+        {"report_to": "tensorboard", "logging_dir": "tb"},
+        lambda b, v: any((v.out / "tb").rglob("events.out.*")),
+    ),
+    "concept.instance_data_dir": None,
+    "concept.instance_prompt": ({}, {"concept": {"instance_prompt": "photo of qlx ring"}}, differs("unet")),
+    "concept.class_data_dir": None,
+    "concept.class_prompt": (PRIOR, {**PRIOR, "concept": {"class_prompt": "photo of a donut"}}, None),
+    "concept.class_negative_prompt": (PRIOR, {**PRIOR, "concept": {"class_negative_prompt": "blurry"}}, None),
+    "concept.num_class_images": ({}, {**PRIOR, "concept": {"num_class_images": 3}}, count("../class", 3)),
+    "concept.sample_prompt": (
+        SAMPLES,
+        {**SAMPLES, "concept": {"sample_prompt": "zwx ring, drawing"}},
+        images_differ("samples"),
+    ),
+}
+CLASS_IMAGE_ROWS = {"class_inference_steps", "concept.class_prompt", "concept.class_negative_prompt"}
+
+
+def test_every_field_has_a_row():
+    names = {f.name for f in dataclasses.fields(Settings)} | {f"concept.{f.name}" for f in dataclasses.fields(Concept)}
+    assert names == set(ROWS)
+
+
+@pytest.mark.parametrize("field", [name for name, row in ROWS.items() if row is not None])
+def test_field_changes_behaviour(field, train, tmp_path):
+    base_changes, variant_changes, check = ROWS[field]
+    base_changes, variant_changes = dict(base_changes), dict(variant_changes)
+    base_concept, variant_concept = base_changes.pop("concept", None), variant_changes.pop("concept", None)
+    if field in CLASS_IMAGE_ROWS:  # class images land in class_data_dir: give each run its own
+        base_concept = {**(base_concept or {}), "class_data_dir": str(tmp_path / "class-base")}
+        variant_concept = {**(variant_concept or {}), "class_data_dir": str(tmp_path / "class-variant")}
+    base = train(concept=base_concept, **base_changes)
+    variant = train(concept=variant_concept, **variant_changes)
+    if field in CLASS_IMAGE_ROWS:
+        assert base.images("../class-base") != variant.images("../class-variant")
+        return
+    assert check(base, variant) is not False
+
+
+def test_base_model_choice(train, tmp_path):
+    from dreambooth.models.tiny import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", seed=1, name="other")
+    assert train().unet != train(pretrained_model_name_or_path=str(other)).unet
+
+
+def test_separate_vae_is_used_and_saved(train, tmp_path):
+    from safetensors.torch import save_file
+
+    from dreambooth.models.components import to_original_state_dict
+    from dreambooth.models.files import read_state_dict
+    from dreambooth.models.tiny import tiny_components
+
+    full = to_original_state_dict(tiny_components(seed=5))
+    vae_file = tmp_path / "other.vae.safetensors"
+    save_file(
+        {k[len("first_stage_model.") :]: v for k, v in full.items() if k.startswith("first_stage_model.")},
+        str(vae_file),
+    )  # a bare VAE file, as people download them
+    base, variant = train(), train(pretrained_vae_name_or_path=str(vae_file))
+    assert base.unet != variant.unet
+    written, _ = read_state_dict(variant.result.checkpoints[-1])
+    key = "first_stage_model.decoder.conv_out.weight"
+    assert torch.equal(written[key], full[key])
+
+
+def test_half_precision_output(train):
+    from dreambooth.models.files import read_state_dict
+
+    tensors, _ = read_state_dict(train(save_half=True).result.checkpoints[-1])
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_resume_from_continues_at_the_saved_step(train, tmp_path):
+    first = train(max_train_steps=2)
+    resumed = train(max_train_steps=3, resume_from=str(first.result.state_dir))
+    assert resumed.result.step == 3 and len(resumed.lrs) == 1
+
+
+def test_sample_batch_size_sets_the_generation_batches(train, monkeypatch, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    calls = []
+    original = StableDiffusionPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt_embeds"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
+    train(concept={"class_data_dir": str(tmp_path / "c1")}, num_class_images=4, sample_batch_size=4, **PRIOR)
+    assert calls == [4]
+    calls.clear()
+    train(concept={"class_data_dir": str(tmp_path / "c2")}, num_class_images=4, sample_batch_size=2, **PRIOR)
+    assert calls == [2, 2]
+
+
+def test_eight_bit_adam_is_asked_of_bitsandbytes(make_settings, monkeypatch):
+    """On the CPU the choice is refused before training with a reason; on CUDA it builds bnb's AdamW8bit."""
+    from dreambooth.train import optim
+
+    made = []
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=lambda groups, **kwargs: made.append(kwargs) or "bnb-optimizer")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: object())
+    settings = make_settings(optimizer="adamw_8bit", adam_beta1=0.8)
+    with pytest.raises(DreamBoothError, match="8-bit AdamW needs a CUDA GPU"):
+        Trainer(settings).run()
+    assert optim.make_optimizer([{"params": [], "lr": 1.0}], settings, "cuda") == "bnb-optimizer"
+    assert made[0]["betas"] == (0.8, 0.999)
+    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: None)
+    assert any("bitsandbytes" in p for p in make_settings(optimizer="adamw_8bit").validate())
+
+
+def test_cache_latents_encodes_each_image_once_and_reuses_the_disk_cache(train, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(
+        AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or original(self, x, *a, **k)
+    )
+    cached = train(max_train_steps=4)
+    assert len(calls) == 3  # three images, once each, whatever the steps
+    calls.clear()
+    train(max_train_steps=4, output_dir=str(cached.out))
+    assert calls == []  # the second run reads the on-disk cache
+    train(max_train_steps=4, cache_latents=False)
+    assert len(calls) == 4  # the naive way: one encode per sample per step
+
+
+def test_attention_backend_xformers(make_settings, monkeypatch):
+    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: None)
+    assert any("xformers" in p for p in make_settings(attention="xformers").validate())
+    from diffusers import UNet2DConditionModel
+
+    called = []
+    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr(
+        UNet2DConditionModel, "enable_xformers_memory_efficient_attention", lambda self: called.append(1)
+    )
+    Trainer(make_settings(attention="xformers")).run()
+    assert called == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused(make_settings):
+    with pytest.raises(DreamBoothError, match="no CUDA GPU"):
+        Trainer(make_settings(device="cuda")).run()
+    with pytest.raises(SettingsError, match="device"):
+        make_settings(device="tpu").raise_if_invalid()
+
+
+def test_mixed_precision_fp16_on_cpu_is_refused(make_settings):
+    assert any("fp16 needs a CUDA GPU" in p for p in make_settings(mixed_precision="fp16").validate())
+
+
+def test_stop_text_encoder_freezes_it_after_its_fraction(train):
+    stopped = train(max_train_steps=4, stop_text_encoder=0.5, **TEXT)
+    two_steps = train(max_train_steps=2, **TEXT)
+    assert stopped.text == two_steps.text
+    assert stopped.unet != two_steps.unet  # the UNet went on training
+
+
+def test_test_prompts_file(train, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zwx ring\n\nzwx ring on a plate\n")
+    assert len(train(test_prompts_file=str(prompts)).images("tests")) == 2
+
+
+def test_instance_and_class_folders(train, tmp_path):
+    other = tmp_path / "other-instance"
+    draw_subject(other, count=2, seed=9)
+    assert train().unet != train(concept={"instance_data_dir": str(other)}).unet
+    target = tmp_path / "my-class-folder"
+    train(concept={"class_data_dir": str(target)}, **PRIOR)
+    assert len(list(target.glob("*.png"))) == 2
