@@ -185,8 +185,8 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for the least GPU memory: gradient checkpointing, optimizer applied during the backward pass, "
-        "VAE and text encoder off the GPU.",
+        "One switch for less GPU memory: gradient checkpointing on, and the VAE and frozen text encoder moved off "
+        "the GPU once latents and text embeddings are cached.",
         "memory",
     )
     device: str = setting(

@@ -391,6 +391,11 @@ class Trainer:
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
             if s.low_memory and device.type == "cuda":
                 components.vae.to("cpu")  # not needed again until a sample is made
+        if not s.train_text_encoder and self.cache_text:
+            prompts = [e.prompt for group in instances + (classes or []) for e in group]
+            self._text(prompts, train_text=False)  # every embedding now, so the encoder can leave the GPU
+            if s.low_memory and device.type == "cuda":
+                components.text_encoder.to("cpu")
 
         unet, text_encoder = components.unet, components.text_encoder
         if s.gradient_checkpointing:
@@ -504,6 +509,7 @@ class Trainer:
             unet.requires_grad_(False).eval()
             text_encoder.requires_grad_(False).eval()
             components.vae.to(device)
+            components.text_encoder.to(device)
         result.step = step
         result.step_seconds = step_times
         result.seconds_per_step = sorted(step_times)[len(step_times) // 2] if step_times else None
