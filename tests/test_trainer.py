@@ -123,13 +123,11 @@ def test_same_settings_twice_are_bit_identical_and_prior_weight_matters(make_set
 
 
 def test_resume_after_cancel_gives_the_same_weights(make_settings, tmp_path):
+    common = {"max_train_steps": 6, "hflip": True, "gradient_accumulation_steps": 2, "train_text_encoder": True}
     straight = Trainer(
         make_settings(
             output_dir=str(tmp_path / "straight"),
-            max_train_steps=6,
-            hflip=True,
-            gradient_accumulation_steps=2,
-            train_text_encoder=True,
+            **common,
         )
     )
     straight.run()
@@ -146,10 +144,7 @@ def test_resume_after_cancel_gives_the_same_weights(make_settings, tmp_path):
     first = Trainer(
         make_settings(
             output_dir=str(tmp_path / "split"),
-            max_train_steps=6,
-            hflip=True,
-            gradient_accumulation_steps=2,
-            train_text_encoder=True,
+            **common,
         ),
         callbacks=CancelAtThree(commands),
         commands=commands,
@@ -160,10 +155,7 @@ def test_resume_after_cancel_gives_the_same_weights(make_settings, tmp_path):
     resumed = Trainer(
         make_settings(
             output_dir=str(tmp_path / "split"),
-            max_train_steps=6,
-            hflip=True,
-            gradient_accumulation_steps=2,
-            train_text_encoder=True,
+            **common,
             resume_from=str(interrupted.state_dir),
         )
     )

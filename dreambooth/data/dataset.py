@@ -48,34 +48,24 @@ def caption_source(settings: Settings) -> str:
     return "prompt"
 
 
-def instance_examples(settings: Settings, index: int, concept: Concept) -> list[Example]:
+def _examples(settings: Settings, paths: list[Path], prompt: str, index: int, is_class: bool) -> list[Example]:
     source = caption_source(settings)
     return [
-        Example(
-            path,
-            render_prompt(concept.instance_prompt, image_caption(path, source), settings.caption_template),
-            index,
-            False,
-        )
-        for path in list_images(concept.instance_data_dir)
+        Example(path, render_prompt(prompt, image_caption(path, source), settings.caption_template), index, is_class)
+        for path in paths
     ]
+
+
+def instance_examples(settings: Settings, index: int, concept: Concept) -> list[Example]:
+    return _examples(settings, list_images(concept.instance_data_dir), concept.instance_prompt, index, False)
 
 
 def class_examples(settings: Settings, index: int, concept: Concept) -> list[Example]:
     """The concept's class images (at most its ``num_class_images``), with the class prompt."""
     from .class_images import usable_class_images
 
-    source = caption_source(settings)
     paths = usable_class_images(concept.class_data_dir, concept.class_prompt)[: settings.class_images_for(concept)]
-    return [
-        Example(
-            path,
-            render_prompt(concept.class_prompt, image_caption(path, source), settings.caption_template),
-            index,
-            True,
-        )
-        for path in paths
-    ]
+    return _examples(settings, paths, concept.class_prompt, index, True)
 
 
 def mix_seed(*parts: int | str) -> int:

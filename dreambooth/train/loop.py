@@ -293,7 +293,7 @@ class Trainer:
             )
         guarded(self.callbacks, "on_checkpoint", step, paths)
         self.log(f"saved {paths[0]}")
-        self._tests(step, result)
+        self._tests(step, result, next(self.components.unet.parameters()).device)
 
     def _sample_prompts(self) -> list[str]:
         s = self.settings
@@ -312,49 +312,46 @@ class Trainer:
             paths.append(path)
         return paths
 
-    def _samples(self, step: int, result: TrainResult, device: Any) -> None:
+    def _images(
+        self, prompts: list[str], negative: str, seed: int, count: int, folder: Path, device: Any
+    ) -> list[Path]:
         s = self.settings
-        if s.n_save_sample <= 0:
-            return
-        self._emit("sampling", f"making samples at step {step}", step=step)
         images = generate(
             self.components,
-            self._sample_prompts(),
-            negative_prompt=s.save_sample_negative_prompt,
+            prompts,
+            negative_prompt=negative,
             steps=s.save_infer_steps,
             guidance_scale=s.save_guidance_scale,
-            seed=s.sample_seed,
-            images_per_prompt=s.n_save_sample,
+            seed=seed,
+            images_per_prompt=count,
             resolution=s.resolution,
             clip_skip=s.clip_skip,
             batch_size=s.sample_batch_size,
             device=device,
         )
-        paths = self._write_images(images, Path(s.output_dir) / "samples" / f"step_{step:06d}")
+        return self._write_images(images, folder)
+
+    def _samples(self, step: int, result: TrainResult, device: Any) -> None:
+        s = self.settings
+        if s.n_save_sample <= 0:
+            return
+        self._emit("sampling", f"making samples at step {step}", step=step)
+        folder = Path(s.output_dir) / "samples" / f"step_{step:06d}"
+        paths = self._images(
+            self._sample_prompts(), s.save_sample_negative_prompt, s.sample_seed, s.n_save_sample, folder, device
+        )
         result.samples.extend(paths)
         guarded(self.callbacks, "on_samples", step, paths)
 
-    def _tests(self, step: int, result: TrainResult) -> None:
+    def _tests(self, step: int, result: TrainResult, device: Any) -> None:
         s = self.settings
         prompts = [s.test_prompt] if s.test_prompt else []
         if s.test_prompts_file:
             lines = Path(s.test_prompts_file).read_text(encoding="utf-8", errors="replace").splitlines()
             prompts += [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            return
-        images = generate(
-            self.components,
-            prompts,
-            negative_prompt=s.test_negative_prompt,
-            steps=s.save_infer_steps,
-            guidance_scale=s.save_guidance_scale,
-            seed=s.test_seed,
-            images_per_prompt=s.test_images_per_prompt,
-            resolution=s.resolution,
-            clip_skip=s.clip_skip,
-            batch_size=s.sample_batch_size,
-        )
-        self._write_images(images, Path(s.output_dir) / "tests" / f"step_{step:06d}")
+        if prompts:
+            folder = Path(s.output_dir) / "tests" / f"step_{step:06d}"
+            self._images(prompts, s.test_negative_prompt, s.test_seed, s.test_images_per_prompt, folder, device)
 
     # ------------------------------------------------------------------------------------------------ run
 
