@@ -389,3 +389,37 @@ def test_instance_and_class_folders(train, tmp_path):
     target = tmp_path / "my-class-folder"
     train(concept={"class_data_dir": str(target)}, **PRIOR)
     assert len(list(target.glob("*.png"))) == 2
+
+
+def test_report_to_wandb_logs_each_step(make_settings, monkeypatch, tmp_path):
+    """wandb is optional: absent, the settings say so; present, every step's loss and learning rate go to it."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        "dreambooth.validation.importlib.util.find_spec",
+        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a),
+    )
+    assert any("wandb package" in p for p in make_settings(report_to="wandb").validate())
+
+    logged, finished, started = [], [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: started.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(
+        "dreambooth.validation.importlib.util.find_spec",
+        lambda name, *a: object() if name == "wandb" else real_find_spec(name, *a),
+    )
+    Trainer(make_settings(report_to="wandb", logging_dir="wb", max_train_steps=3)).run()
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert {"loss", "lr/group0"} <= set(logged[0][1])
+    assert finished == [True]
+    assert started[0]["dir"].endswith("wb") and started[0]["config"]["report_to"] == "wandb"
