@@ -34,56 +34,40 @@ SCALES = {
 DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
 
 
+# name: (UNet channels, which UNet levels have cross-attention, context dim, UNet layers per block,
+#        VAE channels, VAE layers per block, text (hidden, intermediate, layers, heads))
+BENCH_MODELS = {
+    "bench-tiny": ([32, 64], [True, False], 32, 2, [32, 64], 1, (32, 128, 2, 4)),
+    "bench-small": ([64, 128, 256], [True, True, False], 256, 2, [64, 128, 256], 2, (256, 1024, 4, 4)),
+    "sd15": ([320, 640, 1280, 1280], [True, True, True, False], 768, 2, [128, 256, 512, 512], 2, (768, 3072, 12, 12)),
+}
+
+
 def bench_architecture(model: str) -> Any:
+    """The architecture of a benchmark model (random weights are made from it)."""
     from .models.tiny import tiny_architecture
 
-    arch = tiny_architecture("sd1")
-    if model == "bench-tiny":
-        arch.unet.update(
-            block_out_channels=[32, 64],
-            layers_per_block=2,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        )
-        arch.vae.update(
-            block_out_channels=[32, 64],
-            layers_per_block=1,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-        )
-        arch.text.update(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    elif model == "bench-small":
-        arch.unet.update(
-            block_out_channels=[64, 128, 256],
-            layers_per_block=2,
-            cross_attention_dim=256,
-            attention_head_dim=8,
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        )
-        arch.vae.update(
-            block_out_channels=[64, 128, 256],
-            layers_per_block=2,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-        )
-        arch.text.update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
-    elif model == "sd15":
-        arch.unet.update(
-            block_out_channels=[320, 640, 1280, 1280],
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        )
-        arch.vae.update(block_out_channels=[128, 256, 512, 512], layers_per_block=2)
-        arch.text.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-    else:
+    if model not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {model!r}")
-    arch.text_blocks_in_file = arch.text["num_hidden_layers"]
+    unet_channels, attention, context, unet_layers, vae_channels, vae_layers, text = BENCH_MODELS[model]
+    arch = tiny_architecture("sd1")
+    arch.unet.update(
+        block_out_channels=unet_channels,
+        layers_per_block=unet_layers,
+        cross_attention_dim=context,
+        attention_head_dim=8,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+    )
+    arch.vae.update(
+        block_out_channels=vae_channels,
+        layers_per_block=vae_layers,
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+    )
+    hidden, inner, layers, heads = text
+    arch.text.update(hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers, num_attention_heads=heads)
+    arch.text_blocks_in_file = layers
     return arch
 
 

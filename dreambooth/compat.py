@@ -41,19 +41,7 @@ def load_text_encoder_state_dict(model: Any, state_dict: dict[str, Any], assign:
     model.load_state_dict(converted, strict=True, assign=assign)
 
 
-def safetensors_metadata(path: str) -> dict[str, str]:
-    """The ``__metadata__`` header of a safetensors file (empty when there is none)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def text_final_layer_norm(model: Any) -> Any:
     """CLIP's final layer norm: ``model.text_model.final_layer_norm`` (transformers 4) or ``model.final_layer_norm``."""
     inner = getattr(model, "text_model", model)
     return inner.final_layer_norm
-
-
-def enable_text_gradient_checkpointing(model: Any) -> None:
-    model.gradient_checkpointing_enable()

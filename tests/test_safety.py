@@ -63,7 +63,20 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
-def test_torch_load_is_not_patched():
-    before = torch.load
-    load_components  # noqa: B018 - importing the layer must not wrap torch.load
-    assert torch.load is before
+def test_loading_patches_nothing_global(tiny_checkpoint, tmp_path):
+    """Importing the layer and loading a .ckpt leave torch.load and pickle's unpickler as they were."""
+    import subprocess
+    import sys
+
+    ckpt = save_single_file(load_components(tiny_checkpoint("sd1")), tmp_path / "model.ckpt")[0]
+    script = (
+        "import pickle, torch\n"
+        "before = (torch.load, pickle.Unpickler, pickle.load)\n"
+        "from dreambooth.models.components import load_components\n"
+        f"load_components({str(ckpt)!r})\n"
+        "print((torch.load, pickle.Unpickler, pickle.load) == before)\n"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True"

@@ -46,34 +46,56 @@ def module_fingerprint(module: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def latent_distribution(vae: Any, image: Any) -> tuple[Any, Any]:
+    """(mean, std) of the VAE's latent distribution for one (3, H, W) image, on the CPU in fp32."""
+    import torch
+
+    parameter = next(vae.parameters())
+    with torch.no_grad():
+        dist = vae.encode(image.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
+    return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+
+
+class ContentHashes:
+    """Each file's content hash, read once per run (crop seeds and cache keys depend on content, not path)."""
+
+    def __init__(self) -> None:
+        self._hashes: dict[Path, str] = {}
+
+    def get(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = image_content_hash(path)
+        return self._hashes[path]
+
+
 class LatentCache:
     """VAE latent distributions of (image, transform) pairs, in memory and optionally on disk."""
 
-    def __init__(self, vae: Any, device: Any, resolution: int, center_crop: bool, seed: int, cache_dir: Path | None):
+    def __init__(
+        self,
+        contents: ContentHashes,
+        vae: Any,
+        resolution: int,
+        center_crop: bool,
+        seed: int,
+        cache_dir: Path | None,
+    ):
+        self.contents = contents
         self.vae = vae
-        self.device = device
         self.resolution = resolution
         self.center_crop = center_crop
         self.seed = seed
         self.cache_dir = cache_dir
         self.memory: dict[str, tuple[Any, Any]] = {}
         self.vae_id = module_fingerprint(vae)
-        self._content: dict[Path, str] = {}
-        self.encoded = 0  # how many images went through the VAE (tests and the benchmark read it)
-
-    def content(self, path: Path) -> str:
-        if path not in self._content:
-            self._content[path] = image_content_hash(path)
-        return self._content[path]
 
     def crop_seed(self, path: Path) -> int:
         """Keyed by the image's content, so moving or renaming the dataset keeps the crops."""
-        return mix_seed(self.seed, "crop", self.content(path))
+        return mix_seed(self.seed, "crop", self.contents.get(path))
 
     def key(self, path: Path, flip: bool) -> str:
-        self.content(path)
         crop = "center" if self.center_crop else f"random{self.crop_seed(path)}"
-        text = f"{self._content[path]}|{self.resolution}|{crop}|{int(flip)}|{self.vae_id}"
+        text = f"{self.contents.get(path)}|{self.resolution}|{crop}|{int(flip)}|{self.vae_id}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def get(self, path: Path, flip: bool) -> tuple[Any, Any]:
@@ -89,14 +111,8 @@ class LatentCache:
         return entry
 
     def _encode(self, path: Path, flip: bool) -> tuple[Any, Any]:
-        import torch
-
         image = pixels(path, self.resolution, self.center_crop, flip, self.crop_seed(path))
-        parameter = next(self.vae.parameters())
-        with torch.no_grad():
-            dist = self.vae.encode(image.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
-        self.encoded += 1
-        return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        return latent_distribution(self.vae, image)
 
     def _read_disk(self, key: str) -> tuple[Any, Any] | None:
         if self.cache_dir is None:

@@ -187,6 +187,32 @@ def components_from_state_dict(
     return components.to(device=device, dtype=dtype or torch.float32)
 
 
+def load_vae(path: str | os.PathLike, arch: Architecture) -> tuple[Any, Architecture]:
+    """A separate VAE for ``arch``'s model: a diffusers VAE folder, or a single file with ``first_stage_model.*``
+    keys or bare VAE keys (the usual ``.vae.safetensors``).  Returns the VAE and the architecture updated to it."""
+    import dataclasses
+
+    from .architecture import VAE, vae_structure
+
+    source = Path(path)
+    if source.is_dir():
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(str(source), local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelFileError(f"{source}: cannot load the VAE folder ({error}).") from error
+        return vae.requires_grad_(False).eval(), arch
+    state, _ = files.read_state_dict(source)
+    if not any(k.startswith(VAE) for k in state):
+        state = {VAE + k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k.startswith(VAE)}
+    arch = dataclasses.replace(arch, vae={**arch.vae, **vae_structure(state, str(source))})
+    vae = _on_meta(lambda: build_vae(arch))
+    _load_into(vae, split_original(state, arch, str(source))["vae"], "VAE", str(source))
+    return vae.requires_grad_(False).eval(), arch
+
+
 def load_components(
     path: str | os.PathLike,
     device: Any = "cpu",

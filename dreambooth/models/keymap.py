@@ -129,7 +129,7 @@ def _translate(key: str, table: Table, to_original: bool) -> tuple[str, str] | N
 
 def _reshape_vae_attention(name: str, kind: str, tensor: Any, to_original: bool) -> Any:
     """ldm's VAE attention uses 1x1 convolutions where diffusers uses linear layers."""
-    if kind != "vae_attention" or not name.endswith(".weight") or ".norm." in name or ".group_norm." in name:
+    if kind != "vae_attention":
         return tensor
     if to_original and tensor.ndim == 2:
         return tensor.reshape(*tensor.shape, 1, 1)

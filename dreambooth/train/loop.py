@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.cache import ContentHashes
 from ..data.dataset import Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
 from ..errors import DreamBoothError
 from ..events import Callbacks, Commands, Progress, guarded
@@ -99,13 +100,13 @@ class Trainer:
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.contents = ContentHashes()
         self.timings = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
 
     # ------------------------------------------------------------------------------------------------ events
 
     def _emit(self, phase: str, message: str = "", **values: Any) -> None:
         progress = Progress(phase=phase, message=message, **values)
-        self.last_progress = progress
         guarded(self.callbacks, "on_progress", progress)
         if message:
             guarded(self.callbacks, "on_log", message)
@@ -126,7 +127,9 @@ class Trainer:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
         if s.pretrained_vae_name_or_path:
-            components.vae = load_vae(s.pretrained_vae_name_or_path, components)
+            from ..models.components import load_vae
+
+            components.vae, components.arch = load_vae(s.pretrained_vae_name_or_path, components.arch)
         layers = components.text_encoder.config.num_hidden_layers
         if s.clip_skip > layers:
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
@@ -166,7 +169,7 @@ class Trainer:
 
         s = self.settings
         instances = [instance_examples(s, i, c) for i, c in enumerate(s.concepts)]
-        classes = [class_examples(s, i, c) for i, c in enumerate(s.concepts)] if s.with_prior_preservation else None
+        classes = [class_examples(s, i, c) for i, c in enumerate(s.concepts)] if s.has_prior_preservation else None
         paths = [e.path for group in instances + (classes or []) for e in group]
         problems = check_images(paths)
         if problems:
@@ -191,20 +194,15 @@ class Trainer:
     def _latent(self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int) -> Any:
         import torch
 
-        from ..data.cache import pixels
+        from ..data.cache import latent_distribution, pixels
 
         components, s = self.components, self.settings
         if self.latent_cache is not None:
             mean, std = self.latent_cache.get(example.path, flip)
-        else:
-            from ..data.images import image_content_hash
-
-            crop_seed = mix_seed(s.seed, "crop", image_content_hash(example.path), epoch)
+        else:  # no cache: a new crop each epoch, the VAE every step
+            crop_seed = mix_seed(s.seed, "crop", self.contents.get(example.path), epoch)
             image = pixels(example.path, s.resolution, s.center_crop, flip, crop_seed)
-            parameter = next(components.vae.parameters())
-            with torch.no_grad():
-                dist = components.vae.encode(image.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
-            mean, std = dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+            mean, std = latent_distribution(components.vae, image)
         sample = mean + std * torch.randn(mean.shape, generator=generator)
         return sample * components.vae.config.scaling_factor
 
@@ -368,7 +366,7 @@ class Trainer:
         out = Path(s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.components = components = self._load(device)
-        if s.with_prior_preservation:
+        if s.has_prior_preservation:
             self._class_images(components)
         instances, classes = self._examples()
         plan = SamplePlan(instances, classes, s.seed, s.hflip)
@@ -378,7 +376,7 @@ class Trainer:
 
         if s.cache_latents:
             self.latent_cache = LatentCache(
-                components.vae, device, s.resolution, s.center_crop, s.seed, out / "cache" / "latents"
+                self.contents, components.vae, s.resolution, s.center_crop, s.seed, out / "cache" / "latents"
             )
             variants = (False, True) if s.hflip else (False,)
             examples = [e for group in instances + (classes or []) for e in group]
@@ -527,31 +525,3 @@ class Trainer:
         if not folder.is_absolute():
             folder = out / folder
         return make_logger(s.report_to, folder, self.requested.to_dict())
-
-
-def load_vae(path: str, components: Any) -> Any:
-    """A separate VAE: a diffusers VAE folder, or a single file with first_stage_model.* (or bare VAE) keys."""
-    from ..models.architecture import VAE, vae_structure
-    from ..models.components import build_vae
-    from ..models.files import read_state_dict
-    from ..models.keymap import _convert, vae_table
-
-    source = Path(path)
-    if source.is_dir():
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_pretrained(str(source), local_files_only=True)
-    state, _ = read_state_dict(source)
-    if not any(k.startswith(VAE) for k in state):
-        state = {VAE + k: v for k, v in state.items()}  # a bare VAE file (the usual .vae.safetensors)
-    import dataclasses
-
-    arch = dataclasses.replace(components.arch, vae={**components.arch.vae, **vae_structure(state, str(source))})
-    vae_state = {k[len(VAE) :]: v for k, v in state.items() if k.startswith(VAE)}
-    converted = _convert(vae_state, vae_table(arch), VAE, to_original=False, what=str(source))
-    vae = build_vae(arch)
-    try:
-        vae.load_state_dict(converted, strict=True)
-    except RuntimeError as error:
-        raise DreamBoothError(f"{source}: not a VAE that fits this model ({error})") from error
-    return vae.requires_grad_(False).eval()

@@ -101,11 +101,14 @@ def generate(
                 embeds = encode_prompts(text_encoder, components.tokenizer, [p for p, _ in chunk], clip_skip)
                 negative = encode_prompts(text_encoder, components.tokenizer, [negative_prompt] * len(chunk), clip_skip)
                 generators = [torch.Generator(device="cpu").manual_seed(seed + k) for _, k in chunk]
-                size = resolution
                 latents = torch.stack(
                     [
                         torch.randn(
-                            (unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor),
+                            (
+                                unet.config.in_channels,
+                                resolution // pipe.vae_scale_factor,
+                                resolution // pipe.vae_scale_factor,
+                            ),
                             generator=g,
                         )
                         for g in generators
@@ -116,8 +119,8 @@ def generate(
                     negative_prompt_embeds=negative.to(next(unet.parameters()).dtype),
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    height=size,
-                    width=size,
+                    height=resolution,
+                    width=resolution,
                     latents=latents,
                 )
                 images.extend(result.images)
