@@ -6,6 +6,8 @@ Commands:
   train             train from a settings file (headless, progress bar)
   demo              a real DreamBooth run on a tiny model built on the spot (CPU, offline)
   bench             seconds per step and memory: our default vs the naive configuration vs the floor
+  ui                the DreamBooth tab as its own web app on 127.0.0.1 (needs gradio 3.41)
+  tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
 """
 
 from __future__ import annotations
@@ -144,6 +146,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise DreamBoothError("the ui command needs gradio: pip install gradio==3.41.2 (or use the WebUI's tab)")
+    from .ui.standalone import launch
+
+    launch(args.models_dir, port=args.port, allowed_roots=args.allow)
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from .tokens import identifier_report
+
+    print(identifier_report(args.phrase, args.class_prompt))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    ui = commands.add_parser("ui", help="serve the DreamBooth tab as a standalone app on 127.0.0.1")
+    ui.add_argument("--models-dir", default="models", help="models folder laid out like the WebUI's (default: models)")
+    ui.add_argument("--port", type=int, default=7870, help="port on 127.0.0.1 (default: 7870)")
+    ui.add_argument(
+        "--allow",
+        action="append",
+        metavar="DIR",
+        help="a folder the app may read datasets and models from (repeatable; default: home, cwd, models dir)",
+    )
+    ui.set_defaults(func=cmd_ui)
+
+    tokens = commands.add_parser("tokens", help="how CLIP tokenizes a phrase; warnings for a poor identifier")
+    tokens.add_argument("phrase", help="e.g. 'photo of ohwx dog'")
+    tokens.add_argument("--class-prompt", default="", help="words also in the class prompt are not the identifier")
+    tokens.set_defaults(func=cmd_tokens)
     return parser
 
 

@@ -97,8 +97,20 @@ class Settings:
     pretrained_vae_name_or_path: str = setting(
         "", "A separate VAE (.safetensors/.ckpt file or diffusers VAE folder); empty: the model's own.", "model"
     )
-    output_dir: str = setting("", "Folder for checkpoints, samples, logs and the training state.", "model")
+    output_dir: str = setting(
+        "",
+        "Folder for checkpoints, samples, logs and the training state (the tab: one folder per model name).",
+        "model",
+        headless_only=True,
+    )
     model_name: str = setting("dreambooth", "Name of the output: NAME_STEP.safetensors.", "model")
+    checkpoint_dir: str = setting(
+        "",
+        "Folder of the output checkpoints (empty: output_dir; relative: inside output_dir; the tab: the WebUI's "
+        "model folder).",
+        "saving",
+        headless_only=True,
+    )
     save_format: str = setting("safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"))
     save_half: bool = setting(
         False, "Store the output checkpoint in fp16 (half the size).", "saving", aliases=("save_unet_half",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from .settings import Concept, Settings
 
@@ -57,5 +58,17 @@ def options_markdown() -> str:
     return "\n".join(lines)
 
 
+def write_readme(readme: Path) -> None:
+    """Replace the generated table between the markers of ``readme``."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    readme.write_text(text[:start] + options_markdown() + text[end:], encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(options_markdown())
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        write_readme(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(options_markdown())

@@ -52,11 +52,6 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
         problems.append("pretrained_model_name_or_path is empty: choose the base model to train from")
     if not s.model_name or any(c in s.model_name for c in '/\\:*?"<>|'):
         problems.append(f"model_name '{s.model_name}' must be a plain file name (no folders or special characters)")
-    if s.low_memory and s.gradient_accumulation_steps > 1:
-        problems.append(
-            "low_memory applies the optimizer during the backward pass, which cannot accumulate gradients: "
-            "set gradient_accumulation_steps to 1 or turn low_memory off"
-        )
     for name in ("tensorboard", "wandb"):
         if s.report_to == name and importlib.util.find_spec(name) is None:
             problems.append(

@@ -114,6 +114,14 @@ ROWS = {
     "pretrained_model_name_or_path": None,
     "output_dir": ({}, {}, lambda b, v: (v.out / "dreambooth_2.safetensors").is_file()),
     "model_name": ({}, {"model_name": "zwx"}, lambda b, v: (v.out / "zwx_2.safetensors").is_file()),
+    "checkpoint_dir": (
+        {},
+        {"checkpoint_dir": "models"},
+        lambda b, v: (
+            (v.out / "models" / "dreambooth_2.safetensors").is_file()
+            and not (v.out / "dreambooth_2.safetensors").exists()
+        ),
+    ),
     "save_format": ({}, {"save_format": "ckpt"}, lambda b, v: (v.out / "dreambooth_2.ckpt").is_file()),
     "save_half": None,
     "resume_from": None,

@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_settings_table_matches_the_schema():
     text = README.read_text(encoding="utf-8")
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    assert text[start:end] == options_markdown(), "regenerate with: python -m dreambooth.settings_doc"
+    assert text[start:end] == options_markdown(), "regenerate with: python -m dreambooth.settings_doc --write"
 
 
 def test_readme_starts_with_the_two_commands():

@@ -140,10 +140,6 @@ CASES = {
     "empty output_dir": (_set(output_dir=""), ["output_dir is empty"]),
     "empty model path": (_set(pretrained_model_name_or_path=""), ["pretrained_model_name_or_path is empty"]),
     "model_name with a slash": (_set(model_name="runs/dog"), ["model_name 'runs/dog'", "plain file name"]),
-    "low_memory with accumulation": (
-        _set(low_memory=True, gradient_accumulation_steps=2),
-        ["low_memory", "gradient_accumulation_steps to 1"],
-    ),
     "fp16 on cpu": (_set(mixed_precision="fp16", device="cpu"), ["mixed_precision fp16 needs a CUDA GPU"]),
     "adamw_8bit without bitsandbytes": (
         _bitsandbytes_missing,

@@ -276,7 +276,10 @@ class Trainer:
             "dreambooth.settings": self.requested.to_json(),
         }
         paths = save_single_file(
-            self.components, out / f"{s.model_name}_{step}.{s.save_format}", half=s.save_half, metadata=metadata
+            self.components,
+            out / s.checkpoint_dir / f"{s.model_name}_{step}.{s.save_format}",
+            half=s.save_half,
+            metadata=metadata,
         )
         result.checkpoints.append(paths[0])
         if s.save_training_state:

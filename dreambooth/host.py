@@ -1,0 +1,218 @@
+"""Where the tab runs: the folders it may use, the checkpoints it offers, and what wraps a training job.
+
+:class:`Host` is the standalone app (``python -m dreambooth ui``): a models folder laid out like the WebUI's
+(``DIR/Stable-diffusion`` holds the checkpoints), our own folder ``DIR/dreambooth`` for runs and saved settings.
+The WebUI's host (:mod:`dreambooth.webui.host`) overrides the hooks that reach into the WebUI: the loaded model, the
+queue lock, the checkpoint list, switching models.  Everything here is plain Python: no gradio, no ``modules``.
+
+Security (the tab and the REST routes are reachable from other machines with ``--listen`` / ``--api``): the files a
+job reads must lie under the allowed roots, and everything it writes goes to the checkpoint folder and our own
+folder, whatever the request says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+ALLOWED_ROOTS_ENV = "DREAMBOOTH_ALLOWED_ROOTS"
+LAST_USED = "last_used.json"
+OPTIONAL_PACKAGES = {
+    "bitsandbytes": "8-bit AdamW (optimizer adamw_8bit) is unavailable: pip install bitsandbytes",
+    "xformers": "the xformers attention backend is unavailable (PyTorch SDPA is used): pip install xformers",
+}
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """One base model the tab offers: a title for people, a path for the trainer."""
+
+    title: str
+    path: str
+
+
+def is_within(path: str | os.PathLike, roots: list[Path]) -> bool:
+    """Whether ``path`` (resolved, links followed) lies inside one of ``roots``."""
+    resolved = Path(path).expanduser().resolve()
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
+def default_allowed_roots(*extra: Path) -> list[Path]:
+    """``$DREAMBOOTH_ALLOWED_ROOTS`` (os.pathsep-separated) when set, else the user's home plus ``extra``."""
+    configured = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    if configured:
+        return [Path(p).expanduser().resolve() for p in configured.split(os.pathsep) if p]
+    return [Path.home().resolve(), *(Path(p).resolve() for p in extra)]
+
+
+class Host:
+    """The standalone app's host; the WebUI subclass overrides the marked hooks."""
+
+    kind = "standalone"
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike = "models",
+        data_dir: str | os.PathLike | None = None,
+        allowed_roots: list[str | os.PathLike] | None = None,
+    ):
+        self.models_dir = Path(models_dir).resolve()
+        self.data_dir = Path(data_dir).resolve() if data_dir else self.models_dir / "dreambooth"
+        if allowed_roots is None:
+            self.allowed_roots = default_allowed_roots(self.models_dir, Path.cwd())
+        else:
+            self.allowed_roots = [Path(p).expanduser().resolve() for p in allowed_roots]
+
+    # ----------------------------------------------------------------------------------------- folders
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where base models are found and trained checkpoints land (WebUI: ``--ckpt-dir`` or its models folder)."""
+        return self.models_dir / "Stable-diffusion"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def settings_dir(self) -> Path:
+        return self.data_dir / "settings"
+
+    def run_dir(self, model_name: str) -> Path:
+        return self.runs_dir / model_name
+
+    # ----------------------------------------------------------------------------------------- models
+
+    def list_checkpoints(self) -> list[CheckpointChoice]:
+        """Checkpoints in the checkpoint folder (recursive), titled by their path inside it."""
+        root = self.checkpoint_dir
+        if not root.is_dir():
+            return []
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+        return [CheckpointChoice(str(p.relative_to(root)), str(p)) for p in found]
+
+    def loaded_checkpoint(self) -> str | None:
+        """Path of the model loaded for generation now (WebUI only; the default base model)."""
+        return None
+
+    def refresh_checkpoints(self) -> None:
+        """Make a newly written checkpoint visible (the WebUI re-scans its list; here the scan is live)."""
+
+    def use_checkpoint(self, path: str) -> tuple[bool, str]:
+        """Switch txt2img to ``path``; returns (done, message)."""
+        return False, f"The standalone app has no txt2img: copy {path} into the WebUI's models/Stable-diffusion."
+
+    # ----------------------------------------------------------------------------------------- jobs
+
+    def prepare(self, settings: Settings) -> Settings:
+        """The settings a job from the tab runs with: outputs in our folders, whatever the request says."""
+        run_dir = self.run_dir(settings.model_name)
+        return dataclasses.replace(
+            settings,
+            output_dir=str(run_dir),
+            checkpoint_dir=str(self.checkpoint_dir),
+            concepts=[dataclasses.replace(c) for c in settings.concepts],
+        )
+
+    def check_settings(self, settings: Settings) -> list[str]:
+        """Every reason not to start: the settings' own problems, then paths outside what this server may touch."""
+        problems = settings.validate(model_in_memory=self.model_in_memory(settings))
+        readable = [
+            ("pretrained_model_name_or_path", settings.pretrained_model_name_or_path),
+            ("pretrained_vae_name_or_path", settings.pretrained_vae_name_or_path),
+            ("test_prompts_file", settings.test_prompts_file),
+            ("resume_from", settings.resume_from),
+        ]
+        for index, concept in enumerate(settings.concepts, start=1):
+            readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))
+            readable.append((f"concept {index} class_data_dir", concept.class_data_dir))
+        roots = [*self.allowed_roots, self.checkpoint_dir.resolve(), self.data_dir]
+        for name, value in readable:
+            if value and not is_within(value, roots):
+                problems.append(
+                    f"{name}: '{value}' is outside the folders this server allows "
+                    f"({', '.join(map(str, roots))}); set {ALLOWED_ROOTS_ENV} to allow more"
+                )
+        if settings.output_dir:
+            out = Path(settings.output_dir)
+            writable = [self.data_dir, self.checkpoint_dir.resolve()]
+            for name, value in (
+                ("output_dir", out),
+                ("checkpoint_dir", out / settings.checkpoint_dir),
+                ("logging_dir", out / settings.logging_dir),
+            ):
+                if not is_within(value, writable):
+                    folders = ", ".join(map(str, writable))
+                    problems.append(f"{name}: '{value}' is outside the output folders ({folders})")
+        return problems
+
+    def model_in_memory(self, settings: Settings) -> bool:
+        """Whether the job will train from the model already in memory (then its path need not exist)."""
+        return False
+
+    @contextlib.contextmanager
+    def session(self, settings: Settings, log: Callable[[str], None]) -> Iterator[Any]:
+        """Wraps one job; yields the base model's components when they come from memory, else None."""
+        yield None
+
+    def interrupted(self) -> bool:
+        """Whether the host asked to stop (the WebUI's Interrupt button)."""
+        return False
+
+    def report_progress(self, progress: Any) -> None:
+        """Mirror progress where the host shows it (the WebUI's ``shared.state``)."""
+
+    def checkpoint_written(self, paths: list[Path]) -> None:
+        self.refresh_checkpoints()
+
+    def job_ended(self, state: str, error: str) -> None:
+        """Called on the trainer thread after every job, whatever its end."""
+
+    # ----------------------------------------------------------------------------------------- environment
+
+    def environment_notes(self) -> list[str]:
+        """Optional packages that are missing, as sentences (shown in the tab, never a failure)."""
+        import importlib.util
+
+        return [note for name, note in OPTIONAL_PACKAGES.items() if importlib.util.find_spec(name) is None]
+
+    # ----------------------------------------------------------------------------------------- saved settings
+
+    def saved_settings(self) -> list[str]:
+        """Names of the settings saved per output model."""
+        if not self.settings_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.settings_dir.glob("*.json"))
+
+    def save_settings(self, settings: Settings, name: str | None = None) -> Path:
+        name = name or settings.model_name
+        if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+            raise ValueError(f"'{name}' is not a plain name for a settings file")
+        return settings.save(self.settings_dir / f"{name}.json")
+
+    def load_settings(self, name: str) -> Settings:
+        if name not in self.saved_settings():
+            raise FileNotFoundError(f"no saved settings named '{name}' in {self.settings_dir}")
+        return Settings.load(self.settings_dir / f"{name}.json")
+
+    def remember_last_used(self, settings: Settings) -> None:
+        settings.save(self.data_dir / LAST_USED)
+
+    def last_used(self) -> Settings | None:
+        """The settings of the last Train press (they come back after a restart); None if none or unreadable."""
+        path = self.data_dir / LAST_USED
+        if not path.is_file():
+            return None
+        try:
+            return Settings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except Exception:  # an unreadable file must not stop the tab from opening
+            return None

@@ -1,0 +1,95 @@
+"""How the CLIP tokenizer sees an identifier: token count and how common each token is.
+
+The guide asks for a rare identifier ``[V]`` that is one token and means little to the model.  Offline there is no
+word list, but CLIP's vocabulary is ordered by BPE merge rank: a token's id minus the 512 byte tokens is the rank of
+the merge that made it, and frequent strings are merged first.  So a low id means a common string.  A few tokens
+with a well-known meaning despite a high rank (the guide's ``sks``, a rifle) are named explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+BYTE_TOKENS = 512  # 256 byte tokens and 256 end-of-word byte tokens come before the merges
+COMMON_RANK = 10_000  # merges ranked below this are everyday words and word pieces
+KNOWN_MEANINGS = {
+    "sks": "the SKS rifle (the guide's example: samples of 'sks' drift towards guns)",
+    "ohwx": "a popular identifier: many shared models already use it",
+}
+_WORD = re.compile(r"\[[^\]]*\]|[\w'-]+")
+
+
+@dataclass(frozen=True)
+class WordTokens:
+    word: str
+    tokens: tuple[str, ...]
+    ids: tuple[int, ...]
+
+    @property
+    def is_single_token(self) -> bool:
+        return len(self.ids) == 1
+
+    @property
+    def rank(self) -> int:
+        """Merge rank of the (first) token: low = common."""
+        return max(0, self.ids[0] - BYTE_TOKENS)
+
+    def warnings(self) -> list[str]:
+        found = []
+        if not self.is_single_token:
+            found.append(f"'{self.word}' becomes {len(self.ids)} tokens ({' + '.join(self.tokens)}): prefer one token")
+        elif self.word.lower() in KNOWN_MEANINGS:
+            found.append(f"'{self.word}' already means something: {KNOWN_MEANINGS[self.word.lower()]}")
+        elif self.rank < COMMON_RANK:
+            found.append(
+                f"'{self.word}' is a common token (merge rank {self.rank}): the model already knows it; "
+                "a rare one is learnt without fighting that meaning"
+            )
+        return found
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer() -> Any:
+    from .models.tokenizer import clip_tokenizer
+
+    return clip_tokenizer()
+
+
+def _tokenizer(tokenizer: Any) -> Any:
+    return _default_tokenizer() if tokenizer is None else tokenizer
+
+
+def split_words(phrase: str, tokenizer: Any = None) -> list[WordTokens]:
+    """Each word of ``phrase`` with the CLIP tokens it becomes (placeholders like ``[filewords]`` skipped)."""
+    tok = _tokenizer(tokenizer)
+    words = []
+    for word in _WORD.findall(phrase):
+        if word.startswith("["):
+            continue
+        ids = tok(word, add_special_tokens=False).input_ids
+        words.append(WordTokens(word, tuple(tok.convert_ids_to_tokens(ids)), tuple(ids)))
+    return words
+
+
+def identifier_words(instance_prompt: str, class_prompt: str = "", tokenizer: Any = None) -> list[WordTokens]:
+    """The words of the instance prompt that are not in the class prompt: the identifier (all words if no class)."""
+    class_words = {w.lower() for w in _WORD.findall(class_prompt)}
+    return [w for w in split_words(instance_prompt, tokenizer) if w.word.lower() not in class_words]
+
+
+def identifier_report(instance_prompt: str, class_prompt: str = "", tokenizer: Any = None) -> str:
+    """A short text for the tab: the identifier's tokens and any warning."""
+    if not instance_prompt.strip():
+        return "Type an instance prompt with a rare identifier, e.g. 'photo of ohwx dog'."
+    words = identifier_words(instance_prompt, class_prompt, tokenizer)
+    if not words:
+        return "The instance prompt has no word that the class prompt lacks: add a rare identifier."
+    total = sum(len(w.ids) for w in split_words(instance_prompt, tokenizer))
+    lines = [f"{total} CLIP tokens in the prompt (77 at most, 75 usable)."]
+    for w in words:
+        lines.append(f"- `{w.word}` -> {', '.join(f'{t} ({i})' for t, i in zip(w.tokens, w.ids))}")
+        lines.extend(f"  - warning: {text}" for text in w.warnings())
+    return "\n".join(lines)
