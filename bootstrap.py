@@ -28,6 +28,7 @@ ENVS = {
     "webui": (ROOT / ".venv-webui", ROOT / "envs" / "webui.txt"),
 }
 NO_DEPS = ROOT / "envs" / "no-deps.txt"
+CHROMIUM = "/usr/bin/chromium"
 TORCH_SPEC = os.environ.get("DREAMBOOTH_TORCH", "torch==2.13.0")
 
 
@@ -80,9 +81,28 @@ def ensure_env(name: str) -> Path:
     return python
 
 
+def ensure_browser() -> None:
+    """The browser tests drive Debian's Chromium; install it when missing and we may (root, apt-get)."""
+    if Path(CHROMIUM).exists():
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and Path("/usr/bin/apt-get").exists():
+        print("bootstrap: installing Debian's chromium for the browser tests ...", flush=True)
+        quiet = {"stdout": subprocess.DEVNULL}
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        _run(["apt-get", "update", "-qq"], env=env, **quiet)
+        _run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, **quiet)
+    if not Path(CHROMIUM).exists():
+        print(
+            f"bootstrap: {CHROMIUM} is missing (apt-get install chromium as root); the browser tests "
+            "skip, or fail when CI=true",
+            flush=True,
+        )
+
+
 def run_tests(extra: list[str]) -> int:
     latest = ensure_env("latest")
     webui = ensure_env("webui")
+    ensure_browser()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     steps = [
         ("lint", [latest, "-m", "ruff", "check", "."]),

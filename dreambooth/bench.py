@@ -9,6 +9,9 @@ For each scale and configuration three things are measured, each in its own proc
 * **floor**   -- the bare forward + backward + gradient clipping + plain AdamW step of the trained modules on tensors
   made once (no data loading, no VAE; the text encoder only when it is trained).
 
+With ``--reference SCRIPT`` a fourth row, **diffusers-script**, runs diffusers' ``train_dreambooth.py`` itself,
+unmodified, on the same model, images and options (see ``bench_reference``; it needs torchvision: ``.venv-ref``).
+
 Seconds per step is the median of the steady-state steps (the first ``--warmup`` are dropped); configurations are
 interleaved and repeated (``--repeats``), and the median over repeats is reported.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,7 @@ SCALES = {
     "sd15-256": ("sd15", 256),
 }
 DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
+INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx ring", "photo of a ring"
 
 
 # name: (UNet channels, which UNet levels have cross-attention, context dim, UNet layers per block,
@@ -111,9 +116,9 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
         concepts=[
             Concept(
                 instance_data_dir=str(instance),
-                instance_prompt="photo of zwx ring",
+                instance_prompt=INSTANCE_PROMPT,
                 class_data_dir=str(prior),
-                class_prompt="photo of a ring",
+                class_prompt=CLASS_PROMPT,
             )
         ],
         num_class_images=4,
@@ -154,12 +159,12 @@ def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, 
     timesteps = torch.randint(0, 1000, (count,))
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
-        hidden = encode_prompts(text_encoder, components.tokenizer, ["photo of zwx ring"] * count)
+        hidden = encode_prompts(text_encoder, components.tokenizer, [INSTANCE_PROMPT] * count)
     times = []
     for _ in range(spec["steps"]):
         started = time.perf_counter()
         if spec["train_text"]:
-            hidden = encode_prompts(text_encoder, components.tokenizer, ["photo of zwx ring"] * count)
+            hidden = encode_prompts(text_encoder, components.tokenizer, [INSTANCE_PROMPT] * count)
         prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         loss.backward()
@@ -192,6 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
     parser.add_argument("--prior", choices=["on", "off", "both"], default="both")
     parser.add_argument("--text", choices=["frozen", "trained", "both"], default="frozen")
+    parser.add_argument(
+        "--reference",
+        metavar="SCRIPT",
+        help="also run diffusers' examples/dreambooth/train_dreambooth.py (unmodified) on each configuration",
+    )
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement (JSON spec)
 
@@ -216,27 +226,40 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         for text in texts
     ]
     results: dict[tuple, list[dict[str, Any]]] = {}
-    for repeat in range(args.repeats):
-        for config in configs:
-            for mode in args.modes:
-                spec = {**config, "mode": mode}
-                output = subprocess.run(
-                    [sys.executable, "-m", "dreambooth", "bench", "--one", json.dumps(spec)],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if output.returncode != 0:
-                    raise RuntimeError(f"bench run {spec} failed:\n{output.stderr[-3000:]}")
-                measured = json.loads(output.stdout.strip().splitlines()[-1])
-                key = (config["scale"], config["prior"], config["train_text"], mode)
-                results.setdefault(key, []).append(measured)
-                print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
+    reference_work = Path(tempfile.mkdtemp(prefix="dreambooth-bench-reference-")) if args.reference else None
+    try:
+        for repeat in range(args.repeats):
+            for config in configs:
+                if reference_work is not None:
+                    from .bench_reference import measure_reference
+
+                    measured = measure_reference(args.reference, config, reference_work)
+                    key = (config["scale"], config["prior"], config["train_text"], measured["mode"])
+                    results.setdefault(key, []).append(measured)
+                    print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
+                for mode in args.modes:
+                    spec = {**config, "mode": mode}
+                    output = subprocess.run(
+                        [sys.executable, "-m", "dreambooth", "bench", "--one", json.dumps(spec)],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                    if output.returncode != 0:
+                        raise RuntimeError(f"bench run {spec} failed:\n{output.stderr[-3000:]}")
+                    measured = json.loads(output.stdout.strip().splitlines()[-1])
+                    key = (config["scale"], config["prior"], config["train_text"], mode)
+                    results.setdefault(key, []).append(measured)
+                    print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
+    finally:
+        if reference_work is not None:
+            shutil.rmtree(reference_work, ignore_errors=True)
     rows = []
     for (scale, prior, text, mode), runs in results.items():
         row = {"scale": scale, "prior": prior, "train_text": text, "mode": mode}
         for field in runs[0]:
-            row[field] = statistics.median(r[field] for r in runs)
+            if field not in row:
+                row[field] = statistics.median(r[field] for r in runs)
         rows.append(row)
     print_table(rows)
     if args.json:
@@ -254,8 +277,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior)"
     )
     header = (
-        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<12} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
-        f"{'optim':>6} {'peak GiB':>8} {'vs naive':>8} {'vs floor':>8}"
+        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
+        f"{'optim':>6} {'peak GiB':>8} {'vs naive':>8} {'vs floor':>8} {'vs script':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -263,14 +286,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         key = (row["scale"], row["prior"], row["train_text"])
         naive, floor = index.get((*key, "naive")), index.get((*key, "floor"))
+        script = index.get((*key, "diffusers-script"))
         vs_naive = f"{naive['seconds_per_step'] / row['seconds_per_step']:.2f}x" if naive else ""
         vs_floor = f"{row['seconds_per_step'] / floor['seconds_per_step']:.2f}" if floor else ""
+        vs_script = f"{script['seconds_per_step'] / row['seconds_per_step']:.2f}x" if script else ""
         split = "".join(
             f" {row[k]:>{w}.3f}" if k in row else " " * (w + 1)
             for k, w in (("data", 6), ("forward_backward", 8), ("optimizer", 6))
         )
         print(
             f"{row['scale']:<10} {'on' if row['prior'] else 'off':<5} "
-            f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<12} "
-            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {vs_naive:>8} {vs_floor:>8}"
+            f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<16} "
+            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {vs_naive:>8} {vs_floor:>8} "
+            f"{vs_script:>9}"
         )

@@ -32,6 +32,39 @@ OPTIONAL_PACKAGES = {
 }
 
 
+REQUIRED_PACKAGES = {  # distribution -> (import name, what to install)
+    "diffusers": ("diffusers", "diffusers>=0.29,<0.32"),
+    "transformers": ("transformers", "transformers"),
+    "safetensors": ("safetensors", "safetensors>=0.4"),
+    "PyYAML": ("yaml", "PyYAML>=5.4"),
+}
+
+
+def _version(distribution: str) -> tuple[int, ...] | None:
+    from importlib import metadata
+
+    try:
+        text = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+    numbers = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
+
+
+def diffusers_transformers_clash() -> str:
+    """diffusers 0.32 and newer fail to import with transformers older than 4.41 (the WebUI pins 4.30.2)."""
+    diffusers, transformers = _version("diffusers"), _version("transformers")
+    if diffusers and transformers and diffusers >= (0, 32) and transformers < (4, 41):
+        return (
+            "**diffusers is too new for this transformers** (diffusers 0.32+ needs transformers 4.41+): run "
+            "pip install 'diffusers>=0.29,<0.32' in the WebUI's venv, then restart."
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class CheckpointChoice:
     """One base model the tab offers: a title for people, a path for the trainer."""
@@ -171,6 +204,9 @@ class Host:
     def report_progress(self, progress: Any) -> None:
         """Mirror progress where the host shows it (the WebUI's ``shared.state``)."""
 
+    def samples_written(self, paths: list[Path]) -> None:
+        """Show the newest sample where the host shows previews (the WebUI's live preview)."""
+
     def checkpoint_written(self, paths: list[Path]) -> None:
         self.refresh_checkpoints()
 
@@ -180,10 +216,20 @@ class Host:
     # ----------------------------------------------------------------------------------------- environment
 
     def environment_notes(self) -> list[str]:
-        """Optional packages that are missing, as sentences (shown in the tab, never a failure)."""
+        """What is missing, as sentences shown at the top of the tab: required packages first, then optional ones."""
         import importlib.util
 
-        return [note for name, note in OPTIONAL_PACKAGES.items() if importlib.util.find_spec(name) is None]
+        notes = [
+            f"**{name} is missing: training cannot start.** Restart the WebUI once (the extension's install.py "
+            f"installs it) or run: pip install '{spec}'"
+            for name, (module, spec) in REQUIRED_PACKAGES.items()
+            if importlib.util.find_spec(module) is None
+        ]
+        clash = diffusers_transformers_clash()
+        if clash:
+            notes.append(clash)
+        notes.extend(note for name, note in OPTIONAL_PACKAGES.items() if importlib.util.find_spec(name) is None)
+        return notes
 
     # ----------------------------------------------------------------------------------------- saved settings
 

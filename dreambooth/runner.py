@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import DreamBoothError
 from .events import Callbacks, Commands, Progress
+from .host import CHECKPOINT_SUFFIXES, Host
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("dreambooth")
@@ -86,9 +87,11 @@ class _JobCallbacks(Callbacks):
 
     def on_samples(self, step: int, paths: list[Path]) -> None:
         self.runner._update(self.job_id, samples=(*self.runner.snapshot().samples, *map(str, paths)))
+        self.runner.host.samples_written(paths)
 
     def on_checkpoint(self, step: int, paths: list[Path]) -> None:
-        self.runner._update(self.job_id, checkpoints=(*self.runner.snapshot().checkpoints, *map(str, paths)))
+        files = [str(p) for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]  # not the sidecar yaml
+        self.runner._update(self.job_id, checkpoints=(*self.runner.snapshot().checkpoints, *files))
         self.runner.host.checkpoint_written(paths)
 
     def on_log(self, message: str) -> None:
@@ -99,11 +102,7 @@ class Runner:
     """Owns the one training thread.  ``start`` refuses a second job while one runs."""
 
     def __init__(self, host: Any = None):
-        if host is None:
-            from .host import Host
-
-            host = Host()
-        self.host = host
+        self.host = host if host is not None else Host()
         self.commands = Commands()
         self._lock = threading.Lock()
         self._snapshot = JobSnapshot()
@@ -162,8 +161,12 @@ class Runner:
         try:
             with self.host.session(settings, callbacks.on_log) as components:
                 trainer = Trainer(settings, callbacks=callbacks, commands=self.commands, components=components)
-                result = trainer.run()
-            state = "cancelled" if result.cancelled else "finished"
+                del components  # the trainer holds the only reference: gone before the host restores its models
+                try:
+                    cancelled = trainer.run().cancelled
+                finally:
+                    del trainer
+            state = "cancelled" if cancelled else "finished"
         except DreamBoothError as exc:
             error = str(exc)
         except Exception as exc:  # the thread must end with a readable state, whatever went wrong

@@ -39,14 +39,17 @@ def save_state(
             save_file(
                 {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(temp / f"{name}.safetensors")
             )
-        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), temp / "scheduler.pt")
+        # The legacy format: the WebUI's safe unpickler (which replaces torch.load inside the WebUI) refuses the
+        # entries of the current zip format and makes torch.load return None; it accepts this one.
+        legacy = {"_use_new_zipfile_serialization": False}
+        torch.save(optimizer.state_dict(), temp / "optimizer.pt", **legacy)
+        torch.save(lr_scheduler.state_dict(), temp / "scheduler.pt", **legacy)
         rng = {"cpu": torch.random.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, temp / "rng.pt")
+        torch.save(rng, temp / "rng.pt", **legacy)
         if scaler is not None:
-            torch.save(scaler.state_dict(), temp / "scaler.pt")
+            torch.save(scaler.state_dict(), temp / "scaler.pt", **legacy)
         (temp / "state.json").write_text(
             json.dumps({"version": STATE_VERSION, "step": step, "modules": sorted(modules), **info}, indent=2)
         )

@@ -106,10 +106,12 @@ class Tab:
 
     def initial(self) -> list[Any]:
         """What the form shows when the page (re)loads: the last used settings, else the defaults."""
-        settings = self.host.last_used() or self._base()
+        settings = self.host.last_used()
+        message = "The settings of the last training are back." if settings else "Default settings."
+        settings = settings or self._base()
         if not settings.pretrained_model_name_or_path:
             settings.pretrained_model_name_or_path = self.default_model() or ""
-        return self.widget_values(settings)
+        return [*self.widget_values(settings), message]
 
     def default_model(self) -> str | None:
         """The model loaded for generation now, else the first checkpoint found."""
@@ -337,7 +339,7 @@ class Tab:
             editor = [self.concept_widgets[s.name] for s in self.concept_fields]
             form = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
             fill = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
-            blocks.load(self.initial, None, fill)
+            blocks.load(self.initial, None, [*fill, self.model_controls["settings_message"]])
             check.click(
                 self.check_dataset,
                 [concepts_state, concept_index, self.widgets["resolution"], *editor],

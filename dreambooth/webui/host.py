@@ -1,0 +1,238 @@
+"""The WebUI as a host: its checkpoint list and folder, its loaded model, its queue lock, Interrupt and progress.
+
+Facts of AUTOMATIC1111 v1.10.1 this relies on (measured on its source):
+- ``call_queue.queue_lock`` is a non-reentrant FIFO lock held by every generation: a job holds it from start to end,
+  so txt2img waits instead of fighting for the GPU.  ``opts.set("sd_model_checkpoint", ...)`` takes it too, so a model
+  switch is never attempted while a job runs.
+- ``sd_models.send_model_to_cpu`` frees the loaded model's GPU memory; ``send_model_to_device`` gives it back
+  (``reload_model_weights`` would return early and leave the model on the CPU).
+- ``model_data.sd_model`` is the loaded model without triggering a load; its ``state_dict()`` keys are the single
+  file's keys except for ``.wrapped`` segments that the text-encoder hijack inserts.
+- The loaded weights equal the file only when no Lora deltas are patched in (``network_current_names``), no other VAE
+  is loaded (``loaded_vae_file``), nothing is fp8, and the dtype is the file's: else the file is read from disk.
+- ``opts.set`` can report success for a switch that loaded another model: a switch is checked on the loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..host import CheckpointChoice, Host, default_allowed_roots
+from ..settings import Settings
+
+JOB_NAME = "dreambooth"
+
+
+def _modules() -> Any:
+    from modules import call_queue, devices, paths, sd_models, shared
+
+    return call_queue, devices, paths, sd_models, shared
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+class WebuiHost(Host):
+    kind = "webui"
+
+    def __init__(self, data_dir: str | Path, runner_busy: Callable[[], bool] | None = None):
+        _, _, paths, _, _ = _modules()
+        webui_dir = Path(getattr(paths, "script_path", Path.cwd()))
+        super().__init__(
+            Path(paths.models_path),
+            data_dir=data_dir,
+            allowed_roots=default_allowed_roots(webui_dir),
+        )
+        self.runner_busy = runner_busy or (lambda: False)
+
+    # ------------------------------------------------------------------------------------------ models
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        _, _, _, _, shared = _modules()
+        configured = getattr(shared.cmd_opts, "ckpt_dir", None)
+        return Path(configured) if configured else self.models_dir / "Stable-diffusion"
+
+    def list_checkpoints(self) -> list[CheckpointChoice]:
+        _, _, _, sd_models, _ = _modules()
+        return [CheckpointChoice(info.title, info.filename) for info in sd_models.checkpoints_list.values()]
+
+    def _loaded_model(self) -> Any:
+        _, _, _, sd_models, _ = _modules()
+        return sd_models.model_data.sd_model  # not shared.sd_model: reading that loads a model when none is
+
+    def loaded_checkpoint(self) -> str | None:
+        model = self._loaded_model()
+        info = getattr(model, "sd_checkpoint_info", None)
+        return getattr(info, "filename", None)
+
+    def refresh_checkpoints(self) -> None:
+        _, _, _, sd_models, _ = _modules()
+        sd_models.list_models()
+
+    def _info_for(self, path: str) -> Any:
+        _, _, _, sd_models, _ = _modules()
+        for info in sd_models.checkpoints_list.values():
+            if _same_file(info.filename, path):
+                return info
+        return None
+
+    def use_checkpoint(self, path: str) -> tuple[bool, str]:
+        """Switch txt2img to ``path`` and check on the loaded model that it happened."""
+        if self.runner_busy():
+            return False, "A training job holds the GPU: switch after it ends."
+        _, _, _, _, shared = _modules()
+        self.refresh_checkpoints()
+        info = self._info_for(path)
+        if info is None:
+            return False, f"{path} is not in the WebUI's checkpoint list (is it inside {self.checkpoint_dir}?)"
+        previous = getattr(self._loaded_model(), "sd_checkpoint_info", None)
+        try:
+            shared.opts.set("sd_model_checkpoint", info.title)
+        except Exception as error:  # the WebUI's own loader failed: report it, then check what is loaded
+            message = f"the WebUI could not load it ({error})"
+        else:
+            message = "the WebUI loaded another model instead"
+        if _same_file(self.loaded_checkpoint(), path):
+            return True, f"txt2img now uses {info.title}."
+        self._repair(previous)
+        return False, f"{info.title}: {message}; the previous model is loaded again."
+
+    def _repair(self, previous: Any) -> None:
+        """After a failed switch the WebUI may hold a half-loaded model: load the previous one again."""
+        if previous is None or _same_file(self.loaded_checkpoint(), previous.filename):
+            return
+        call_queue, _, _, sd_models, _ = _modules()
+        with contextlib.suppress(Exception), call_queue.queue_lock:
+            sd_models.reload_model_weights(info=previous, forced_reload=True)
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    def _memory_is_clean(self, model: Any, path: str) -> str:
+        """Why the loaded weights differ from the file ``path`` ('' when they do not)."""
+        import torch
+
+        info = getattr(model, "sd_checkpoint_info", None)
+        if model is None or not _same_file(getattr(info, "filename", None), path):
+            return "it is not the loaded model"
+        if getattr(model, "loaded_vae_file", None):
+            return f"the loaded model carries another VAE ({Path(model.loaded_vae_file).name})"
+        probe_key, probe = None, None
+        for name, module in model.named_modules():
+            if getattr(module, "network_current_names", ()):
+                return f"a Lora is patched into the loaded weights ({name})"
+        for key, tensor in model.state_dict().items():
+            if tensor.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)):
+                return "the loaded weights are stored in fp8"
+            if probe is None and key.startswith("model.diffusion_model.") and tensor.is_floating_point():
+                probe_key, probe = key, tensor
+        if probe is None:
+            return "the loaded model has no UNet weights"
+        if probe.dtype != torch.float32:
+            file_dtype = self._file_dtype(path, probe_key)
+            if file_dtype != probe.dtype:
+                return f"the loaded weights are {probe.dtype} while the file holds {file_dtype or 'another dtype'}"
+        return ""
+
+    @staticmethod
+    def _file_dtype(path: str, key: str) -> Any:
+        if not path.lower().endswith(".safetensors"):
+            return None
+        from safetensors import safe_open
+
+        dtypes = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+        import torch
+
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            name = dtypes.get(handle.get_slice(key).get_dtype())
+        return getattr(torch, name) if name else None
+
+    def _components_from_memory(self, model: Any, path: str) -> Any:
+        """The loaded model's weights as our components: fp32 copies, so the WebUI's model is never trained."""
+        import torch
+
+        from ..models import files
+        from ..models.components import components_from_state_dict
+
+        state = {}
+        for key, tensor in model.state_dict().items():
+            key = key.replace(".wrapped.", ".")
+            state[key] = tensor.detach().to("cpu", torch.float32, copy=True) if tensor.is_floating_point() else tensor
+        yaml_path = files.sidecar_yaml_path(path)
+        metadata = {}
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                metadata = dict(handle.metadata() or {})
+        return components_from_state_dict(
+            state,
+            f"{path} (loaded in the WebUI)",
+            yaml_config=files.read_yaml(yaml_path) if yaml_path.is_file() else None,
+            metadata=metadata,
+        )
+
+    @contextlib.contextmanager
+    def session(self, settings: Settings, log: Callable[[str], None]) -> Iterator[Any]:
+        """Hold the queue lock, free the loaded models' GPU memory, and put everything back whatever happens."""
+        call_queue, devices, _, sd_models, shared = _modules()
+        log("waiting for the WebUI's queue (a running generation finishes first)")
+        with call_queue.queue_lock:
+            shared.state.begin(job=JOB_NAME)
+            current = sd_models.model_data.sd_model
+            loaded = [current, *getattr(sd_models.model_data, "loaded_sd_models", [])]
+            models = list({id(m): m for m in loaded if m is not None}.values())
+            components = None
+            try:
+                for model in models:  # cached models may sit in VRAM too (sd_checkpoints_keep_in_cpu off)
+                    sd_models.send_model_to_cpu(model)
+                if models:
+                    log(f"moved {len(models)} loaded model(s) off the GPU for training")
+                model = self._loaded_model()
+                why = self._memory_is_clean(model, settings.pretrained_model_name_or_path)
+                if not why:
+                    log("training from the model already loaded in the WebUI (no second read from disk)")
+                    components = self._components_from_memory(model, settings.pretrained_model_name_or_path)
+                elif model is not None and why != "it is not the loaded model":
+                    log(f"reading the base model from disk: {why}")
+                model = None
+                yield components
+            finally:
+                components = None
+                gc.collect()
+                devices.torch_gc()
+                if current is not None:  # the others stay on the CPU, where the WebUI keeps cached models
+                    try:
+                        sd_models.send_model_to_device(current)
+                    except Exception as error:
+                        log(f"could not move the WebUI's model back to the GPU: {error}")
+                shared.state.end()
+
+    def interrupted(self) -> bool:
+        _, _, _, _, shared = _modules()
+        state = shared.state
+        return bool(state.interrupted or getattr(state, "stopping_generation", False))
+
+    def report_progress(self, progress: Any) -> None:
+        _, _, _, _, shared = _modules()
+        state = shared.state
+        state.job_count = 1
+        if progress.phase == "training":
+            state.sampling_step, state.sampling_steps = progress.step, progress.total_steps
+        state.textinfo = f"DreamBooth: {progress.phase} {progress.message}".strip()
+
+    def samples_written(self, paths: list[Path]) -> None:
+        if not paths:
+            return
+        from PIL import Image
+
+        _, _, _, _, shared = _modules()
+        with Image.open(paths[-1]) as image:
+            shared.state.assign_current_image(image.convert("RGB"))

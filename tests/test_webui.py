@@ -1,0 +1,405 @@
+"""The WebUI glue against a fake of the WebUI v1.10.1 API (tests/fake_webui): registration, the queue lock, the
+loaded model's GPU memory, Interrupt, outputs and the checkpoint list, model switching, REST auth, coexistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import shutil
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gradio
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = Path(__file__).resolve().parent / "fake_webui"
+WAIT_SECONDS = 120
+FAKE_NAMES = ("modules", "launch", "networks")
+
+
+def _purge_fake() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in FAKE_NAMES:
+            del sys.modules[name]
+
+
+def wait_for(condition, timeout=WAIT_SECONDS):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def webui(tmp_path, tiny_checkpoint, monkeypatch):
+    """A fresh fake WebUI with the tiny model in models/Stable-diffusion, loaded as the current model."""
+    _purge_fake()
+    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.setenv("DREAMBOOTH_ALLOWED_ROOTS", str(tmp_path))
+    monkeypatch.setenv("DREAMBOOTH_DATA_DIR", str(tmp_path / "extension-data"))
+    from modules import fake, paths
+
+    def start(**cmd_opts):
+        fake.reset(tmp_path / "webui", **cmd_opts)
+        folder = Path(paths.models_path) / "Stable-diffusion"
+        folder.mkdir(parents=True, exist_ok=True)
+        source = tiny_checkpoint("sd1")
+        target = folder / "base.safetensors"
+        shutil.copy(source, target)
+        shutil.copy(source.with_suffix(".yaml"), folder / "base.yaml")
+        model = fake.load_checkpoint(target)
+        fake.calls.clear()  # what the start-up did is not what the tests look at
+        import dreambooth.webui as glue
+
+        glue._state.clear()
+        return types.SimpleNamespace(fake=fake, model=model, base=target, folder=folder, glue=glue)
+
+    yield start
+    from modules import call_queue
+
+    assert not call_queue.queue_lock.locked(), "a test left the WebUI's queue lock held"
+    import dreambooth.webui as glue
+
+    glue._state.clear()
+    _purge_fake()
+
+
+def settings_for(w, make_settings, **changes):
+    runner = w.glue.runner()
+    changes.setdefault("pretrained_model_name_or_path", str(w.base))
+    return runner, runner.host.prepare(make_settings(**changes))
+
+
+def test_the_tab_and_the_routes_are_registered(webui):
+    w = webui()
+    w.glue.register()
+    from modules import script_callbacks
+
+    tabs = script_callbacks.registered_ui_tabs()
+    assert len(tabs) == 1
+    [(_blocks, title, elem_id)] = tabs[0]()
+    assert (title, elem_id) == ("DreamBooth", "dreambooth_tab")
+    assert "on_app_started" in str(script_callbacks.registered("app_started"))
+
+
+def test_a_job_holds_the_queue_lock_and_the_gpu_is_freed_then_given_back(webui, make_settings):
+    w = webui()
+    from modules import call_queue, shared
+
+    runner, settings = settings_for(w, make_settings, max_train_steps=400)
+    assert w.model.location == "cuda"
+    runner.start(settings)
+    assert wait_for(lambda: runner.snapshot().losses)
+    assert call_queue.queue_lock.locked()  # txt2img would wait
+    assert w.model.location == "cpu"  # its VRAM is free for training
+    assert shared.state.job == "dreambooth"
+    assert shared.state.sampling_steps == 400 and shared.state.sampling_step >= 1
+    runner.cancel()
+    assert runner.wait(WAIT_SECONDS)
+    assert not call_queue.queue_lock.locked()
+    assert w.model.location == "cuda"
+    names = w.fake.call_names()
+    assert names.index("sd_models.send_model_to_cpu") < names.index("sd_models.send_model_to_device")
+    assert shared.state.job == ""
+
+
+def test_after_a_failure_the_model_and_the_lock_are_given_back(webui, make_settings, monkeypatch):
+    w = webui()
+    from modules import call_queue
+
+    from dreambooth.train.loop import Trainer
+
+    def explode(self):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Trainer, "run", explode)
+    runner, settings = settings_for(w, make_settings)
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS)
+    snap = runner.snapshot()
+    assert snap.state == "failed" and "out of memory" in snap.error
+    assert not call_queue.queue_lock.locked() and w.model.location == "cuda"
+
+
+def test_the_webui_interrupt_button_cancels_the_job(webui, make_settings):
+    w = webui()
+    from modules import shared
+
+    runner, settings = settings_for(w, make_settings, max_train_steps=400)
+    runner.start(settings)
+    assert wait_for(lambda: runner.snapshot().losses)
+    shared.state.interrupt()
+    assert runner.wait(WAIT_SECONDS)
+    assert runner.snapshot().state == "cancelled" and runner.snapshot().progress.step < 400
+
+
+def test_the_output_lands_in_the_checkpoint_folder_and_the_list_is_refreshed(webui, make_settings):
+    w = webui()
+    from modules import sd_models
+
+    runner, settings = settings_for(w, make_settings, model_name="ring")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished"
+    output = w.folder / "ring_2.safetensors"
+    assert output.is_file() and (w.folder / "ring_2.yaml").is_file()
+    assert runner.snapshot().checkpoints == (str(output),)
+    assert str(output) in [info.filename for info in sd_models.checkpoints_list.values()]
+
+
+def test_ckpt_dir_is_honoured(webui, make_settings, tmp_path):
+    w = webui(ckpt_dir=str(tmp_path / "my-models"))
+    runner, settings = settings_for(w, make_settings, model_name="ring")
+    assert settings.checkpoint_dir == str(tmp_path / "my-models")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished"
+    assert (tmp_path / "my-models" / "ring_2.safetensors").is_file()
+
+
+def test_use_in_txt2img_switches_and_checks_the_switch(webui, make_settings):
+    w = webui()
+    from modules import sd_models
+
+    runner, settings = settings_for(w, make_settings, model_name="ring")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS)
+    output = runner.snapshot().checkpoints[0]
+    done, message = runner.host.use_checkpoint(output)
+    assert done, message
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == output
+
+    # a switch the WebUI reports as done but that did not happen is caught, and the previous model comes back
+    done, _ = runner.host.use_checkpoint(str(w.base))
+    assert done
+    sd_models.faults.ignore_switch = True
+    done, message = runner.host.use_checkpoint(output)
+    assert not done and "another model" in message
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(w.base)
+
+
+def test_no_switch_while_a_job_runs(webui, make_settings):
+    w = webui()
+    runner, settings = settings_for(w, make_settings, max_train_steps=400)
+    runner.start(settings)
+    assert wait_for(lambda: runner.snapshot().losses)
+    done, message = runner.host.use_checkpoint(str(w.base))
+    assert not done and "training job" in message
+    runner.cancel()
+    assert runner.wait(WAIT_SECONDS)
+
+
+def _final_unet(runner):
+    from dreambooth.models.files import read_state_dict
+
+    tensors, _ = read_state_dict(runner.snapshot().checkpoints[-1])
+    return {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+
+
+def test_the_weights_taken_from_memory_are_exactly_the_files(webui):
+    w = webui(no_half=True)
+    from dreambooth.models.components import load_components
+
+    host = w.glue.runner().host
+    assert host._memory_is_clean(w.model, str(w.base)) == ""
+    memory, disk = host._components_from_memory(w.model, str(w.base)), load_components(w.base)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(memory, name).state_dict(), getattr(disk, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert memory.arch == disk.arch
+
+
+def test_a_clean_fp32_model_is_trained_from_memory_with_the_same_result(webui, make_settings, tmp_path):
+    w = webui(no_half=True)
+    runner, settings = settings_for(w, make_settings, model_name="memory")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished"
+    assert any("already loaded in the WebUI" in line for line in runner.snapshot().log)
+    from_memory = _final_unet(runner)
+
+    from dreambooth.train.loop import Trainer
+
+    disk = dataclasses.replace(settings, output_dir=str(tmp_path / "disk"), checkpoint_dir="")
+    result = Trainer(disk).run()
+    from dreambooth.models.files import read_state_dict
+
+    tensors, _ = read_state_dict(result.checkpoints[0])
+    base, _ = read_state_dict(w.base)
+    # Same start, data and seed: the same training, up to float summation order (copies in memory and tensors read
+    # from a file lie at different addresses, which changes the CPU kernels' vector paths; Adam turns such noise on
+    # near-zero gradients into full-size steps).  So: the two runs differ far less than either moved from the base.
+    keys = list(from_memory)
+    apart = torch.cat([(from_memory[k] - tensors[k]).flatten() for k in keys]).norm()
+    moved = torch.cat([(tensors[k] - base[k]).flatten() for k in keys]).norm()
+    assert moved > 0 and apart < 0.05 * moved, (apart, moved)
+    assert w.model.location == "cuda"
+    assert all(p.dtype == torch.float32 for p in w.model.parameters())  # the WebUI's own weights were not trained
+
+
+@pytest.mark.parametrize(
+    ("dirty", "reason"),
+    [("lora", "a Lora is patched"), ("half", "loaded weights are torch.float16 while the file holds torch.float32")],
+)
+def test_weights_that_differ_from_the_file_are_read_from_disk(webui, make_settings, dirty, reason):
+    w = webui(no_half=dirty != "half")
+    if dirty == "lora":
+        import networks
+
+        assert networks.apply_test_deltas(w.model, limit=3)
+    runner, settings = settings_for(w, make_settings)
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished"
+    log = "\n".join(runner.snapshot().log)
+    assert "already loaded" not in log and reason in log
+
+
+def test_resume_works_under_the_webui_safe_unpickler(webui, make_settings):
+    w = webui()
+    from modules import safe
+
+    runner, settings = settings_for(w, make_settings, max_train_steps=2)
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS)
+    state_dir = Path(settings.output_dir) / "state"
+    safe.install()  # the WebUI replaces torch.load for the whole process; a refused file loads as None
+    try:
+        resumed = dataclasses.replace(settings, max_train_steps=3, resume_from=str(state_dir))
+        runner.start(resumed)
+        assert runner.wait(WAIT_SECONDS)
+    finally:
+        safe.uninstall()
+    snap = runner.snapshot()
+    assert snap.state == "finished", snap.error
+    assert any("resumed" in line for line in snap.log) and [s for s, _ in snap.losses] == [3]
+
+
+class Client:
+    """Requests to an ASGI app in-process (starlette's TestClient does not match every httpx version)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def _send(self, method, url, **kwargs):
+        import asyncio
+
+        import httpx
+
+        async def go():
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(go())
+
+    def get(self, url, **kwargs):
+        return self._send("GET", url, **kwargs)
+
+    def post(self, url, **kwargs):
+        return self._send("POST", url, **kwargs)
+
+
+def test_rest_routes_honour_api_auth(webui, make_settings):
+    from fastapi import FastAPI
+
+    webui(api_auth="alice:secret,bob:pw")
+    import dreambooth.webui as glue
+
+    app = FastAPI()
+    glue.on_app_started(None, app)
+    client = Client(app)
+    assert client.get("/dreambooth/status").status_code == 401
+    assert client.get("/dreambooth/status", auth=("alice", "wrong")).status_code == 401
+    response = client.get("/dreambooth/status", auth=("bob", "pw"))
+    assert response.status_code == 200 and response.json()["state"] == "idle"
+    bad = client.post("/dreambooth/start", json={"resolution": 65}, auth=("alice", "secret"))
+    assert bad.status_code == 422
+    assert any("multiple of 8" in p for p in bad.json()["detail"])
+    assert client.post("/dreambooth/start", json={"no_such_field": 1}, auth=("alice", "secret")).status_code == 422
+    assert client.get("/dreambooth/settings", auth=("alice", "secret")).json() == {"saved": []}
+
+
+def test_rest_start_status_and_cancel(webui, make_settings):
+    from fastapi import FastAPI
+
+    w = webui()
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    client = Client(app)
+    payload = make_settings(pretrained_model_name_or_path=str(w.base), max_train_steps=400).to_dict()
+    started = client.post("/dreambooth/start", json=payload)
+    assert started.status_code == 200, started.text
+    runner = w.glue.runner()
+    assert wait_for(lambda: runner.snapshot().losses)
+    assert client.post("/dreambooth/start", json=payload).status_code == 409  # one job at a time
+    assert client.get("/dreambooth/status").json()["is_running"] is True
+    assert client.post("/dreambooth/cancel").json() == {"cancelled": True}
+    assert runner.wait(WAIT_SECONDS)
+    assert client.get("/dreambooth/status").json()["state"] == "cancelled"
+
+
+def _load_script(extension: Path):
+    """Import scripts/dreambooth_tab.py the way the WebUI does (by file path, under a module name of its own)."""
+    spec = importlib.util.spec_from_file_location("dreambooth_tab_script", extension / "scripts" / "dreambooth_tab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def extension_copy(tmp_path):
+    """The extension as a ZIP download leaves it: a folder with another name."""
+    folder = tmp_path / "sd-webui-dreambooth-main (1)"
+    shutil.copytree(ROOT / "dreambooth", folder / "dreambooth", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "scripts", folder / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    yield folder
+    for name in list(sys.modules):
+        if name.startswith("sd_webui_dreambooth_trainer"):
+            del sys.modules[name]
+
+
+def test_coexists_with_another_extensions_dreambooth_package(webui, extension_copy, monkeypatch):
+    webui()
+    theirs = types.ModuleType("dreambooth")
+    theirs.__path__ = []  # a package of another extension, loaded first
+    theirs.belongs_to = "the other extension"
+    monkeypatch.setitem(sys.modules, "dreambooth", theirs)
+    _load_script(extension_copy)
+    from modules import script_callbacks
+
+    [(blocks, title, _)] = script_callbacks.registered_ui_tabs()[0]()
+    assert title == "DreamBooth"
+    assert sys.modules["dreambooth"] is theirs  # theirs is untouched
+    ours = sys.modules["sd_webui_dreambooth_trainer"]
+    assert Path(ours.__file__).parent == extension_copy / "dreambooth"
+    assert not any("could not start" in str(getattr(b, "value", "")) for b in blocks.blocks.values())
+
+
+def test_a_package_that_cannot_load_still_shows_a_tab_that_says_why(webui, extension_copy):
+    webui()
+    (extension_copy / "dreambooth" / "__init__.py").write_text("import a_missing_dependency_xyz\n")
+    _load_script(extension_copy)
+    from modules import script_callbacks
+
+    [(blocks, title, _)] = script_callbacks.registered_ui_tabs()[0]()
+    texts = " ".join(str(getattr(b, "value", "")) for b in blocks.blocks.values())
+    assert title == "DreamBooth" and "a_missing_dependency_xyz" in texts and "could not start" in texts
+
+
+def test_the_job_thread_never_blocks_the_callers_thread(webui, make_settings):
+    """Train returns at once: the UI thread only starts the job (the WebUI's request handler is never held)."""
+    w = webui()
+    runner, settings = settings_for(w, make_settings, max_train_steps=400)
+    started = time.monotonic()
+    runner.start(settings)
+    assert time.monotonic() - started < 2.0
+    assert threading.current_thread() is not runner._thread
+    assert wait_for(lambda: runner.snapshot().losses)
+    runner.cancel()
+    assert runner.wait(WAIT_SECONDS)
