@@ -231,6 +231,13 @@ class Host:
         notes.extend(note for name, note in OPTIONAL_PACKAGES.items() if importlib.util.find_spec(name) is None)
         return notes
 
+    def saved_states(self) -> list[str]:
+        """Resumable training states of earlier jobs (``runs/NAME/state``), newest first."""
+        if not self.runs_dir.is_dir():
+            return []
+        states = [p.parent for p in self.runs_dir.glob("*/state/state.json")]
+        return [str(p) for p in sorted(states, key=lambda p: p.stat().st_mtime, reverse=True)]
+
     # ----------------------------------------------------------------------------------------- saved settings
 
     def saved_settings(self) -> list[str]:

@@ -128,6 +128,55 @@ class Settings:
         "[PX][P]", "How the caption combines with the prompt: [PX] the prompt, [P] the caption.", "basics"
     )
 
+    # --- aspect-ratio buckets and augmentation
+    use_aspect_ratio_bucket: bool = setting(
+        False,
+        "Train each image at the bucket (about resolution² pixels) closest to its aspect ratio, not a square crop.",
+        "dataset",
+    )
+    aspect_buckets: str = setting(
+        "", "Custom bucket list, e.g. '512x512 576x448 448x576' (empty: generated from the sides below).", "dataset"
+    )
+    bucket_min_side: int | None = setting(
+        None, "Smallest generated bucket side in px, a multiple of 64 (empty: resolution / 2).", "dataset", minimum=64
+    )
+    bucket_max_side: int | None = setting(
+        None, "Largest generated bucket side in px, a multiple of 64 (empty: resolution x 2).", "dataset", minimum=64
+    )
+    debug_arb: bool = setting(
+        False, "Log every image's bucket and the counts, and save them to output_dir/buckets.json.", "dataset"
+    )
+    augment_probability: float = setting(
+        0.5,
+        "Chance that each augmentation below is applied to an augmented variant.",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    augment_rotation: float = setting(
+        0.0, "Rotate by up to this many degrees either way (0: off).", "dataset", minimum=0.0, maximum=30.0
+    )
+    augment_brightness: float = setting(
+        0.0, "Brightness jitter: a factor in 1 ± this (0: off).", "dataset", minimum=0.0, maximum=1.0
+    )
+    augment_contrast: float = setting(
+        0.0, "Contrast jitter: a factor in 1 ± this (0: off).", "dataset", minimum=0.0, maximum=1.0
+    )
+    augment_random_crop: float = setting(
+        0.0,
+        "Random crop: keep a random window of (1 - this) to 1 of each side (0: off).",
+        "dataset",
+        minimum=0.0,
+        maximum=0.5,
+    )
+    augment_variants: int = setting(
+        4,
+        "Augmented variants of each image when latents are cached (each encoded once); uncached: new each epoch.",
+        "dataset",
+        minimum=1,
+        maximum=64,
+    )
+
     # --- prior preservation
     with_prior_preservation: bool = setting(
         False, "Train on class images too, so the class keeps its look (prior preservation).", "prior"
@@ -254,6 +303,12 @@ class Settings:
     logging_dir: str = setting("logs", "Log folder (relative paths are inside output_dir).", "logging")
 
     # ------------------------------------------------------------------------------------------------ derived
+
+    @property
+    def has_augmentation(self) -> bool:
+        return bool(
+            self.augment_rotation or self.augment_brightness or self.augment_contrast or self.augment_random_crop
+        )
 
     @property
     def has_prior_preservation(self) -> bool:

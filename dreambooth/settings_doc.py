@@ -10,6 +10,7 @@ from .settings import Concept, Settings
 TITLES = {
     "model": "Model and output",
     "basics": "Basics and data",
+    "dataset": "Aspect-ratio buckets and augmentation",
     "prior": "Prior preservation",
     "optimizer": "Learning rate and optimiser",
     "memory": "Memory and speed",

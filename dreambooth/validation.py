@@ -31,6 +31,16 @@ def _bounds(settings: Settings) -> list[str]:
     return problems
 
 
+def _bucket_problems(s: Settings) -> list[str]:
+    from .data.buckets import resolve_buckets
+
+    try:
+        resolve_buckets(s)
+    except ValueError as error:
+        return [f"aspect-ratio buckets: {error}"]
+    return []
+
+
 def count_images(folder: str) -> int:
     from .data.images import list_images
 
@@ -44,6 +54,8 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
         problems.append(f"resolution is {s.resolution}; it must be a multiple of 8 (e.g. {s.resolution // 8 * 8})")
     if s.use_txt_as_label and s.use_filename_as_label:
         problems.append("use_txt_as_label and use_filename_as_label cannot both be on: choose one caption source")
+    if s.use_aspect_ratio_bucket:
+        problems.extend(_bucket_problems(s))
     if not s.concepts:
         problems.append("no concept: add at least one concept with an instance folder and an instance prompt")
     if not s.output_dir:

@@ -112,6 +112,26 @@ def count(folder, expected):
 ROWS = {
     "pretrained_vae_name_or_path": None,  # its own test below
     "pretrained_model_name_or_path": None,
+    # aspect-ratio buckets need images of several shapes: tests/test_buckets.py shows each field's effect
+    "use_aspect_ratio_bucket": None,
+    "aspect_buckets": None,
+    "bucket_min_side": None,
+    "bucket_max_side": None,
+    "debug_arb": None,
+    "augment_rotation": ({}, {"augment_rotation": 20.0, "augment_probability": 1.0}, differs("unet")),
+    "augment_brightness": ({}, {"augment_brightness": 0.5, "augment_probability": 1.0}, differs("unet")),
+    "augment_contrast": ({}, {"augment_contrast": 0.5, "augment_probability": 1.0}, differs("unet")),
+    "augment_random_crop": ({}, {"augment_random_crop": 0.4, "augment_probability": 1.0}, differs("unet")),
+    "augment_probability": (
+        {"augment_rotation": 20.0, "augment_probability": 0.0},
+        {"augment_rotation": 20.0, "augment_probability": 1.0},
+        differs("unet"),
+    ),
+    "augment_variants": (
+        {"augment_rotation": 20.0, "augment_probability": 1.0, "augment_variants": 1, "max_train_steps": 4},
+        {"augment_rotation": 20.0, "augment_probability": 1.0, "augment_variants": 3, "max_train_steps": 4},
+        differs("unet"),
+    ),
     "output_dir": ({}, {}, lambda b, v: (v.out / "dreambooth_2.safetensors").is_file()),
     "model_name": ({}, {"model_name": "zwx"}, lambda b, v: (v.out / "zwx_2.safetensors").is_file()),
     "checkpoint_dir": (

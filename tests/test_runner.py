@@ -94,6 +94,7 @@ def test_cancel_stops_the_job_and_leaves_a_resumable_state(host, make_settings):
     assert snap.state == "cancelled" and snap.progress.step < 200
     state_dir = Path(host.run_dir("dreambooth")) / "state"
     assert (state_dir / "state.json").is_file()
+    assert host.saved_states() == [str(state_dir)]  # offered in the tab's resume list
 
 
 def test_save_now_and_sample_now_reach_the_trainer(host, make_settings):
@@ -175,6 +176,21 @@ def test_settings_are_saved_per_model_and_the_last_used_come_back(host, make_set
     assert Host(host.models_dir, allowed_roots=[]).last_used() == settings  # a new process finds them
     (host.data_dir / "last_used.json").write_text("{broken")
     assert host.last_used() is None  # a broken file never stops the tab from opening
+
+
+def test_a_missing_required_package_and_a_too_new_diffusers_are_named_with_the_fix(host, monkeypatch):
+    import importlib.util
+    from importlib import metadata
+
+    real_spec, real_version = importlib.util.find_spec, metadata.version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "yaml" else real_spec(n, *a))
+    versions = {"diffusers": "0.35.2", "transformers": "4.30.2"}
+    monkeypatch.setattr(metadata, "version", lambda n: versions.get(n) or real_version(n))
+    notes = host.environment_notes()
+    assert any("PyYAML is missing" in n and "pip install" in n for n in notes)
+    assert any("diffusers is too new" in n and "diffusers>=0.29,<0.32" in n for n in notes)
+    versions["diffusers"] = "0.31.0"
+    assert not any("too new" in n for n in host.environment_notes())
 
 
 def test_missing_optional_packages_are_reported_not_fatal(host, monkeypatch):

@@ -187,12 +187,28 @@ def test_dataset_check_counts_images_and_names_bad_files(tab, tmp_path):
     draw_subject(folder, count=2)
     (folder / "broken.png").write_bytes(b"not an image")
     concepts = [Concept(instance_data_dir=str(folder), instance_prompt="photo of ohwx ring").__dict__]
-    report, thumbnails = tab.check_dataset(concepts, "1", 64, *tab._editor_values(concepts[0]))
-    assert "3 image(s)" in report and "broken.png" in report
+    report, thumbnails = tab.check_dataset(concepts, "1", 64, False, "", None, None, *tab._editor_values(concepts[0]))
+    assert "3 image(s)" in report and "broken.png" in report and "| bucket |" not in report
     assert len(thumbnails) == 2 and all("broken" not in t for t in thumbnails)
     outside = [Concept(instance_data_dir="/etc", instance_prompt="x").__dict__]
-    report, thumbnails = tab.check_dataset(outside, "1", 64, *tab._editor_values(outside[0]))
+    report, thumbnails = tab.check_dataset(outside, "1", 64, False, "", None, None, *tab._editor_values(outside[0]))
     assert "outside the folders" in report and thumbnails == []
+
+
+def test_dataset_check_shows_the_bucket_table(tab, tmp_path):
+    from conftest import draw_subject
+
+    folder = tmp_path / "shapes"
+    draw_subject(folder / "wide", count=2, size=(192, 64))
+    draw_subject(folder / "square", count=1, size=(96, 96))
+    concepts = [Concept(instance_data_dir=str(folder), instance_prompt="photo of ohwx ring").__dict__]
+    editor = tab._editor_values(concepts[0])
+    report, _ = tab.check_dataset(concepts, "1", 128, True, "", None, None, *editor)
+    assert "| 192x64 | 2 |" in report and "| 128x128 | 1 |" in report
+    report, _ = tab.check_dataset(concepts, "1", 128, True, "128x128", None, None, *editor)
+    assert "| 128x128 | 3 |" in report
+    report, _ = tab.check_dataset(concepts, "1", 128, True, "100x100", None, None, *editor)
+    assert "multiples of 8" in report
 
 
 def test_token_preview_warns_about_a_poor_identifier(tab):

@@ -17,17 +17,29 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .augment import Augmentation
 from .dataset import mix_seed
 from .images import image_content_hash, load_image, resize_and_crop
 
 
-def pixels(path: Path, resolution: int, center_crop: bool, flip: bool, crop_seed: int) -> Any:
-    """A (3, H, W) float tensor in [-1, 1]."""
+def pixels(
+    path: Path,
+    size: int | tuple[int, int],
+    center_crop: bool,
+    flip: bool,
+    crop_seed: int,
+    augmentation: Augmentation | None = None,
+    augment_seed: int = 0,
+) -> Any:
+    """A (3, H, W) float tensor in [-1, 1]; ``size`` is a square side or a (width, height) bucket."""
     import numpy as np
     import torch
     from PIL import Image
 
-    image = resize_and_crop(load_image(path), resolution, center_crop=center_crop, rng=random.Random(crop_seed))
+    image = load_image(path)
+    if augmentation is not None:
+        image = augmentation.apply(image, augment_seed)
+    image = resize_and_crop(image, size, center_crop=center_crop, rng=random.Random(crop_seed))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -79,7 +91,9 @@ class LatentCache:
         center_crop: bool,
         seed: int,
         cache_dir: Path | None,
+        augmentation: Augmentation | None = None,
     ):
+        self.augmentation = augmentation
         self.contents = contents
         self.vae = vae
         self.resolution = resolution
@@ -93,26 +107,37 @@ class LatentCache:
         """Keyed by the image's content, so moving or renaming the dataset keeps the crops."""
         return mix_seed(self.seed, "crop", self.contents.get(path))
 
-    def key(self, path: Path, flip: bool) -> str:
+    def augment_seed(self, path: Path, variant: int) -> int:
+        return mix_seed(self.seed, "augment", self.contents.get(path), variant)
+
+    def key(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> str:
         crop = "center" if self.center_crop else f"random{self.crop_seed(path)}"
-        text = f"{self.contents.get(path)}|{self.resolution}|{crop}|{int(flip)}|{self.vae_id}"
+        shape = f"{size[0]}x{size[1]}" if size else str(self.resolution)
+        text = f"{self.contents.get(path)}|{shape}|{crop}|{int(flip)}|{self.vae_id}"
+        if self.augmentation is not None:
+            text += f"|{self.augmentation.key()}|{variant}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def get(self, path: Path, flip: bool) -> tuple[Any, Any]:
-        """(mean, std) of the latent distribution, on the CPU."""
-        key = self.key(path, flip)
+    def get(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> tuple[Any, Any]:
+        """(mean, std) of the latent distribution, on the CPU; ``size`` a bucket (else the square resolution)."""
+        key = self.key(path, flip, size, variant)
         if key in self.memory:
             return self.memory[key]
         entry = self._read_disk(key)
         if entry is None:
-            entry = self._encode(path, flip)
+            image = pixels(
+                path,
+                size or self.resolution,
+                self.center_crop,
+                flip,
+                self.crop_seed(path),
+                self.augmentation,
+                self.augment_seed(path, variant),
+            )
+            entry = latent_distribution(self.vae, image)
             self._write_disk(key, entry)
         self.memory[key] = entry
         return entry
-
-    def _encode(self, path: Path, flip: bool) -> tuple[Any, Any]:
-        image = pixels(path, self.resolution, self.center_crop, flip, self.crop_seed(path))
-        return latent_distribution(self.vae, image)
 
     def _read_disk(self, key: str) -> tuple[Any, Any] | None:
         if self.cache_dir is None:

@@ -9,11 +9,13 @@ so a resumed run (or several processes, each taking its share of a batch) sees e
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .captions import image_caption, render_prompt
 from .images import list_images
@@ -126,3 +128,65 @@ class SamplePlan:
 
     def epoch_of_batch(self, batch_index: int, batch_size: int) -> int:
         return (batch_index * batch_size) // self.epoch_length
+
+    def batches_per_epoch(self, batch_size: int) -> Fraction:
+        """Batches in an epoch (a fraction: batches run on across epoch ends)."""
+        return Fraction(self.epoch_length, batch_size)
+
+
+class BucketPlan(SamplePlan):
+    """Aspect-ratio bucketing: batches never mix buckets.
+
+    Each epoch's samples (balanced and paired exactly as in :class:`SamplePlan`) are grouped by the bucket of their
+    instance image, cut into batches of ``batch_size`` (a bucket's last batch may be smaller), and the batches are
+    shuffled from (seed, epoch).  A sample keeps the index of its place in the epoch, so its noise, timestep and flip
+    do not depend on the grouping.  A class image brings its own bucket: the loss runs it in its own forward pass
+    when its shape differs, and the instance / prior split stays by mask.
+    """
+
+    def __init__(
+        self,
+        instances: list[list[Example]],
+        classes: list[list[Example]] | None,
+        seed: int,
+        hflip: bool,
+        bucket_of: dict[Path, Any],
+        batch_size: int,
+    ):
+        super().__init__(instances, classes, seed, hflip)
+        self.bucket_of = bucket_of
+        self.batch_size = batch_size
+        self._starts = [0]  # first batch index of each epoch computed so far
+        self._batches: dict[int, list[list[int]]] = {}
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            if len(self._batches) > 2:
+                self._batches.clear()
+            groups: dict[Any, list[int]] = {}
+            for position, (instance, _) in enumerate(self._epoch(epoch)):
+                groups.setdefault(self.bucket_of[instance.path], []).append(position)
+            size = self.batch_size
+            batches = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+            random.Random(mix_seed(self.seed, "batches", epoch)).shuffle(batches)
+            self._batches[epoch] = batches
+        return self._batches[epoch]
+
+    def _locate(self, batch_index: int) -> tuple[int, int]:
+        while self._starts[-1] <= batch_index:
+            epoch = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self._epoch_batches(epoch)))
+        epoch = bisect.bisect_right(self._starts, batch_index) - 1
+        return epoch, batch_index - self._starts[epoch]
+
+    def batch(self, batch_index: int, batch_size: int) -> list[Sample]:
+        if batch_size != self.batch_size:
+            raise ValueError(f"this plan was made for batches of {self.batch_size}, not {batch_size}")
+        epoch, position = self._locate(batch_index)
+        return [self.sample(epoch * self.epoch_length + p) for p in self._epoch_batches(epoch)[position]]
+
+    def epoch_of_batch(self, batch_index: int, batch_size: int) -> int:
+        return self._locate(batch_index)[0]
+
+    def batches_per_epoch(self, batch_size: int) -> Fraction:
+        return Fraction(len(self._epoch_batches(0)))

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.augment import Augmentation
 from ..data.cache import ContentHashes
-from ..data.dataset import Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
+from ..data.dataset import BucketPlan, Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
 from ..errors import DreamBoothError
 from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
-from .loss import dreambooth_loss, training_target
+from .loss import combine_losses, sample_losses, training_target
 from .sampling import encode_prompts, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
@@ -64,11 +66,11 @@ def peak_memory_gib(device: Any) -> float:
 
 
 def total_steps_for(settings: Settings, plan: SamplePlan, instance_count: int) -> int:
-    per_step = settings.train_batch_size * settings.gradient_accumulation_steps
     if settings.max_train_steps:
         return settings.max_train_steps
     if settings.num_train_epochs:
-        return max(1, math.ceil(settings.num_train_epochs * plan.epoch_length / per_step))
+        batches = plan.batches_per_epoch(settings.train_batch_size)
+        return max(1, math.ceil(settings.num_train_epochs * batches / settings.gradient_accumulation_steps))
     return max(1, STEPS_PER_INSTANCE_IMAGE * instance_count)
 
 
@@ -100,6 +102,8 @@ class Trainer:
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.bucket_of: dict[Path, Any] = {}
+        self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
         self.timings = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
 
@@ -175,6 +179,8 @@ class Trainer:
         if problems:
             lines = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
             raise DreamBoothError(f"{len(problems)} image(s) cannot be used; fix or remove them:\n{lines}")
+        if s.use_aspect_ratio_bucket:
+            self._assign_buckets(paths)
         for index, group in enumerate(instances):
             if not group:
                 raise DreamBoothError(
@@ -189,6 +195,38 @@ class Trainer:
                     )
         return instances, classes
 
+    def _assign_buckets(self, paths: list[Path]) -> None:
+        import json
+
+        from ..data.buckets import assign_buckets, bucket_report, resolve_buckets
+
+        s = self.settings
+        self.bucket_of = assign_buckets(paths, resolve_buckets(s))
+        report = bucket_report(self.bucket_of)
+        self.log("aspect-ratio buckets: " + ", ".join(f"{b} x{n}" for b, n in report["counts"].items()))
+        if s.debug_arb:
+            for path, bucket in report["images"].items():
+                self.log(f"bucket {bucket}: {path}")
+            from ..models.files import atomic_path
+
+            with atomic_path(Path(s.output_dir) / "buckets.json") as temp:
+                temp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+    def _size(self, example: Example) -> tuple[int, int] | None:
+        """The training size of an example: its bucket with ARB, else None (the square resolution)."""
+        bucket = self.bucket_of.get(example.path)
+        return None if bucket is None else (bucket.width, bucket.height)
+
+    def _variant(self, sample_index: int) -> int:
+        """Which cached augmentation variant a sample uses (uncached: every sample its own)."""
+        if self.augmentation is None:
+            return 0
+        if self.latent_cache is None:
+            return sample_index
+        return random.Random(mix_seed(self.settings.seed, "variant", sample_index)).randrange(
+            self.settings.augment_variants
+        )
+
     # ------------------------------------------------------------------------------------------------ steps
 
     def _latent(self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int) -> Any:
@@ -197,11 +235,16 @@ class Trainer:
         from ..data.cache import latent_distribution, pixels
 
         components, s = self.components, self.settings
+        size, variant = self._size(example), self._variant(sample_index)
         if self.latent_cache is not None:
-            mean, std = self.latent_cache.get(example.path, flip)
-        else:  # no cache: a new crop each epoch, the VAE every step
-            crop_seed = mix_seed(s.seed, "crop", self.contents.get(example.path), epoch)
-            image = pixels(example.path, s.resolution, s.center_crop, flip, crop_seed)
+            mean, std = self.latent_cache.get(example.path, flip, size, variant)
+        else:  # no cache: a new crop (and augmentation) each time, the VAE every step
+            content = self.contents.get(example.path)
+            crop_seed = mix_seed(s.seed, "crop", content, epoch)
+            augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
+            image = pixels(
+                example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
+            )
             mean, std = latent_distribution(components.vae, image)
         sample = mean + std * torch.randn(mean.shape, generator=generator)
         return sample * components.vae.config.scaling_factor
@@ -241,17 +284,24 @@ class Trainer:
                 timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
                 prompts.append(example.prompt)
                 is_prior.append(role == "prior")
-        latents = torch.stack(latents).to(device)
-        noise = torch.stack(noise).to(device)
-        timesteps = torch.cat(timesteps).to(device)
-        is_prior = torch.tensor(is_prior, device=device)
         self.timings["data"] += time.perf_counter() - started
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        with autocast:
-            hidden = self._text(prompts, train_text).to(device)
-            prediction = components.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-        target = training_target(scheduler, latents, noise, timesteps)
-        return dreambooth_loss(prediction, target, is_prior, s.prior_loss_weight)
+        # One forward pass per latent shape (with buckets, a class image may have another shape than its instance).
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for index, latent in enumerate(latents):
+            shapes.setdefault(tuple(latent.shape), []).append(index)
+        per_sample = torch.empty(len(latents), device=device)
+        for indices in shapes.values():
+            group_latents = torch.stack([latents[i] for i in indices]).to(device)
+            group_noise = torch.stack([noise[i] for i in indices]).to(device)
+            group_steps = torch.cat([timesteps[i] for i in indices]).to(device)
+            noisy = scheduler.add_noise(group_latents, group_noise, group_steps)
+            with autocast:
+                hidden = self._text([prompts[i] for i in indices], train_text).to(device)
+                prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
+            target = training_target(scheduler, group_latents, group_noise, group_steps)
+            where = (torch.tensor(indices, device=device),)
+            per_sample = per_sample.index_put(where, sample_losses(prediction, target))
+        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight)
 
     # ------------------------------------------------------------------------------------------------ outputs
 
@@ -372,20 +422,31 @@ class Trainer:
         if s.has_prior_preservation:
             self._class_images(components)
         instances, classes = self._examples()
-        plan = SamplePlan(instances, classes, s.seed, s.hflip)
+        if s.use_aspect_ratio_bucket:
+            plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, s.train_batch_size)
+        else:
+            plan = SamplePlan(instances, classes, s.seed, s.hflip)
         instance_count = sum(len(g) for g in instances)
         total = total_steps_for(s, plan, instance_count)
         result = TrainResult(step=0, total_steps=total, cancelled=False)
 
         if s.cache_latents:
             self.latent_cache = LatentCache(
-                self.contents, components.vae, s.resolution, s.center_crop, s.seed, out / "cache" / "latents"
+                self.contents,
+                components.vae,
+                s.resolution,
+                s.center_crop,
+                s.seed,
+                out / "cache" / "latents",
+                self.augmentation,
             )
-            variants = (False, True) if s.hflip else (False,)
+            flips = (False, True) if s.hflip else (False,)
+            variants = range(s.augment_variants) if self.augmentation else range(1)
             examples = [e for group in instances + (classes or []) for e in group]
             for number, example in enumerate(examples, start=1):
-                for flip in variants:
-                    self.latent_cache.get(example.path, flip)
+                for flip in flips:
+                    for variant in variants:
+                        self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
             if s.low_memory and device.type == "cuda":
                 components.vae.to("cpu")  # not needed again until a sample is made

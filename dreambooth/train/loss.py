@@ -20,17 +20,26 @@ def training_target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) ->
     raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
 
 
-def dreambooth_loss(prediction: Any, target: Any, is_prior: Any, prior_loss_weight: float) -> tuple[Any, Any, Any]:
-    """(total, instance, prior) mean-squared errors; ``is_prior`` is a bool tensor with one entry per sample.
+def sample_losses(prediction: Any, target: Any) -> Any:
+    """Mean squared error of each sample (one value per batch entry), in fp32 whatever the prediction dtype."""
+    return ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
 
-    ``prior`` is ``None`` when the batch has no class image.  Computed in fp32 whatever the prediction dtype.
+
+def combine_losses(per_sample: Any, is_prior: Any, prior_loss_weight: float) -> tuple[Any, Any, Any]:
+    """(total, instance, prior) from per-sample losses; ``is_prior`` is a bool tensor with one entry per sample.
+
+    ``prior`` is ``None`` when the batch has no class image.
     """
     import torch
 
-    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
     is_prior = is_prior.to(per_sample.device, torch.bool)
     instance = per_sample[~is_prior].mean()
     if not bool(is_prior.any()):
         return instance, instance, None
     prior = per_sample[is_prior].mean()
     return instance + prior_loss_weight * prior, instance, prior
+
+
+def dreambooth_loss(prediction: Any, target: Any, is_prior: Any, prior_loss_weight: float) -> tuple[Any, Any, Any]:
+    """(total, instance, prior) mean-squared errors of one batch: :func:`sample_losses` then :func:`combine_losses`."""
+    return combine_losses(sample_losses(prediction, target), is_prior, prior_loss_weight)

@@ -29,6 +29,17 @@ DATASET_FIELDS = (
     "use_txt_as_label",
     "use_filename_as_label",
     "caption_template",
+    "use_aspect_ratio_bucket",
+    "aspect_buckets",
+    "bucket_min_side",
+    "bucket_max_side",
+    "debug_arb",
+    "augment_probability",
+    "augment_rotation",
+    "augment_brightness",
+    "augment_contrast",
+    "augment_random_crop",
+    "augment_variants",
 )
 PARAMETER_GROUPS = (
     ("basics", "Basics"),

@@ -167,9 +167,13 @@ class Tab:
         except (DreamBoothError, OSError) as error:
             return f"**Cannot read this model:** {error}"
 
-    def refresh_models(self, current: str) -> Any:
+    def refresh_models(self, current: str, resume: str) -> tuple[Any, Any]:
+        """Re-read the checkpoint list and the resumable training states."""
         self.host.refresh_checkpoints()
-        return gr.update(choices=[c.path for c in self.host.list_checkpoints()], value=current)
+        return (
+            gr.update(choices=[c.path for c in self.host.list_checkpoints()], value=current),
+            gr.update(choices=["", *self.host.saved_states()], value=resume),
+        )
 
     # concept editor
     def select_concept(self, concepts: list[dict[str, Any]], index: str) -> list[Any]:
@@ -224,14 +228,26 @@ class Tab:
 
         return identifier_report(instance_prompt or "", class_prompt or "")
 
-    def check_dataset(self, concepts: list[dict[str, Any]], index: str, resolution: Any, *edited: Any) -> tuple:
-        """Per concept: image count and unusable files; thumbnails of the selected concept."""
+    def check_dataset(
+        self,
+        concepts: list[dict[str, Any]],
+        index: str,
+        resolution: Any,
+        use_buckets: bool,
+        bucket_list: str,
+        min_side: Any,
+        max_side: Any,
+        *edited: Any,
+    ) -> tuple:
+        """Per concept: image count and unusable files; thumbnails of the selected concept; with aspect-ratio
+        buckets on, how many images go to each bucket."""
+        from ..data.buckets import oriented_size
         from ..data.images import check_images, list_images
         from ..host import is_within
 
         concepts = self.store_concept(concepts, index, self._edited(edited))
         roots = [*self.host.allowed_roots, self.host.data_dir, self.host.checkpoint_dir.resolve()]
-        reports, thumbnails = [], []
+        reports, thumbnails, usable = [], [], []
         minimum = int(resolution or 0)
         for number, concept in enumerate(concepts, start=1):
             folder = concept.get("instance_data_dir") or ""
@@ -245,12 +261,35 @@ class Tab:
             except DreamBoothError as error:
                 reports.append((number, folder, 0, [(Path(folder), str(error))]))
                 continue
-            problems = [(p.path, p.reason) for p in check_images(paths, min_size=minimum)]
+            problems = [(p.path, p.reason) for p in check_images(paths)]
+            bad = {p for p, _ in problems}
+            for path in paths:  # usable, but upscaled: worth knowing, not an error
+                if path not in bad and min(oriented_size(path)) < minimum:
+                    width, height = oriented_size(path)
+                    problems.append((path, f"small ({width}x{height}): it is upscaled to reach {minimum} px"))
             reports.append((number, folder, len(paths), problems))
+            usable.extend(p for p in paths if p not in bad)
             if number == int(index or 1):
-                bad = {p for p, _ in problems}
                 thumbnails = [str(p) for p in paths if p not in bad][:MAX_THUMBNAILS]
-        return dataset_markdown(reports), thumbnails
+        text = dataset_markdown(reports)
+        if use_buckets and usable:
+            text += "\n\n" + self._bucket_table(usable, resolution, bucket_list, min_side, max_side)
+        return text, thumbnails
+
+    @staticmethod
+    def _bucket_table(paths: list[Path], resolution: Any, bucket_list: str, min_side: Any, max_side: Any) -> str:
+        from ..data.buckets import assign_buckets, bucket_report, generate_buckets, parse_buckets
+
+        try:
+            if (bucket_list or "").strip():
+                buckets = parse_buckets(bucket_list)
+            else:
+                buckets = generate_buckets(int(resolution), int(min_side or 0) or None, int(max_side or 0) or None)
+        except ValueError as error:
+            return f"**Aspect-ratio buckets:** {error}"
+        counts = bucket_report(assign_buckets(paths, buckets))["counts"]
+        rows = "\n".join(f"| {bucket} | {count} |" for bucket, count in counts.items())
+        return f"| bucket | images |\n|---|---|\n{rows}"
 
     @staticmethod
     def low_memory_preset() -> list[Any]:
@@ -340,9 +379,19 @@ class Tab:
             form = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
             fill = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
             blocks.load(self.initial, None, [*fill, self.model_controls["settings_message"]])
+            bucket_inputs = [
+                self.widgets[name]
+                for name in (
+                    "resolution",
+                    "use_aspect_ratio_bucket",
+                    "aspect_buckets",
+                    "bucket_min_side",
+                    "bucket_max_side",
+                )
+            ]
             check.click(
                 self.check_dataset,
-                [concepts_state, concept_index, self.widgets["resolution"], *editor],
+                [concepts_state, concept_index, *bucket_inputs, *editor],
                 [dataset_report, thumbnails],
             )
             preset.click(self.low_memory_preset, None, [self.widgets[n] for n in PRESET_FIELDS])
@@ -383,7 +432,16 @@ class Tab:
             refresh = gr.Button("Refresh", elem_id="db_refresh_models", scale=1)
         architecture = gr.Markdown(elem_id="db_architecture")
         for spec in specs:
-            if spec.name != "pretrained_model_name_or_path":
+            if spec.name == "resume_from":
+                self.widgets[spec.name] = gr.Dropdown(
+                    choices=["", *self.host.saved_states()],
+                    value="",
+                    allow_custom_value=True,
+                    label=spec.label,
+                    info=spec.help,
+                    elem_id=spec.elem_id,
+                )
+            elif spec.name != "pretrained_model_name_or_path":
                 self.widgets[spec.name] = _widget(spec)
         gr.Markdown(
             f"Checkpoints are written to `{self.host.checkpoint_dir}`; samples, logs and the training state to "
@@ -397,7 +455,8 @@ class Tab:
             controls["load"] = gr.Button("Load settings", elem_id="db_load_settings", scale=1)
             controls["save"] = gr.Button("Save settings", elem_id="db_save_settings", scale=1)
         controls["settings_message"] = gr.Markdown(elem_id="db_settings_message")
-        refresh.click(self.refresh_models, model, model)
+        resume = self.widgets["resume_from"]
+        refresh.click(self.refresh_models, [model, resume], [model, resume])
         model.change(self.describe_model, model, architecture)
         self.model_controls = controls
 
