@@ -15,11 +15,14 @@ from typing import Any
 
 BYTE_TOKENS = 512  # 256 byte tokens and 256 end-of-word byte tokens come before the merges
 COMMON_RANK = 10_000  # merges ranked below this are everyday words and word pieces
+RARE_RANK = 30_000  # merges ranked above this are rare strings
 KNOWN_MEANINGS = {
     "sks": "the SKS rifle (the guide's example: samples of 'sks' drift towards guns)",
     "ohwx": "a popular identifier: many shared models already use it",
+    "fck": "a swear word's abbreviation",
 }
 _WORD = re.compile(r"\[[^\]]*\]|[\w'-]+")
+_CANDIDATE = re.compile(r"[a-z]{3,5}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,21 @@ def identifier_words(instance_prompt: str, class_prompt: str = "", tokenizer: An
     return [w for w in split_words(instance_prompt, tokenizer) if w.word.lower() not in class_words]
 
 
+def rare_candidates(count: int = 12, tokenizer: Any = None) -> list[str]:
+    """Rare single-token identifiers: whole-word tokens of 3-5 letters from the rarest merges, without a vowel (so
+    they read as no English word: ``nlwx``, ``shld``), and none with a known meaning.  Offline there is no
+    dictionary: rarity is the BPE merge rank, and a candidate may still be some acronym: check its samples."""
+    vocabulary = _tokenizer(tokenizer).get_vocab()
+    found = []
+    for token, token_id in vocabulary.items():
+        word = token.removesuffix("</w>")
+        if token == word or not _CANDIDATE.fullmatch(word) or word in KNOWN_MEANINGS:
+            continue
+        if token_id - BYTE_TOKENS >= RARE_RANK and not any(c in "aeiou" for c in word):
+            found.append((-token_id, word))
+    return [word for _, word in sorted(found)[:count]]
+
+
 def identifier_report(instance_prompt: str, class_prompt: str = "", tokenizer: Any = None) -> str:
     """A short text for the tab: the identifier's tokens and any warning."""
     if not instance_prompt.strip():
@@ -89,7 +107,12 @@ def identifier_report(instance_prompt: str, class_prompt: str = "", tokenizer: A
         return "The instance prompt has no word that the class prompt lacks: add a rare identifier."
     total = sum(len(w.ids) for w in split_words(instance_prompt, tokenizer))
     lines = [f"{total} CLIP tokens in the prompt (77 at most, 75 usable)."]
+    warned = False
     for w in words:
         lines.append(f"- `{w.word}` -> {', '.join(f'{t} ({i})' for t, i in zip(w.tokens, w.ids))}")
-        lines.extend(f"  - warning: {text}" for text in w.warnings())
+        warnings = w.warnings()
+        warned = warned or bool(warnings)
+        lines.extend(f"  - warning: {text}" for text in warnings)
+    if warned:
+        lines.append("Rare single-token identifiers to choose from: " + ", ".join(rare_candidates(8, tokenizer)))
     return "\n".join(lines)
