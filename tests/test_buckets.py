@@ -249,3 +249,36 @@ def test_cached_augmentation_encodes_each_variant_once(make_settings, monkeypatc
     settings = make_settings(augment_rotation=10.0, augment_probability=1.0, augment_variants=3, max_train_steps=6)
     Trainer(settings).run()
     assert len(calls) == 3 * 3  # three images, three variants each, whatever the steps
+
+
+def test_resume_with_buckets_and_augmentation_is_exact(make_settings, shapes_folder, tmp_path):
+    from dreambooth.events import Callbacks, Commands
+
+    common = {
+        "concept": {"instance_data_dir": str(shapes_folder)},
+        "resolution": 128,
+        "use_aspect_ratio_bucket": True,
+        "train_batch_size": 2,
+        "max_train_steps": 6,
+        "hflip": True,
+        "augment_rotation": 10.0,
+        "augment_variants": 2,
+    }
+    straight = Trainer(make_settings(output_dir=str(tmp_path / "straight"), **common))
+    straight.run()
+
+    class CancelAtThree(Callbacks):
+        def on_progress(self, progress):
+            if progress.phase == "training" and progress.step == 3:
+                commands.cancel()
+
+    commands = Commands()
+    split = make_settings(output_dir=str(tmp_path / "split"), **common)
+    interrupted = Trainer(split, callbacks=CancelAtThree(), commands=commands).run()
+    assert interrupted.cancelled and interrupted.step == 3
+    resumed = Trainer(
+        make_settings(output_dir=str(tmp_path / "split"), resume_from=str(interrupted.state_dir), **common)
+    )
+    assert resumed.run().step == 6
+    a, b = straight.components.unet.state_dict(), resumed.components.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
