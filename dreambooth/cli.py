@@ -8,6 +8,8 @@ Commands:
   bench             seconds per step and memory: our default vs the naive configuration vs the floor
   ui                the DreamBooth tab as its own web app on 127.0.0.1 (needs gradio 3.41)
   tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
+  prepare SRC DST   crop and scale a folder of images to training size (square or aspect buckets), with a report
+  caption FOLDER    write IMAGE.txt captions beside a folder's images with a local BLIP model (never downloads)
 """
 
 from __future__ import annotations
@@ -164,6 +166,88 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import load_focal_points, parse_colour, prepare_folder
+
+    crop = args.crop or ("focal" if args.focal_file else "center")
+    if args.focal_file and crop != "focal":
+        raise DreamBoothError(f"--focal-file {args.focal_file}: focal points are used only with --crop focal.")
+    if crop == "focal" and not args.focal_file:
+        raise DreamBoothError('--crop focal needs --focal-file JSON with a point per image: {"a.jpg": [0.5, 0.3]}.')
+    focal_points = load_focal_points(args.focal_file) if args.focal_file else None
+    background = parse_colour(args.background)
+    show_progress = sys.stderr.isatty()
+
+    def progress(done: int, total: int, source: Path) -> None:
+        print(f"\r{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    report = prepare_folder(
+        args.src,
+        args.dst,
+        size=args.size,
+        crop=crop,
+        bucket=args.bucket,
+        image_format=args.format,
+        background=background,
+        focal_points=focal_points,
+        progress=progress if show_progress else None,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+    if not report.written:
+        print(f"error: no image was written from {args.src}.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: the model is only read
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from .data.captioning import BlipCaptioner, caption_folder, caption_path, images_to_caption
+
+    pending = set(images_to_caption(args.folder, overwrite=args.overwrite))  # checks the folder before the model
+    if not pending:
+        print(f"{args.folder}: every image already has its caption file (use --overwrite to write them again)")
+        return 0
+    print(f"loading {args.model} on {args.device}")
+    captioner = BlipCaptioner(args.model, device=args.device)
+    stop: list[bool] = []
+
+    def interrupt(signum, frame):  # first Ctrl-C: stop after this image; the captions written so far stay
+        if stop:
+            raise KeyboardInterrupt
+        print("\nstopping after the current image (Ctrl-C again to abort)", file=sys.stderr)
+        stop.append(True)
+
+    def progress(done: int, total: int, image: Path) -> None:
+        if image in pending and caption_path(image).is_file():
+            print(f"[{done}/{total}] {caption_path(image)}: {caption_path(image).read_text(encoding='utf-8').strip()}")
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        report = caption_folder(
+            args.folder,
+            captioner,
+            prefix=args.prefix,
+            suffix=args.suffix,
+            overwrite=args.overwrite,
+            dedupe_tags=not args.no_dedupe,
+            progress=progress,
+            should_stop=lambda: bool(stop),
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for problem in report.failed:
+        print(f"failed: {problem.path}: {problem.reason}", file=sys.stderr)
+    print(report.summary())
+    if report.cancelled:
+        return 130
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +304,67 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("phrase", help="e.g. 'photo of ohwx dog'")
     tokens.add_argument("--class-prompt", default="", help="words also in the class prompt are not the identifier")
     tokens.set_defaults(func=cmd_tokens)
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="crop and scale a folder of images to training size, with a report of every problem",
+        description="Every image under SRC (recursively) is turned upright, composited on a background if "
+        "transparent, scaled to cover the target (Lanczos) and cropped, and written under DST at the same relative "
+        "path; IMAGE.txt captions are copied beside their image. SRC is never modified. Images smaller than the "
+        "target are written upscaled and reported; duplicates, unreadable files and name clashes are skipped and "
+        "reported. Exit status: 0 when at least one image was written, 1 when none was, 2 on an error.",
+    )
+    prepare.add_argument("src", help="folder of source images (read recursively, never modified)")
+    prepare.add_argument("dst", help="output folder: new or empty (see --overwrite), not inside SRC")
+    prepare.add_argument(
+        "--size", type=int, default=512, help="side of the square output, or the bucket resolution (default: 512)"
+    )
+    prepare.add_argument(
+        "--crop",
+        choices=["center", "entropy", "focal"],
+        help="center (default), entropy (the window with the most edge detail) or focal (centred on --focal-file "
+        "points)",
+    )
+    prepare.add_argument(
+        "--focal-file",
+        metavar="JSON",
+        help='focal points {"sub/photo.jpg": [x, y]}, fractions of the upright image (implies --crop focal)',
+    )
+    prepare.add_argument(
+        "--bucket", action="store_true", help="crop each image to its closest aspect bucket instead of a square"
+    )
+    prepare.add_argument("--format", choices=["png", "jpg", "webp"], default="png", help="output format (default: png)")
+    prepare.add_argument(
+        "--background",
+        default="#ffffff",
+        metavar="COLOUR",
+        help="colour under transparent areas: #RRGGBB or R,G,B (default: #ffffff)",
+    )
+    prepare.add_argument(
+        "--overwrite", action="store_true", help="allow a non-empty DST; files of the same names are replaced"
+    )
+    prepare.set_defaults(func=cmd_prepare)
+
+    caption = commands.add_parser(
+        "caption",
+        help="write IMAGE.txt captions beside a folder's images with a local BLIP model",
+        description="Caption every image of FOLDER (and its subfolders) with a BLIP model read from disk and write "
+        "IMAGE.txt beside IMAGE.png, the file the 'txt' caption source reads; the images are never changed. Nothing "
+        "is downloaded: --model is a folder holding a saved BLIP captioning model, or the id of one already in the "
+        "Hugging Face cache (e.g. Salesforce/blip-image-captioning-base).",
+    )
+    caption.add_argument("folder", help="folder of training images")
+    caption.add_argument(
+        "--model", required=True, metavar="PATH_OR_CACHED_ID", help="BLIP model folder, or a model id in the HF cache"
+    )
+    caption.add_argument("--prefix", default="", help="text put before every caption, e.g. 'ohwx dog'")
+    caption.add_argument("--suffix", default="", help="text put after every caption")
+    caption.add_argument("--overwrite", action="store_true", help="replace existing caption files (default: keep)")
+    caption.add_argument(
+        "--no-dedupe", action="store_true", help="keep repeated comma-separated tags (default: drop repeats)"
+    )
+    caption.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
+    caption.set_defaults(func=cmd_caption)
     return parser
 
 

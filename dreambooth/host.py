@@ -26,6 +26,7 @@ from .settings import Settings
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ALLOWED_ROOTS_ENV = "DREAMBOOTH_ALLOWED_ROOTS"
 LAST_USED = "last_used.json"
+LOCAL_BLIP = "BLIP (local model)"
 OPTIONAL_PACKAGES = {
     "bitsandbytes": "8-bit AdamW (optimizer adamw_8bit) is unavailable: pip install bitsandbytes",
     "xformers": "the xformers attention backend is unavailable (PyTorch SDPA is used): pip install xformers",
@@ -237,6 +238,25 @@ class Host:
             return []
         states = [p.parent for p in self.runs_dir.glob("*/state/state.json")]
         return [str(p) for p in sorted(states, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    # ----------------------------------------------------------------------------------------- captioning
+
+    def captioner_names(self) -> list[str]:
+        """The captioners the Dataset tools offer here (the WebUI adds its own interrogators)."""
+        return [LOCAL_BLIP]
+
+    @contextlib.contextmanager
+    def captioner(self, name: str, model: str = "") -> Iterator[Any]:
+        """A callable PIL image -> caption, loaded for one job only."""
+        if name != LOCAL_BLIP:
+            raise ValueError(f"unknown captioner '{name}'; choose one of {', '.join(self.captioner_names())}")
+        from .data.captioning import DEFAULT_BLIP_ID, BlipCaptioner
+
+        captioner = BlipCaptioner(model or DEFAULT_BLIP_ID)  # a model id is looked up in the local cache only
+        try:
+            yield captioner
+        finally:
+            del captioner
 
     # ----------------------------------------------------------------------------------------- saved settings
 

@@ -75,7 +75,7 @@ def form_args(tab, settings: Settings) -> tuple:
 
 def test_every_settings_field_has_exactly_one_widget_and_every_widget_a_field(tab):
     ids = [getattr(b, "elem_id", None) for b in tab.blocks.blocks.values()]
-    ids = [i for i in ids if i and i.startswith("db_") and not i.startswith(("db_panel_", "db_group_"))]
+    ids = [i for i in ids if i and i.startswith("db_") and not i.startswith(("db_panel_", "db_group_", "db_tool_"))]
     assert len(ids) == len(set(ids)), "an elem_id is used twice"
     expected = {f"db_{f.name}" for f in fields() if f.name != "concepts" and not f.metadata["headless_only"]}
     expected |= {f"db_concept_{f.name}" for f in dataclasses.fields(Concept)}

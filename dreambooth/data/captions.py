@@ -113,3 +113,37 @@ def render_prompt(prompt: str, caption: str | None, template: str = "[PX][P]") -
     template = template.replace("[PX][P]", "[PX], [P]").replace("[P][PX]", "[P], [PX]")
     values = {"[PX]": prompt, "[P]": caption}
     return _tidy(_PLACEHOLDER.sub(lambda match: values[match.group(0)], template))
+
+
+def folder_captions(folder) -> list[tuple[Path, str]]:
+    """Every image under ``folder`` with its ``IMAGE.txt`` caption ('' when it has none), for the caption editor."""
+    from .images import list_images
+
+    return [(path, read_caption_file(path) or "") for path in list_images(folder)]
+
+
+def replace_in_captions(captions: list[str], find: str, replace: str) -> tuple[list[str], int]:
+    """Bulk find / replace (plain text, case-sensitive); returns the new captions and how many changed."""
+    if not find:
+        return list(captions), 0
+    changed = [c.replace(find, replace) for c in captions]
+    return changed, sum(a != b for a, b in zip(captions, changed))
+
+
+def save_captions(rows: list[tuple[Path, str]]) -> int:
+    """Write ``IMAGE.txt`` for each (image, caption) whose caption differs from the file's; returns how many.
+
+    UTF-8, written atomically; an empty caption removes nothing (it writes an empty file only if one existed).
+    """
+    from ..models.files import atomic_path
+
+    written = 0
+    for image, caption in rows:
+        path = Path(image).with_suffix(".txt")
+        current = read_caption_file(image)
+        if (current or "") == caption or (current is None and not caption):
+            continue
+        with atomic_path(path) as temp:
+            temp.write_text(caption, encoding="utf-8")
+        written += 1
+    return written

@@ -362,6 +362,10 @@ class Tab:
                 check = gr.Button("Check images", elem_id="db_check_dataset")
                 dataset_report = gr.Markdown(elem_id="db_dataset_report")
                 thumbnails = gr.Gallery(label="Images of the selected concept", columns=6, elem_id="db_thumbnails")
+            with gr.Tab("Dataset tools", elem_id="db_panel_tools"):
+                from .tools import DatasetTools
+
+                DatasetTools(self.host).build()
             with gr.Tab("Parameters", elem_id="db_panel_parameters"):
                 preset = gr.Button("Low-memory preset", elem_id="db_low_memory_preset")
                 for group, title in PARAMETER_GROUPS:

@@ -25,6 +25,7 @@ from ..host import CheckpointChoice, Host, default_allowed_roots
 from ..settings import Settings
 
 JOB_NAME = "dreambooth"
+WEBUI_CAPTIONERS = {"BLIP (WebUI)": "blip", "DeepDanbooru (WebUI)": "deepbooru"}
 
 
 def _modules() -> Any:
@@ -214,6 +215,21 @@ class WebuiHost(Host):
                     except Exception as error:
                         log(f"could not move the WebUI's model back to the GPU: {error}")
                 shared.state.end()
+
+    def captioner_names(self) -> list[str]:
+        return [*WEBUI_CAPTIONERS, *super().captioner_names()]
+
+    @contextlib.contextmanager
+    def captioner(self, name: str, model: str = "") -> Iterator[Any]:
+        """The WebUI's own interrogators (under its queue lock, loaded for the job only), or a local BLIP."""
+        if name not in WEBUI_CAPTIONERS:
+            with super().captioner(name, model) as captioner:
+                yield captioner
+            return
+        from .captioning import webui_captioner
+
+        with webui_captioner(WEBUI_CAPTIONERS[name], wait=False) as captioner:
+            yield captioner
 
     def interrupted(self) -> bool:
         _, _, _, _, shared = _modules()

@@ -38,13 +38,16 @@ def call_names(prefix: str = "") -> list[str]:
 
 def reset(root: str | os.PathLike | None = None, **cmd_opts: Any) -> None:
     """Fresh state everywhere: paths (under ``root`` when given), cmd_opts (defaults updated with ``cmd_opts``),
-    opts, state, devices, callbacks, checkpoints, loaded models, VAE globals, call log, and the fake ``launch`` /
+    opts, state, devices, callbacks, checkpoints, loaded models, VAE globals, the interrogators
+    (``shared.interrogator``, ``deepbooru.model``: unloaded, default outputs), call log, and the fake ``launch`` /
     ``networks`` modules when imported. Objects are reset in place, so references taken with
     ``from modules.shared import opts`` stay valid."""
     from modules import (
         call_queue,
+        deepbooru,
         devices,
         errors,
+        interrogate,
         paths,
         script_callbacks,
         sd_models,
@@ -64,6 +67,8 @@ def reset(root: str | os.PathLike | None = None, **cmd_opts: Any) -> None:
     script_callbacks.clear()
     sd_models.reset()
     sd_vae.reset()
+    interrogate.reset()  # after devices.reset(): running_on_cpu follows devices.device_interrogate
+    deepbooru.reset()
     errors.reported.clear()
     for name in ("launch", "networks"):
         module = sys.modules.get(name)

@@ -11,6 +11,8 @@
 - ``sd_model``: a property of this module, as in the real WebUI (``shared_items.Shared``): reading it calls
   ``sd_models.model_data.get_sd_model()`` (which loads a model the first time), assigning it calls ``set_sd_model``.
 - ``device`` is ``devices.device`` (a property here, so ``devices.reset()`` is seen).
+- ``interrogator``: an ``interrogate.InterrogateModels("interrogate")`` as ``shared_init.initialize()`` makes it
+  (nothing loaded); the ``interrogate_*`` / ``deepbooru_*`` options have the real keys and defaults.
 """
 
 from __future__ import annotations
@@ -157,6 +159,18 @@ def _options_templates() -> dict[str, OptionInfo]:
         "hidden_tabs": opt([], "Hidden UI tabs"),
         "ui_tab_order": opt([], "UI tab order"),
         "lora_functional": opt(False, "Lora/Networks: use old method that takes longer when you have multiple Loras"),
+        "interrogate_keep_models_in_memory": opt(False, "Keep models in VRAM"),
+        "interrogate_return_ranks": opt(False, "Include ranks of model tags matches in results."),
+        "interrogate_clip_num_beams": opt(1, "BLIP: num_beams"),
+        "interrogate_clip_min_length": opt(24, "BLIP: minimum description length"),
+        "interrogate_clip_max_length": opt(48, "BLIP: maximum description length"),
+        "interrogate_clip_dict_limit": opt(1500, "CLIP: maximum number of lines in text file"),
+        "interrogate_clip_skip_categories": opt([], "CLIP: skip inquire categories"),
+        "interrogate_deepbooru_score_threshold": opt(0.5, "deepbooru: score threshold"),
+        "deepbooru_sort_alpha": opt(True, "deepbooru: sort tags alphabetically"),
+        "deepbooru_use_spaces": opt(True, "deepbooru: use spaces in tags"),
+        "deepbooru_escape": opt(True, "deepbooru: escape (\\) brackets"),
+        "deepbooru_filter_tags": opt("", "deepbooru: filter out those tags"),
     }
 
 
@@ -196,3 +210,13 @@ class Shared(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = Shared
+
+
+def _make_interrogator() -> Any:
+    """Real (``shared_init.initialize``): ``shared.interrogator = interrogate.InterrogateModels("interrogate")``."""
+    from modules import interrogate
+
+    return interrogate.InterrogateModels("interrogate")
+
+
+interrogator = _make_interrogator()  # real: None until shared_init.initialize() sets it

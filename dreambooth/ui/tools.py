@@ -1,0 +1,186 @@
+"""The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, and a caption editor.
+
+Each tool works on folders under the allowed roots only (the page may be reachable from other machines) and never
+changes an original image: prepare writes a new folder, captioning and the editor write ``IMAGE.txt`` files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..errors import DreamBoothError
+from ..host import LOCAL_BLIP, Host, is_within
+
+MAX_EDITOR_ROWS = 500
+CROPS = ["center", "entropy", "focal"]
+
+
+class DatasetTools:
+    def __init__(self, host: Host):
+        self.host = host
+
+    def _check(self, *folders: str) -> str:
+        """'' when every folder is allowed, else the sentence saying which is not."""
+        roots = [*self.host.allowed_roots, self.host.data_dir]
+        for folder in folders:
+            if not folder:
+                return "Give a folder."
+            if not is_within(folder, roots):
+                return f"'{folder}' is outside the folders this server allows ({', '.join(map(str, roots))})."
+        return ""
+
+    # ------------------------------------------------------------------------------------------ prepare
+
+    def prepare(
+        self,
+        src: str,
+        dst: str,
+        size: Any,
+        crop: str,
+        bucket: bool,
+        image_format: str,
+        background: str,
+        focal_file: str = "",
+    ) -> str:
+        from ..data.prepare import load_focal_points, parse_colour, prepare_folder
+
+        refused = self._check(src, dst, *([focal_file] if focal_file else []))
+        if refused:
+            return f"**Not prepared:** {refused}"
+        try:
+            report = prepare_folder(
+                src,
+                dst,
+                size=int(size or 512),
+                crop=crop,
+                bucket=bool(bucket),
+                image_format=image_format,
+                background=parse_colour(background or "#ffffff"),
+                focal_points=load_focal_points(focal_file) if focal_file else None,
+            )
+        except (DreamBoothError, ValueError) as error:
+            return f"**Not prepared:** {error}"
+        return "```\n" + report.summary() + "\n```"
+
+    # ------------------------------------------------------------------------------------------ captioning
+
+    def caption(self, folder: str, source: str, model: str, prefix: str, suffix: str, overwrite: bool, dedupe: bool):
+        from ..data.captioning import caption_folder
+
+        refused = self._check(folder) or (self._check(model) if source == LOCAL_BLIP and model else "")
+        if refused:
+            return f"**Not captioned:** {refused}"
+        try:
+            with self.host.captioner(source, model) as captioner:
+                report = caption_folder(
+                    folder, captioner, prefix=prefix, suffix=suffix, overwrite=overwrite, dedupe_tags=dedupe
+                )
+        except (DreamBoothError, ValueError, OSError) as error:
+            return f"**Not captioned:** {error}"
+        return "```\n" + report.summary() + "\n```"
+
+    # ------------------------------------------------------------------------------------------ editor
+
+    def load_captions(self, folder: str) -> tuple[Any, Any, str]:
+        from ..data.captions import folder_captions
+
+        refused = self._check(folder)
+        if refused:
+            return gr.update(), gr.update(), f"**Not loaded:** {refused}"
+        try:
+            rows = folder_captions(folder)
+        except DreamBoothError as error:
+            return gr.update(), gr.update(), f"**Not loaded:** {error}"
+        shown = rows[:MAX_EDITOR_ROWS]
+        more = f" (the first {MAX_EDITOR_ROWS} shown)" if len(rows) > MAX_EDITOR_ROWS else ""
+        table = [[str(path.relative_to(folder)), caption] for path, caption in shown]
+        gallery = [(str(path), caption) for path, caption in shown]
+        return table or [["", ""]], gallery, f"{len(rows)} image(s){more}."
+
+    @staticmethod
+    def _rows(table: Any) -> list[list[str]]:
+        values = table.values.tolist() if hasattr(table, "values") else table
+        return [[str(a), "" if b is None else str(b)] for a, b in (values or []) if a]
+
+    def replace(self, table: Any, find: str, replace: str) -> tuple[Any, str]:
+        from ..data.captions import replace_in_captions
+
+        rows = self._rows(table)
+        captions, changed = replace_in_captions([r[1] for r in rows], find or "", replace or "")
+        return [[r[0], c] for r, c in zip(rows, captions)] or [["", ""]], f"{changed} caption(s) changed (not saved)."
+
+    def save(self, folder: str, table: Any) -> str:
+        from ..data.captions import save_captions
+
+        refused = self._check(folder)
+        if refused:
+            return f"**Not saved:** {refused}"
+        root = Path(folder).resolve()
+        rows = []
+        for name, caption in self._rows(table):
+            image = (root / name).resolve()
+            if root not in image.parents:  # an edited file name must not point outside the folder
+                return f"**Not saved:** '{name}' is not inside {root}."
+            rows.append((image, caption))
+        return f"Saved {save_captions(rows)} caption file(s)."
+
+    # ------------------------------------------------------------------------------------------ layout
+
+    def build(self) -> None:
+        with gr.Accordion("Prepare: crop and resize into a new folder", open=False, elem_id="db_tool_prepare"):
+            with gr.Row():
+                src = gr.Textbox(label="Source folder", elem_id="db_tool_prepare_src")
+                dst = gr.Textbox(label="New folder", elem_id="db_tool_prepare_dst")
+            with gr.Row():
+                size = gr.Number(value=512, precision=0, label="Size", elem_id="db_tool_prepare_size")
+                crop = gr.Dropdown(CROPS, value="center", label="Crop", elem_id="db_tool_prepare_crop")
+                bucket = gr.Checkbox(label="Nearest aspect bucket, not a square", elem_id="db_tool_prepare_bucket")
+                image_format = gr.Dropdown(["png", "jpg", "webp"], value="png", label="Format")
+                background = gr.Textbox(value="#ffffff", label="Background of transparent images")
+            focal = gr.Textbox(
+                label='Focal points (crop "focal"): a JSON file {"relative/path.jpg": [x, y]}, x and y from 0 to 1',
+                elem_id="db_tool_prepare_focal",
+            )
+            run = gr.Button("Prepare", elem_id="db_tool_prepare_run")
+            report = gr.Markdown(elem_id="db_tool_prepare_report")
+            run.click(self.prepare, [src, dst, size, crop, bucket, image_format, background, focal], report)
+
+        with gr.Accordion("Captions: write IMAGE.txt automatically", open=False, elem_id="db_tool_caption"):
+            sources = self.host.captioner_names()
+            with gr.Row():
+                folder = gr.Textbox(label="Image folder", elem_id="db_tool_caption_folder")
+                source = gr.Dropdown(sources, value=sources[0], label="Captioner", elem_id="db_tool_caption_source")
+                model = gr.Textbox(label="Local BLIP model folder or cached id (local BLIP only)")
+            with gr.Row():
+                prefix = gr.Textbox(label="Prefix (e.g. the identifier)")
+                suffix = gr.Textbox(label="Suffix")
+                overwrite = gr.Checkbox(label="Overwrite existing captions")
+                dedupe = gr.Checkbox(value=True, label="Remove duplicate tags")
+            run = gr.Button("Caption", elem_id="db_tool_caption_run")
+            report = gr.Markdown(elem_id="db_tool_caption_report")
+            run.click(self.caption, [folder, source, model, prefix, suffix, overwrite, dedupe], report)
+
+        with gr.Accordion("Caption editor", open=False, elem_id="db_tool_editor"):
+            with gr.Row():
+                folder = gr.Textbox(label="Image folder", elem_id="db_tool_editor_folder", scale=4)
+                load = gr.Button("Load", elem_id="db_tool_editor_load", scale=1)
+            gallery = gr.Gallery(label="Images and captions", columns=6, height=260, elem_id="db_tool_editor_gallery")
+            table = gr.Dataframe(
+                headers=["image", "caption"],
+                datatype=["str", "str"],
+                col_count=(2, "fixed"),
+                interactive=True,
+                elem_id="db_tool_editor_table",
+            )
+            with gr.Row():
+                find = gr.Textbox(label="Find")
+                replace = gr.Textbox(label="Replace with")
+                do_replace = gr.Button("Replace in all")
+                save = gr.Button("Save captions", variant="primary", elem_id="db_tool_editor_save")
+            message = gr.Markdown(elem_id="db_tool_editor_message")
+            load.click(self.load_captions, folder, [table, gallery, message])
+            do_replace.click(self.replace, [table, find, replace], [table, message])
+            save.click(self.save, [folder, table], message)
