@@ -52,6 +52,7 @@ CONTROLS = {  # widgets that are not settings fields: buttons, reports, the run 
     "db_checkpoints",
     "db_use_checkpoint",
     "db_log",
+    "db_poll",
 }
 
 
@@ -82,6 +83,15 @@ def test_every_settings_field_has_exactly_one_widget_and_every_widget_a_field(ta
     assert set(ids) - CONTROLS == expected
     headless = {f"db_{f.name}" for f in fields() if f.metadata["headless_only"]}
     assert headless == {"db_output_dir", "db_checkpoint_dir", "db_device"} and not headless & set(ids)
+
+
+def test_no_event_runs_on_a_server_timer(tab):
+    """gradio's ``every=`` keeps a server-side loop that makes the WebUI's "Reload UI" hang in Blocks.close();
+    progress is polled by a browser timer clicking a hidden button instead."""
+    dependencies = tab.blocks.config["dependencies"]
+    assert dependencies and all(d.get("every") is None for d in dependencies)
+    poll_js = [d for d in dependencies if d.get("js") and "db_poll" in d["js"]]
+    assert len(poll_js) == 1 and "setInterval" in poll_js[0]["js"]
 
 
 def test_widgets_take_bounds_choices_and_help_from_the_schema(tab):

@@ -185,6 +185,25 @@ def test_use_in_txt2img_switches_and_checks_the_switch(webui, make_settings):
     assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(w.base)
 
 
+def test_the_refresh_after_a_job_keeps_the_users_model_choice(webui, make_settings):
+    """With --ckpt given, the WebUI's list_models() resets the model option to that file; ours must not."""
+    from modules import shared
+
+    w = webui()
+    shared.cmd_opts.ckpt = str(w.base)
+    runner, settings = settings_for(w, make_settings, model_name="ring")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS)
+    output = runner.snapshot().checkpoints[0]
+    done, _ = runner.host.use_checkpoint(output)
+    assert done
+    chosen = shared.opts.data["sd_model_checkpoint"]
+    assert "ring_2" in chosen
+    runner.start(dataclasses.replace(settings, model_name="again"))  # its end refreshes the list
+    assert runner.wait(WAIT_SECONDS)
+    assert shared.opts.data["sd_model_checkpoint"] == chosen
+
+
 def test_no_switch_while_a_job_runs(webui, make_settings):
     w = webui()
     runner, settings = settings_for(w, make_settings, max_train_steps=400)

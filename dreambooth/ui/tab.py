@@ -31,7 +31,17 @@ from .form import (
 )
 from .status import dataset_markdown, loss_points, status_markdown
 
-POLL_SECONDS = 1.0
+POLL_MILLISECONDS = 1000
+POLL_JS = f"""() => {{
+    if (window.dreamboothPoll) return;
+    window.dreamboothPoll = setInterval(() => {{
+        const app = document.querySelector("gradio-app");
+        const root = (app && app.shadowRoot) || document;
+        const status = root.querySelector("#db_status");
+        const button = root.querySelector("#db_poll");
+        if (button && status && status.offsetParent !== null) button.click();
+    }}, {POLL_MILLISECONDS});
+}}"""
 MAX_THUMBNAILS = 24
 PRESET_FIELDS = ("low_memory", "train_batch_size", "cache_latents", "optimizer")
 
@@ -409,13 +419,13 @@ class Tab:
             self.model_controls["load"].click(
                 self.load_settings, self.model_controls["saved"], [*fill, self.model_controls["settings_message"]]
             )
+            # Progress: a browser timer clicks a hidden button while the Run panel is visible.  Not gradio's
+            # `every=`: a server-side loop that makes the WebUI's "Reload UI" wait forever in Blocks.close().
             seen = gr.State({})
-            blocks.load(
-                self.poll,
-                seen,
-                [seen, run["status"], run["plot"], run["samples"], run["log"], run["checkpoints"]],
-                every=POLL_SECONDS,
-            )
+            outputs = [seen, run["status"], run["plot"], run["samples"], run["log"], run["checkpoints"]]
+            run["poll"].click(self.poll, seen, outputs, show_progress="hidden", queue=False)
+            blocks.load(self.poll, seen, outputs, queue=False)
+            blocks.load(None, None, None, _js=POLL_JS)
         return blocks
 
     def _model_panel(self, specs: list[FieldSpec]) -> None:
@@ -509,6 +519,7 @@ class Tab:
             run["checkpoints"] = gr.Dropdown(label="Checkpoints of this job", elem_id="db_checkpoints", scale=4)
             run["use"] = gr.Button("Use in txt2img", elem_id="db_use_checkpoint", scale=1)
         run["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="db_log")
+        run["poll"] = gr.Button("Refresh progress", elem_id="db_poll")  # hidden by style.css, clicked by POLL_JS
         return run
 
 

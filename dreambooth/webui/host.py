@@ -75,8 +75,14 @@ class WebuiHost(Host):
         return getattr(info, "filename", None)
 
     def refresh_checkpoints(self) -> None:
-        _, _, _, sd_models, _ = _modules()
+        """Re-scan the checkpoint list, keeping the user's model choice: ``list_models()`` resets the
+        ``sd_model_checkpoint`` option to the ``--ckpt`` file when one was given, which would make the next txt2img
+        load that model instead of the one the user picked."""
+        _, _, _, sd_models, shared = _modules()
+        chosen = shared.opts.data.get("sd_model_checkpoint")
         sd_models.list_models()
+        if chosen is not None:
+            shared.opts.data["sd_model_checkpoint"] = chosen
 
     def _info_for(self, path: str) -> Any:
         _, _, _, sd_models, _ = _modules()
@@ -194,14 +200,15 @@ class WebuiHost(Host):
             try:
                 for model in models:  # cached models may sit in VRAM too (sd_checkpoints_keep_in_cpu off)
                     sd_models.send_model_to_cpu(model)
-                if models:
-                    log(f"moved {len(models)} loaded model(s) off the GPU for training")
+                on_gpu = [m for m in models if getattr(getattr(m, "device", None), "type", "cpu") == "cuda"]
+                if on_gpu:
+                    log(f"moved {len(on_gpu)} loaded model(s) off the GPU for training")
                 model = self._loaded_model()
                 why = self._memory_is_clean(model, settings.pretrained_model_name_or_path)
                 if not why:
                     log("training from the model already loaded in the WebUI (no second read from disk)")
                     components = self._components_from_memory(model, settings.pretrained_model_name_or_path)
-                elif model is not None and why != "it is not the loaded model":
+                elif model is not None:
                     log(f"reading the base model from disk: {why}")
                 model = None
                 yield components
