@@ -76,12 +76,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch_processes(count: int, argv: list[str]) -> int:
+    """``train --num-processes N``: hand the same command over to a launcher, N processes on this machine.
+
+    GPUs: ``accelerate launch --multi_gpu``; CPU: ``torchrun`` (accelerate starts several CPU processes only through
+    MPI).  Both bind their rendezvous to 127.0.0.1.
+    """
+    import os
+    import socket
+    import subprocess
+
+    import torch
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    if torch.cuda.is_available():
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count)]
+        launcher += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(count)]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", port]
+    command = [*launcher, "-m", "dreambooth", *argv]
+    print("launching: " + " ".join(command), flush=True)
+    return subprocess.run(command, env=os.environ.copy(), check=False).returncode
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["train", "--config", args.config]
+    for assignment in args.set or []:
+        argv += ["--set", assignment]
+    return argv
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
     import signal
 
     from .events import Callbacks, Commands
     from .settings import Settings, SettingsError
     from .train.loop import Trainer
+
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.num_processes, _train_argv(args))
+    is_main = os.environ.get("RANK", "0") == "0"  # under a launcher only the first process prints
 
     try:
         settings = Settings.load(args.config).with_overrides(args.set or [])
@@ -127,11 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     bar = Bar()
     try:
-        result = Trainer(settings, callbacks=bar, commands=commands).run()
+        result = Trainer(settings, callbacks=bar if is_main else None, commands=commands).run()
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar.bar is not None:
             bar.bar.close()
+    if not is_main:
+        return 130 if result.cancelled else 0
     state = f"; resumable state: {result.state_dir}" if result.state_dir else ""
     print(f"{'cancelled' if result.cancelled else 'finished'} at step {result.step} of {result.total_steps}{state}")
     for path in result.checkpoints:
@@ -280,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="settings JSON (as saved by the tab or the demo)")
     train.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable), e.g. --set seed=7"
+    )
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train data-parallel with N processes on this machine (accelerate launch on GPUs, torchrun on CPU)",
     )
     train.set_defaults(func=cmd_train)
 

@@ -53,6 +53,7 @@ CONTROLS = {  # widgets that are not settings fields: buttons, reports, the run 
     "db_use_checkpoint",
     "db_log",
     "db_poll",
+    "db_several_gpus",
 }
 
 

@@ -8,6 +8,7 @@ another prompt are left alone and not used (the guide: reuse class images for th
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,12 @@ def generate_class_images(
     clip_skip: int = 1,
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[Path]:
-    """Make ``wanted`` minus the usable images already in ``folder``; returns the new files."""
+    """Make ``wanted`` minus the usable images already in ``folder``; returns the new files.
+
+    ``shard``: (rank, processes): with several processes each makes every ``processes``-th batch.
+    """
     from PIL.PngImagePlugin import PngInfo
 
     from ..models.files import atomic_path
@@ -65,27 +70,31 @@ def generate_class_images(
     existing = {p.name for p in folder.iterdir()}
     written: list[Path] = []
     counter = 0
+    rank, world = shard
+    suffix = f"-{rank}" if world > 1 else ""  # processes sharing the folder never pick the same name
     on_progress(0, missing)
-    while len(written) < missing:
+    for batch in range(math.ceil(missing / batch_size)):
+        if batch % world != rank:
+            continue  # another process makes this batch
         if should_stop():
             break
-        count = min(batch_size, missing - len(written))
+        count = min(batch_size, missing - batch * batch_size)
         images = generate(
             components,
             [class_prompt],
             negative_prompt=negative_prompt,
             steps=steps,
             guidance_scale=guidance_scale,
-            seed=seed + have + len(written),
+            seed=seed + have + batch * batch_size,  # the same images whatever the number of processes
             images_per_prompt=count,
             resolution=resolution,
             clip_skip=clip_skip,
             batch_size=batch_size,
         )
         for image in images:
-            while f"class-{tag}-{counter:05d}.png" in existing:
+            while f"class-{tag}-{counter:05d}{suffix}.png" in existing:
                 counter += 1
-            name = f"class-{tag}-{counter:05d}.png"
+            name = f"class-{tag}-{counter:05d}{suffix}.png"
             existing.add(name)
             info = PngInfo()
             info.add_text(PROMPT_TAG, class_prompt)

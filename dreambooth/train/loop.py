@@ -25,6 +25,8 @@ from ..data.dataset import BucketPlan, Example, Sample, SamplePlan, class_exampl
 from ..errors import DreamBoothError
 from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
+from .distributed import launched_processes
+from .distributed import make as make_distributed
 from .loss import combine_losses, sample_losses, training_target
 from .sampling import encode_prompts, generate
 
@@ -65,11 +67,12 @@ def peak_memory_gib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-def total_steps_for(settings: Settings, plan: SamplePlan, instance_count: int) -> int:
+def total_steps_for(settings: Settings, plan: SamplePlan, instance_count: int, batch_size: int | None = None) -> int:
+    """``batch_size``: the global batch (per-process batch x processes; default the settings' batch)."""
     if settings.max_train_steps:
         return settings.max_train_steps
     if settings.num_train_epochs:
-        batches = plan.batches_per_epoch(settings.train_batch_size)
+        batches = plan.batches_per_epoch(batch_size or settings.train_batch_size)
         return max(1, math.ceil(settings.num_train_epochs * batches / settings.gradient_accumulation_steps))
     return max(1, STEPS_PER_INSTANCE_IMAGE * instance_count)
 
@@ -102,6 +105,7 @@ class Trainer:
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.dist: Any = None
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
@@ -160,6 +164,7 @@ class Trainer:
                 resolution=s.resolution,
                 batch_size=s.sample_batch_size,
                 clip_skip=s.clip_skip,
+                shard=(self.dist.rank, self.dist.world_size),
                 should_stop=lambda: self.commands.cancelled,
                 on_progress=lambda done, total, i=index: self._emit(
                     "class_images", f"concept {i + 1}: class image {done} of {total}", step=done, total_steps=total
@@ -265,7 +270,18 @@ class Trainer:
                 self.text_cache[prompt] = hidden
         return torch.stack([self.text_cache[p] for p in prompts])
 
-    def _loss(self, samples: list[Sample], epoch: int, train_text: bool, device: Any, autocast: Any) -> Any:
+    def _loss(
+        self,
+        samples: list[Sample],
+        epoch: int,
+        train_text: bool,
+        device: Any,
+        autocast: Any,
+        global_counts: tuple[int, int] | None = None,
+    ) -> Any:
+        """(total, instance, prior) losses of ``samples``.  ``global_counts`` (instance and class samples of the
+        whole step over all processes): sums divided by those counts, so the processes' losses add up to the
+        step's loss."""
         import torch
 
         components, s = self.components, self.settings
@@ -301,7 +317,13 @@ class Trainer:
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
             per_sample = per_sample.index_put(where, sample_losses(prediction, target))
-        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight)
+        mask = torch.tensor(is_prior, device=device)
+        if global_counts is None:
+            return combine_losses(per_sample, mask, s.prior_loss_weight)
+        instance = per_sample[~mask].sum() / global_counts[0]
+        prior = per_sample[mask].sum() / global_counts[1] if global_counts[1] else None
+        total = instance if prior is None else instance + s.prior_loss_weight * prior
+        return total, instance, prior
 
     # ------------------------------------------------------------------------------------------------ outputs
 
@@ -345,6 +367,25 @@ class Trainer:
         guarded(self.callbacks, "on_checkpoint", step, paths)
         self.log(f"saved {paths[0]}")
         self._tests(step, result, next(self.components.unet.parameters()).device)
+
+    def _save_and_sample(
+        self,
+        step: int,
+        result: TrainResult,
+        modules: dict[str, Any],
+        optimizer: Any,
+        lr_scheduler: Any,
+        scaler: Any,
+        total: int,
+        device: Any,
+        samples: bool = True,
+    ) -> None:
+        """Only the main process writes (checkpoint, state, samples); the others wait for it."""
+        if self.dist.is_main:
+            self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
+            if samples:
+                self._samples(step, result, device)
+        self.dist.barrier()
 
     def _sample_prompts(self) -> list[str]:
         s = self.settings
@@ -415,19 +456,24 @@ class Trainer:
 
         s = self.settings
         s.raise_if_invalid(model_in_memory=not self.check_model_path)
-        device = resolve_device(s.device)
+        self.dist = dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
+        device = dist.device
+        if not dist.is_main:
+            self.callbacks = Callbacks()  # only the main process reports progress, samples and checkpoints
         out = Path(s.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.components = components = self._load(device)
         if s.has_prior_preservation:
             self._class_images(components)
+            dist.barrier()  # every process's share of the class images is written
         instances, classes = self._examples()
+        global_batch = s.train_batch_size * dist.world_size
         if s.use_aspect_ratio_bucket:
-            plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, s.train_batch_size)
+            plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, global_batch)
         else:
             plan = SamplePlan(instances, classes, s.seed, s.hflip)
         instance_count = sum(len(g) for g in instances)
-        total = total_steps_for(s, plan, instance_count)
+        total = total_steps_for(s, plan, instance_count, global_batch)
         result = TrainResult(step=0, total_steps=total, cancelled=False)
 
         if s.cache_latents:
@@ -443,6 +489,12 @@ class Trainer:
             flips = (False, True) if s.hflip else (False,)
             variants = range(s.augment_variants) if self.augmentation else range(1)
             examples = [e for group in instances + (classes or []) for e in group]
+            if dist.world_size > 1:  # each process encodes its share to the shared disk cache first
+                for example in examples[dist.rank :: dist.world_size]:
+                    for flip in flips:
+                        for variant in variants:
+                            self.latent_cache.get(example.path, flip, self._size(example), variant)
+                dist.barrier()
             for number, example in enumerate(examples, start=1):
                 for flip in flips:
                     for variant in variants:
@@ -459,7 +511,7 @@ class Trainer:
         unet, text_encoder = components.unet, components.text_encoder
         if s.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        per_step = s.train_batch_size * s.gradient_accumulation_steps
+        per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
         scale = per_step if s.scale_lr else 1
         groups = [{"params": list(unet.parameters()), "lr": s.learning_rate * scale}]
         modules = {"unet": unet}
@@ -482,14 +534,14 @@ class Trainer:
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         text_stop_step = math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0
-        writer = self._logger(out)
+        writer = self._logger(out) if dist.is_main else None
 
         step = start
         step_times: list[float] = []
         last_saved = None
         try:
             while step < total:
-                if self.commands.cancelled:
+                if dist.broadcast_flags([self.commands.cancelled])[0]:
                     result.cancelled = True
                     break
                 train_text = s.train_text_encoder and step < text_stop_step
@@ -500,17 +552,27 @@ class Trainer:
                 losses = []
                 for micro in range(s.gradient_accumulation_steps):
                     batch_index = step * s.gradient_accumulation_steps + micro
-                    samples = plan.batch(batch_index, s.train_batch_size)
-                    epoch = plan.epoch_of_batch(batch_index, s.train_batch_size)
+                    samples = plan.batch(batch_index, global_batch)
+                    epoch = plan.epoch_of_batch(batch_index, global_batch)
+                    counts = None
+                    if dist.world_size > 1:  # this process's slice of the step's samples
+                        counts = (len(samples), sum(x.prior is not None for x in samples))
+                        samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
                     fb_started = time.perf_counter()
-                    loss, instance_loss, prior_loss = self._loss(samples, epoch, train_text, device, autocast)
-                    scaled = loss / s.gradient_accumulation_steps
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    values = [0.0, 0.0, 0.0]
+                    if samples:
+                        loss, instance_loss, prior_loss = self._loss(
+                            samples, epoch, train_text, device, autocast, counts
+                        )
+                        scaled = loss / s.gradient_accumulation_steps
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
                     self.timings["forward_backward"] += time.perf_counter() - fb_started
-                    losses.append(
-                        (loss.item(), instance_loss.item(), None if prior_loss is None else prior_loss.item())
-                    )
+                    has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
+                    total_value, instance_value, prior_value = dist.sum_values(values)
+                    losses.append((total_value, instance_value, prior_value if has_prior else None))
                 opt_started = time.perf_counter()
+                dist.sum_gradients([p for g in groups for p in g["params"] if p.requires_grad])
                 if scaler:
                     scaler.unscale_(optimizer)
                 if s.max_grad_norm > 0:
@@ -548,20 +610,22 @@ class Trainer:
                 if writer is not None:
                     writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
                 due = s.save_model_every_n_steps and step % s.save_model_every_n_steps == 0 and step < total
-                if due or self.commands.take("save"):
-                    self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
-                    self._samples(step, result, device)
+                save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
+                if due or save_now:
+                    self._save_and_sample(step, result, modules, optimizer, lr_scheduler, scaler, total, device)
                     last_saved = step
-                elif self.commands.take("sample"):
-                    self._samples(step, result, device)
+                elif sample_now:
+                    if dist.is_main:
+                        self._samples(step, result, device)
+                    dist.barrier()
             if result.cancelled:
                 self._emit(
                     "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=total
                 )
             if last_saved != step and (step > start or result.cancelled) and self.final_save:
-                self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
-                if not result.cancelled:
-                    self._samples(step, result, device)
+                self._save_and_sample(
+                    step, result, modules, optimizer, lr_scheduler, scaler, total, device, not result.cancelled
+                )
         finally:
             if writer is not None:
                 writer.close()

@@ -520,6 +520,14 @@ class Tab:
             run["use"] = gr.Button("Use in txt2img", elem_id="db_use_checkpoint", scale=1)
         run["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="db_log")
         run["poll"] = gr.Button("Refresh progress", elem_id="db_poll")  # hidden by style.css, clicked by POLL_JS
+        with gr.Accordion("Several GPUs", open=False):
+            gr.Markdown(
+                "Training in the tab uses one device. To use several GPUs, save these settings (Model panel: "
+                "Save settings), then run from the extension's folder, with N the number of GPUs:  \n"
+                f"`python -m dreambooth train --config {self.host.settings_dir}/NAME.json --num-processes N`  \n"
+                "(or `accelerate launch --multi_gpu --num_processes N -m dreambooth train --config ...`).",
+                elem_id="db_several_gpus",
+            )
         return run
 
 

@@ -1,0 +1,115 @@
+"""Data-parallel training across processes started by ``torchrun`` or ``accelerate launch``.
+
+One process (no ``WORLD_SIZE`` in the environment, as in the WebUI) uses none of this: :class:`Single`.  Under a
+launcher, accelerate's ``Accelerator`` sets up the process group (gloo on the CPU, NCCL on GPUs) and the device of
+each process; its state is created only here, in a process started for training, so nothing leaks into the WebUI.
+
+The math does not depend on the process count: the global batch of a step is the same samples whatever the number of
+processes (each takes its slice), each process divides its per-sample loss sums by the *global* counts, and the
+gradients are summed across processes after the last micro-batch.  So N processes x batch b and one process x batch
+N*b compute the same gradient, up to the order of floating-point additions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+class Single:
+    """The one-process case: every collective is a no-op."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def __init__(self, device: Any):
+        self.device = device
+
+    def barrier(self) -> None: ...
+
+    def sum_gradients(self, parameters: list[Any]) -> None: ...
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def broadcast_flags(self, flags: list[bool]) -> list[bool]:
+        return list(flags)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        yield
+
+
+class Distributed(Single):
+    """Several processes: collectives through the process group accelerate initialised."""
+
+    def __init__(self, cpu: bool):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=cpu)
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        super().__init__(self.accelerator.device)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def sum_gradients(self, parameters: list[Any]) -> None:
+        """Sum the gradients of ``parameters`` over the processes, in one flat buffer (a missing gradient is 0)."""
+        import torch
+        import torch.distributed as dist
+
+        if not parameters:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for parameter, grad in zip(parameters, grads):
+            count = grad.numel()
+            parameter.grad = flat[offset : offset + count].view_as(grad).clone()
+            offset += count
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def broadcast_flags(self, flags: list[bool]) -> list[bool]:
+        """The main process's flags (cancel / save now / sample now) on every process, so all act together."""
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return [bool(v) for v in tensor.tolist()]
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (e.g. writes a file), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def launched_processes() -> int:
+    """How many processes a launcher started for this run (1 when none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make(device_name: str, single_device: Any) -> Single:
+    """:class:`Distributed` under a launcher with several processes, else :class:`Single` on ``single_device``."""
+    if launched_processes() <= 1:
+        return Single(single_device)
+    import torch
+
+    return Distributed(cpu=device_name == "cpu" or not torch.cuda.is_available())
