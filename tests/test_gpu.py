@@ -1,0 +1,94 @@
+"""What the GPU-only options do on a GPU (marker ``gpu``; skipped on machines without CUDA).
+
+The CPU suite checks the calls these options make (tests/test_fields.py); here their effect is checked: fp16 mixed
+precision trains with a gradient scaler and keeps fp32 weights, 8-bit AdamW keeps 8-bit optimizer states, xformers
+replaces the attention processors, low_memory moves the VAE and the frozen text encoder off the GPU, and every
+component is back on the GPU in its dtype after samples and saves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from dreambooth.train.loop import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def unet_digest(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().float().cpu().clone() for p in trainer.components.unet.parameters()]
+
+
+def test_fp16_mixed_precision_trains_with_fp32_weights(make_settings):
+    fp32 = Trainer(make_settings(device="cuda", max_train_steps=3))
+    fp32.run()
+    half = Trainer(make_settings(device="cuda", max_train_steps=3, mixed_precision="fp16", model_name="half"))
+    outcome = half.run()
+    assert outcome.step == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in outcome.losses)
+    assert all(p.dtype == torch.float32 for p in half.components.unet.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(unet_digest(fp32), unet_digest(half)))
+
+
+def test_bf16_mixed_precision_trains(make_settings):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    outcome = Trainer(make_settings(device="cuda", max_train_steps=2, mixed_precision="bf16")).run()
+    assert outcome.step == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_eight_bit_adam_keeps_8bit_states(make_settings, monkeypatch):
+    import bitsandbytes as bnb
+
+    from dreambooth.train import optim
+
+    made = []
+    original = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, optimizer="adamw_8bit"))
+    trainer.run()
+    [optimizer] = made
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    states = [s for s in optimizer.state.values() if "state1" in s]
+    assert states and any(s["state1"].dtype == torch.uint8 for s in states)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="needs xformers")
+def test_xformers_replaces_the_attention_processors(make_settings):
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, attention="xformers"))
+    trainer.run()
+    names = {type(p).__name__ for p in trainer.components.unet.attn_processors.values()}
+    assert names and all("XFormers" in n for n in names)
+
+
+def test_low_memory_moves_the_vae_and_frozen_text_encoder_off_the_gpu_while_training(make_settings, monkeypatch):
+    seen = {}
+    original = Trainer._loss
+
+    def spy(self, *args, **kwargs):
+        seen["vae"] = next(self.components.vae.parameters()).device.type
+        seen["text"] = next(self.components.text_encoder.parameters()).device.type
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_loss", spy)
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, low_memory=True))
+    trainer.run()
+    assert seen == {"vae": "cpu", "text": "cpu"}
+    assert trainer.components.unet.is_gradient_checkpointing
+
+
+def test_components_are_back_on_the_gpu_after_samples_and_saves(make_settings):
+    trainer = Trainer(
+        make_settings(device="cuda", max_train_steps=4, save_model_every_n_steps=2, n_save_sample=1, save_half=True)
+    )
+    result = trainer.run()
+    assert len(result.samples) >= 2 and len(result.checkpoints) >= 2
+    for name in ("unet", "vae", "text_encoder"):
+        parameter = next(getattr(trainer.components, name).parameters())
+        assert parameter.device.type == "cuda" and parameter.dtype == torch.float32, name
