@@ -50,10 +50,13 @@ def generate_class_images(
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     shard: tuple[int, int] = (0, 1),
+    have: int | None = None,
 ) -> list[Path]:
     """Make ``wanted`` minus the usable images already in ``folder``; returns the new files.
 
-    ``shard``: (rank, processes): with several processes each makes every ``processes``-th batch.
+    ``shard``: (rank, processes): with several processes each makes every ``processes``-th batch; they must then
+    pass ``have``, the usable images counted by all of them *before* any of them writes (else a fast process's new
+    files would shrink a slower one's share).
     """
     from PIL.PngImagePlugin import PngInfo
 
@@ -61,7 +64,8 @@ def generate_class_images(
     from ..train.sampling import generate
 
     folder = Path(folder)
-    have = len(usable_class_images(folder, class_prompt))
+    if have is None:
+        have = len(usable_class_images(folder, class_prompt))
     missing = max(0, wanted - have)
     if not missing:
         return []

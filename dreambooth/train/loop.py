@@ -147,11 +147,13 @@ class Trainer:
         return components
 
     def _class_images(self, components: Any) -> None:
-        from ..data.class_images import generate_class_images
+        from ..data.class_images import generate_class_images, usable_class_images
 
         s = self.settings
         for index, concept in enumerate(s.concepts):
             wanted = s.class_images_for(concept)
+            have = len(usable_class_images(concept.class_data_dir, concept.class_prompt))
+            self.dist.barrier()  # every process has counted before any writes
             made = generate_class_images(
                 components,
                 concept.class_data_dir,
@@ -165,6 +167,7 @@ class Trainer:
                 batch_size=s.sample_batch_size,
                 clip_skip=s.clip_skip,
                 shard=(self.dist.rank, self.dist.world_size),
+                have=have,
                 should_stop=lambda: self.commands.cancelled,
                 on_progress=lambda done, total, i=index: self._emit(
                     "class_images", f"concept {i + 1}: class image {done} of {total}", step=done, total_steps=total
