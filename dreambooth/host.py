@@ -159,7 +159,7 @@ class Host:
 
     def check_settings(self, settings: Settings) -> list[str]:
         """Every reason not to start: the settings' own problems, then paths outside what this server may touch."""
-        problems = settings.validate(model_in_memory=self.model_in_memory(settings))
+        problems = settings.validate()
         readable = [
             ("pretrained_model_name_or_path", settings.pretrained_model_name_or_path),
             ("pretrained_vae_name_or_path", settings.pretrained_vae_name_or_path),
@@ -188,10 +188,6 @@ class Host:
                     folders = ", ".join(map(str, writable))
                     problems.append(f"{name}: '{value}' is outside the output folders ({folders})")
         return problems
-
-    def model_in_memory(self, settings: Settings) -> bool:
-        """Whether the job will train from the model already in memory (then its path need not exist)."""
-        return False
 
     @contextlib.contextmanager
     def session(self, settings: Settings, log: Callable[[str], None]) -> Iterator[Any]:
@@ -252,11 +248,14 @@ class Host:
             raise ValueError(f"unknown captioner '{name}'; choose one of {', '.join(self.captioner_names())}")
         from .data.captioning import DEFAULT_BLIP_ID, BlipCaptioner
 
-        captioner = BlipCaptioner(model or DEFAULT_BLIP_ID)  # a model id is looked up in the local cache only
-        try:
-            yield captioner
-        finally:
-            del captioner
+        yield BlipCaptioner(model or DEFAULT_BLIP_ID)  # a model id is looked up in the local cache only
+
+    def caption_folder(self, name: str, model: str, folder: str, **options: Any) -> Any:
+        """Caption ``folder`` with captioner ``name``; ``options`` as :func:`~.data.captioning.caption_folder`."""
+        from .data.captioning import caption_folder
+
+        with self.captioner(name, model) as captioner:
+            return caption_folder(folder, captioner, **options)
 
     # ----------------------------------------------------------------------------------------- saved settings
 

@@ -422,3 +422,17 @@ def test_the_job_thread_never_blocks_the_callers_thread(webui, make_settings):
     assert wait_for(lambda: runner.snapshot().losses)
     runner.cancel()
     assert runner.wait(WAIT_SECONDS)
+
+
+def test_the_tabs_webui_captioners_caption_a_folder(webui, tmp_path):
+    """The Dataset tools' "BLIP (WebUI)" goes through the WebUI's interrogator, one caption file per image."""
+    from conftest import draw_subject
+
+    w = webui()
+    draw_subject(tmp_path / "set", count=2)
+    host = w.glue.runner().host
+    assert "BLIP (WebUI)" in host.captioner_names()
+    report = host.caption_folder("BLIP (WebUI)", "", str(tmp_path / "set"), prefix="ohwx ring")
+    assert len(report.written) == 2
+    assert (tmp_path / "set" / "img_0.txt").read_text().strip().startswith("ohwx ring, ")
+    assert "interrogate.generate_caption" in " ".join(w.fake.call_names())

@@ -12,9 +12,7 @@ N*b compute the same gradient, up to the order of floating-point additions.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -37,10 +35,6 @@ class Single:
 
     def broadcast_flags(self, flags: list[bool]) -> list[bool]:
         return list(flags)
-
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        yield
 
 
 class Distributed(Single):
@@ -90,15 +84,6 @@ class Distributed(Single):
         tensor = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=self.device)
         dist.broadcast(tensor, src=0)
         return [bool(v) for v in tensor.tolist()]
-
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """The main process runs the block first (e.g. writes a file), then the others."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
 
 
 def launched_processes() -> int:

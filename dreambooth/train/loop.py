@@ -320,13 +320,7 @@ class Trainer:
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
             per_sample = per_sample.index_put(where, sample_losses(prediction, target))
-        mask = torch.tensor(is_prior, device=device)
-        if global_counts is None:
-            return combine_losses(per_sample, mask, s.prior_loss_weight)
-        instance = per_sample[~mask].sum() / global_counts[0]
-        prior = per_sample[mask].sum() / global_counts[1] if global_counts[1] else None
-        total = instance if prior is None else instance + s.prior_loss_weight * prior
-        return total, instance, prior
+        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, global_counts)
 
     # ------------------------------------------------------------------------------------------------ outputs
 

@@ -25,18 +25,24 @@ def sample_losses(prediction: Any, target: Any) -> Any:
     return ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)
 
 
-def combine_losses(per_sample: Any, is_prior: Any, prior_loss_weight: float) -> tuple[Any, Any, Any]:
+def combine_losses(
+    per_sample: Any, is_prior: Any, prior_loss_weight: float, counts: tuple[int, int] | None = None
+) -> tuple[Any, Any, Any]:
     """(total, instance, prior) from per-sample losses; ``is_prior`` is a bool tensor with one entry per sample.
 
-    ``prior`` is ``None`` when the batch has no class image.
+    ``counts``: the (instance, class) samples of the whole step when these are one process's share of it; the sums
+    are divided by those, so the processes' losses add up to the step's.  Default: this batch's own counts (means).
+    ``prior`` is ``None`` when the step has no class image.
     """
     import torch
 
     is_prior = is_prior.to(per_sample.device, torch.bool)
-    instance = per_sample[~is_prior].mean()
-    if not bool(is_prior.any()):
+    if counts is None:
+        counts = (int((~is_prior).sum()), int(is_prior.sum()))
+    instance = per_sample[~is_prior].sum() / counts[0]
+    if not counts[1]:
         return instance, instance, None
-    prior = per_sample[is_prior].mean()
+    prior = per_sample[is_prior].sum() / counts[1]
     return instance + prior_loss_weight * prior, instance, prior
 
 

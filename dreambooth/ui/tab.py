@@ -159,12 +159,13 @@ class Tab:
         return f"Saved `{path}`.", gr.update(choices=self.host.saved_settings())
 
     def load_settings(self, name: str) -> list[Any]:
+        unchanged = [gr.update()] * (len(self.specs) + 3 + len(self.concept_fields))  # the form as it is
         if not name:
-            return [gr.update()] * (len(self.specs) + 3 + len(self.concept_fields)) + ["Choose saved settings."]
+            return [*unchanged, "Choose saved settings."]
         try:
             settings = self.host.load_settings(name)
         except (OSError, DreamBoothError) as error:
-            return [gr.update()] * (len(self.specs) + 3 + len(self.concept_fields)) + [f"**Not loaded:** {error}"]
+            return [*unchanged, f"**Not loaded:** {error}"]
         return [*self.widget_values(settings), f"Loaded '{name}'."]
 
     def describe_model(self, path: str) -> str:
@@ -320,34 +321,25 @@ class Tab:
         import pandas as pd
 
         snapshot = self.runner.snapshot()
-        seen = dict(seen or {})
-        key = snapshot.job_id
-        outputs: list[Any] = [status_markdown(snapshot)]
-        points = loss_points(snapshot)
-        if seen.get("losses") != (key, len(snapshot.losses)):
-            frame = pd.DataFrame(points or [(0, 0.0)], columns=["step", "loss"])
-            outputs.append(gr.update(value=frame))
-        else:
-            outputs.append(gr.update())
-        if seen.get("samples") != (key, len(snapshot.samples)):
-            outputs.append(gr.update(value=list(reversed(snapshot.samples))))
-        else:
-            outputs.append(gr.update())
-        if seen.get("log") != (key, len(snapshot.log), snapshot.log[-1:] if snapshot.log else ()):
-            outputs.append("\n".join(snapshot.log))
-        else:
-            outputs.append(gr.update())
-        if seen.get("checkpoints") != (key, len(snapshot.checkpoints)):
-            last = snapshot.checkpoints[-1] if snapshot.checkpoints else None
-            outputs.append(gr.update(choices=list(snapshot.checkpoints), value=last))
-        else:
-            outputs.append(gr.update())
-        seen.update(
-            losses=(key, len(snapshot.losses)),
-            samples=(key, len(snapshot.samples)),
-            log=(key, len(snapshot.log), snapshot.log[-1:] if snapshot.log else ()),
-            checkpoints=(key, len(snapshot.checkpoints)),
-        )
+        job = snapshot.job_id
+        now = {  # what identifies each output's content; an unchanged one is not sent again
+            "losses": (job, len(snapshot.losses)),
+            "samples": (job, len(snapshot.samples)),
+            "log": (job, len(snapshot.log), snapshot.log[-1:]),
+            "checkpoints": (job, len(snapshot.checkpoints)),
+        }
+        changed = {name: (seen or {}).get(name) != value for name, value in now.items()}
+        last = snapshot.checkpoints[-1] if snapshot.checkpoints else None
+        outputs: list[Any] = [
+            status_markdown(snapshot),
+            gr.update(value=pd.DataFrame(loss_points(snapshot) or [(0, 0.0)], columns=["step", "loss"]))
+            if changed["losses"]
+            else gr.update(),
+            gr.update(value=list(reversed(snapshot.samples))) if changed["samples"] else gr.update(),
+            "\n".join(snapshot.log) if changed["log"] else gr.update(),
+            gr.update(choices=list(snapshot.checkpoints), value=last) if changed["checkpoints"] else gr.update(),
+        ]
+        seen = now
         return [seen, *outputs]
 
     # -------------------------------------------------------------------------------------- layout

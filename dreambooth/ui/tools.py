@@ -68,16 +68,13 @@ class DatasetTools:
     # ------------------------------------------------------------------------------------------ captioning
 
     def caption(self, folder: str, source: str, model: str, prefix: str, suffix: str, overwrite: bool, dedupe: bool):
-        from ..data.captioning import caption_folder
-
         refused = self._check(folder) or (self._check(model) if source == LOCAL_BLIP and model else "")
         if refused:
             return f"**Not captioned:** {refused}"
         try:
-            with self.host.captioner(source, model) as captioner:
-                report = caption_folder(
-                    folder, captioner, prefix=prefix, suffix=suffix, overwrite=overwrite, dedupe_tags=dedupe
-                )
+            report = self.host.caption_folder(
+                source, model, folder, prefix=prefix, suffix=suffix, overwrite=overwrite, dedupe_tags=dedupe
+            )
         except (DreamBoothError, ValueError, OSError) as error:
             return f"**Not captioned:** {error}"
         return "```\n" + report.summary() + "\n```"

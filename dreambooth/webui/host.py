@@ -226,17 +226,14 @@ class WebuiHost(Host):
     def captioner_names(self) -> list[str]:
         return [*WEBUI_CAPTIONERS, *super().captioner_names()]
 
-    @contextlib.contextmanager
-    def captioner(self, name: str, model: str = "") -> Iterator[Any]:
-        """The WebUI's own interrogators (under its queue lock, loaded for the job only), or a local BLIP."""
+    def caption_folder(self, name: str, model: str, folder: str, **options: Any) -> Any:
+        """The WebUI's own interrogators (under its queue lock, loaded for the job only, Interrupt stops), or a
+        local BLIP."""
         if name not in WEBUI_CAPTIONERS:
-            with super().captioner(name, model) as captioner:
-                yield captioner
-            return
-        from .captioning import webui_captioner
+            return super().caption_folder(name, model, folder, **options)
+        from .captioning import webui_caption_folder
 
-        with webui_captioner(WEBUI_CAPTIONERS[name], wait=False) as captioner:
-            yield captioner
+        return webui_caption_folder(folder, WEBUI_CAPTIONERS[name], wait=False, **options)
 
     def interrupted(self) -> bool:
         _, _, _, _, shared = _modules()
