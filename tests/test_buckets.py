@@ -126,7 +126,7 @@ def test_training_with_mixed_aspect_ratios_batch_2_and_prior(make_settings, shap
 
     combine = loop.combine_losses
     monkeypatch.setattr(
-        loop, "combine_losses", lambda per, mask, w: masks.append(mask.tolist()) or combine(per, mask, w)
+        loop, "combine_losses", lambda per, mask, *rest: masks.append(mask.tolist()) or combine(per, mask, *rest)
     )
     settings = make_settings(
         concept={"instance_data_dir": str(shapes_folder)},
