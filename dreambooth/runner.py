@@ -61,8 +61,11 @@ CARRIED = ("loss", "instance_loss", "prior_loss", "seconds_per_step", "peak_memo
 
 
 def _carry_forward(last: Progress, new: Progress) -> Progress:
-    """Keep the last known training figures (loss, s/step, memory) through saving / sampling / done events."""
+    """Keep the last known training figures (loss, s/step, memory, and step / total when the event has none)
+    through saving / sampling / done events."""
     kept = {name: getattr(last, name) for name in CARRIED if getattr(new, name) is None}
+    if not new.total_steps and last.total_steps:
+        kept.update(step=last.step, total_steps=last.total_steps)
     if not new.learning_rates and last.learning_rates:
         kept["learning_rates"] = last.learning_rates
     return dataclasses.replace(new, **kept) if kept else new

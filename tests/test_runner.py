@@ -200,3 +200,14 @@ def test_missing_optional_packages_are_reported_not_fatal(host, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
     notes = host.environment_notes()
     assert any("xformers" in n for n in notes)
+
+
+def test_sampling_events_keep_the_step_line():
+    from dreambooth.events import Progress
+    from dreambooth.runner import _carry_forward
+
+    training = Progress(phase="training", step=120, total_steps=240, loss=0.9)
+    sampling = _carry_forward(training, Progress(phase="sampling", message="making samples at step 120"))
+    assert (sampling.step, sampling.total_steps, sampling.loss) == (120, 240, 0.9)
+    caching = _carry_forward(sampling, Progress(phase="caching", step=1, total_steps=3))
+    assert (caching.step, caching.total_steps) == (1, 3)
