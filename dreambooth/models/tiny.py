@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..compat import quiet_library_notices
 from .architecture import SD_SCALE_FACTOR, Architecture
 from .components import (
     Components,
@@ -147,8 +148,9 @@ def write_tiny_checkpoint(
     components = tiny_components(arch, seed=seed)
     if family == "sd1":
         clip_dir = (directory / f"{name}-clip").resolve()
-        components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
-        components.tokenizer.save_pretrained(str(clip_dir))
+        with quiet_library_notices():  # no "Writing model shards" progress bar in the demo's output
+            components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
+            components.tokenizer.save_pretrained(str(clip_dir))
         arch.clip_version = str(clip_dir)
     destination = directory / f"{name}{suffix}"
     save_single_file(components, destination, sidecar=True)

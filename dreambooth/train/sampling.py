@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from ..compat import text_final_layer_norm
+from ..compat import quiet_library_notices, text_final_layer_norm
 
 
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str], clip_skip: int = 1) -> Any:
@@ -68,7 +68,9 @@ def generate(
 ) -> list[Any]:
     """PIL images, ``images_per_prompt`` for each prompt, in order; the k-th image of a prompt uses seed + k."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    with quiet_library_notices():  # the pipeline module resolves CLIP's image processor, which we never use
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
     device = device or next(unet.parameters()).device
