@@ -136,16 +136,19 @@ def write_tiny_checkpoint(
     suffix: str = ".safetensors",
     seed: int = 0,
     name: str | None = None,
+    components: Components | None = None,
 ) -> Path:
     """Write a tiny single-file checkpoint with its sidecar yaml into ``directory``; returns the checkpoint path.
 
-    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.
+    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.  ``components``
+    (e.g. the demo's, whose VAE was taught to reconstruct) are written instead of new random ones.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arch = tiny_architecture(family, prediction_type, inpainting)
     name = name or f"tiny-{family}{'-inpainting' if inpainting else ''}"
-    components = tiny_components(arch, seed=seed)
+    if components is None:
+        components = tiny_components(tiny_architecture(family, prediction_type, inpainting), seed=seed)
+    arch = components.arch
     if family == "sd1":
         clip_dir = (directory / f"{name}-clip").resolve()
         with quiet_library_notices():  # no "Writing model shards" progress bar in the demo's output
