@@ -113,6 +113,18 @@ def teach_vae(vae: Any, images: list[Image.Image], steps: int, seed: int = 0, cr
     return loss.item()
 
 
+def nearest_training_distance(images: list[Image.Image], training: list[Image.Image]) -> float:
+    """Mean over ``images`` of the root-mean-square pixel difference (RGB in 0..1) to the nearest training image
+    or its mirror image: how far the samples are from showing what the model was trained on."""
+    import numpy as np
+
+    def arrays(group: list[Image.Image]) -> list[Any]:
+        return [np.asarray(i.convert("RGB").resize((RESOLUTION, RESOLUTION)), dtype=np.float32) / 255 for i in group]
+
+    references = [a for t in arrays(training) for a in (t, t[:, ::-1])]
+    return float(np.mean([min(np.sqrt(np.mean((a - r) ** 2)) for r in references) for a in arrays(images)]))
+
+
 def subject_share(images: list[Image.Image], tolerance: float = 60.0) -> float:
     """Share of the pixels of ``images`` in the subject's colours (within ``tolerance`` of its red or its yellow, as
     RGB distance): about a quarter in the training images, near zero in pictures without the subject."""
@@ -163,7 +175,9 @@ def _open(paths: list[Path]) -> list[Image.Image]:
     return images
 
 
-def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4) -> dict[str, Any]:
+def run_demo(
+    out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4, prior_preservation: bool = True
+) -> dict[str, Any]:
     """Run the demo into ``out``; returns the paths it wrote and the shares of subject-coloured pixels
     (:func:`subject_share`) of the training images and of the samples before and after training."""
     from .events import Callbacks
@@ -181,7 +195,7 @@ def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4
 
     components = tiny_components()
     rng = random.Random(1)
-    pictures = [draw_scene(rng, RESOLUTION, subject=False) for _ in range(96)] + _open(training)
+    pictures = [draw_scene(rng, RESOLUTION, subject=index % 2 == 0) for index in range(96)] + _open(training)
     vae_started = time.perf_counter()
     error = teach_vae(components.vae, pictures, vae_steps)
     base = write_tiny_checkpoint(out / "models", "sd1", name="tiny-base", components=components)
@@ -196,12 +210,12 @@ def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4
         output_dir=str(out / "output"),
         model_name="demo",
         resolution=RESOLUTION,
-        train_batch_size=2,
+        train_batch_size=2 if prior_preservation else 4,  # four images a step either way
         max_train_steps=steps,
         learning_rate=1e-3,
         lr_scheduler="constant_with_warmup",
         lr_warmup_steps=max(1, steps // 10),
-        with_prior_preservation=True,
+        with_prior_preservation=prior_preservation,
         prior_loss_weight=1.0,
         num_class_images=6,
         class_inference_steps=10,
@@ -263,6 +277,7 @@ def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4
     )
     groups = {"training": training, "before": before, "after": after}
     shares = {name: subject_share(_open(paths)) for name, paths in groups.items()}
+    distances = {name: nearest_training_distance(_open(groups[name]), _open(training)) for name in ("before", "after")}
     quarter = max(1, steps // 4)
     first = sum(v for _, v in result.losses[:quarter]) / quarter
     last = sum(v for _, v in result.losses[-quarter:]) / quarter
@@ -273,6 +288,10 @@ def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4
     print(
         f"      pixels in the subject's red and yellow: {shares['before']:.0%} before -> {shares['after']:.0%} after "
         f"(training images: {shares['training']:.0%})"
+    )
+    print(
+        f"      distance to the nearest training image (RMS, 0..1): {distances['before']:.3f} before -> "
+        f"{distances['after']:.3f} after"
     )
     print(f"      before/after: {comparison}")
     print(f"      checkpoint:   {result.checkpoints[-1]}")
@@ -286,4 +305,5 @@ def run_demo(out: Path, steps: int = 600, vae_steps: int = 400, samples: int = 4
         "before_after": comparison,
         "plot": plot,
         "subject_share": shares,
+        "nearest_training_distance": distances,
     }
