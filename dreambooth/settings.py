@@ -176,6 +176,13 @@ class Settings:
         minimum=1,
         maximum=64,
     )
+    inpainting_full_mask_ratio: float = setting(
+        0.25,
+        "Inpainting models: share of training samples masked whole (the rest get random rectangles and strokes).",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+    )
 
     # --- prior preservation
     with_prior_preservation: bool = setting(
