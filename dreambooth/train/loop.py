@@ -105,6 +105,7 @@ class Trainer:
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
@@ -284,7 +285,7 @@ class Trainer:
 
         if not is_inpainting(self.components):
             return None
-        if getattr(self, "inpainting_inputs", None) is None:
+        if self.inpainting_inputs is None:
             self.inpainting_inputs = InpaintingInputs(self.components.vae, self.settings.inpainting_full_mask_ratio)
         return self.inpainting_inputs
 
@@ -542,8 +543,8 @@ class Trainer:
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-            if s.low_memory and device.type == "cuda":
-                components.vae.to("cpu")  # not needed again until a sample is made
+            if s.low_memory and device.type == "cuda" and self._inpainting() is None:
+                components.vae.to("cpu")  # not needed again until a sample is made (inpainting: every step)
         if not s.train_text_encoder and self.cache_text:
             prompts = [e.prompt for group in instances + (classes or []) for e in group]
             self._text(prompts, train_text=False)  # every embedding now, so the encoder can leave the GPU
