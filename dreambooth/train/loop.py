@@ -353,12 +353,12 @@ class Trainer:
             group_steps = torch.cat([timesteps[i] for i in indices]).to(device)
             noisy = scheduler.add_noise(group_latents, group_noise, group_steps)
             if inpainting is not None:  # + the mask and the masked image's latents (9 input channels)
-                started = time.perf_counter()
+                encode_started = time.perf_counter()
                 conditioning = inpainting.conditioning(
                     torch.stack([images[i] for i in indices]), torch.stack([masks[i] for i in indices])
                 )
                 noisy = inpainting.unet_input(noisy, conditioning.to(device))
-                self.timings["data"] += time.perf_counter() - started
+                self.timings["data"] += time.perf_counter() - encode_started
             with autocast:
                 hidden = self._text([prompts[i] for i in indices], train_text).to(device)
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
