@@ -117,7 +117,6 @@ def test_check_images_outside_the_roots_names_the_roots_and_the_setting(tmp_path
     outside = [Concept(instance_data_dir="/etc", instance_prompt="x").__dict__]
     report, thumbnails = tab.check_dataset(outside, "1", 64, False, "", None, None, *tab._editor_values(outside[0]))
     assert thumbnails == []
-    expected = host.paths.check_read("/etc", "instance_data_dir")
-    assert expected in report
     for named in (str(tmp_path / "home"), str(host.checkpoint_dir), str(host.data_dir), "--allow", "ALLOWED_ROOTS"):
         assert named in report, named
+    assert host.paths.check_read("/etc", "instance_data_dir") in report  # the one sentence of the policy
