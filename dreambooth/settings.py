@@ -632,7 +632,7 @@ class Settings:
         concept_fields = {f.name for f in dataclasses.fields(Concept)}
         for index, item in enumerate(concepts):
             if not isinstance(item, dict):
-                problems.append(f"concept {index + 1} must be an object")
+                problems.append(f"concepts: concept {index + 1} must be an object, not {_show(item)}")
                 continue
             unknown = sorted(set(item) - concept_fields)
             if unknown:

@@ -61,6 +61,12 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def _short(value: Any) -> str:
+    """A value for a message: numbers of absurd length cut (10**400 is 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def _bounds(settings: Settings) -> list[str]:
     problems = []
     objects = [("", settings)] + [(f"concept {i + 1}: ", c) for i, c in enumerate(settings.concepts)]
@@ -72,12 +78,12 @@ def _bounds(settings: Settings) -> list[str]:
                 continue
             if meta.get("choices") and value not in meta["choices"]:
                 allowed = ", ".join(meta["choices"])
-                problems.append(f"{prefix}{spec.name} is '{value}'; it must be one of: {allowed}")
+                problems.append(f"{prefix}{spec.name} is {_short(value)}; it must be one of: {allowed}")
             if isinstance(value, (int, float)):
                 if meta.get("minimum") is not None and value < meta["minimum"]:
-                    problems.append(f"{prefix}{spec.name} is {value}; it must be at least {meta['minimum']}")
+                    problems.append(f"{prefix}{spec.name} is {_short(value)}; it must be at least {meta['minimum']}")
                 if meta.get("maximum") is not None and value > meta["maximum"]:
-                    problems.append(f"{prefix}{spec.name} is {value}; it must be at most {meta['maximum']}")
+                    problems.append(f"{prefix}{spec.name} is {_short(value)}; it must be at most {meta['maximum']}")
     return problems
 
 
@@ -136,7 +142,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
     if text_problems:  # paths with NUL characters or of absurd length must not reach the file system
         check_files = False
     problems = text_problems + _bounds(s)
-    if s.resolution % 8:
+    if isinstance(s.resolution, int) and s.resolution < 10**6 and s.resolution % 8:
         problems.append(f"resolution is {s.resolution}; it must be a multiple of 8 (e.g. {s.resolution // 8 * 8})")
     if s.use_txt_as_label and s.use_filename_as_label:
         problems.append("use_txt_as_label and use_filename_as_label cannot both be on: choose one caption source")
