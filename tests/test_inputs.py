@@ -521,3 +521,68 @@ def test_nul_bytes_and_absurd_values_of_the_review_through_the_rest_route(rest, 
         data[key] = value
         response = rest(data)
         assert response.status_code == 422 and key in response.text, (key, response.status_code, response.text[:300])
+
+
+# ---------------------------------------------------------------------------------- item 19 and prompt lengths
+
+
+def standard_arch(family: str, prediction: str):
+    """The architecture of a released SD 1.x / 2.x model (only the sizes matter here; no weights)."""
+    from dreambooth.models.architecture import Architecture
+
+    width = 768 if family == "sd1" else 1024
+    return Architecture(
+        family=family,
+        prediction_type=prediction,
+        unet={"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": width, "in_channels": 4},
+        vae={"block_out_channels": [128, 256, 512, 512]},
+        text={"hidden_size": width},
+        text_blocks_in_file=24,
+    )
+
+
+def test_a_768_v_model_trained_at_512_is_warned_about():
+    v_model = standard_arch("sd2", "v_prediction")
+    (warning,) = validation.resolution_warnings(Settings(resolution=512), v_model)
+    assert "resolution is 512" in warning and "768" in warning and "SD 2.x 768 (v-prediction)" in warning
+    assert validation.resolution_warnings(Settings(resolution=768), v_model) == []
+    assert validation.resolution_warnings(Settings(resolution=512), standard_arch("sd2", "epsilon")) == []
+    assert validation.resolution_warnings(Settings(resolution=512), standard_arch("sd1", "epsilon")) == []
+
+
+def test_sdxl_will_be_warned_about_below_1024():
+    class Sdxl:  # what an SDXL architecture will answer; the table already knows its resolution
+        family, name, is_standard_size, is_v_prediction = "sdxl", "SDXL", True, False
+
+    assert validation.resolution_warnings(Settings(resolution=768), Sdxl())
+    assert validation.resolution_warnings(Settings(resolution=1024), Sdxl()) == []
+
+
+def test_prompts_longer_than_clip_reads_are_warned_about_with_their_token_count():
+    settings = Settings(
+        concepts=[Concept(instance_prompt="photo of zwx dog, " * 20, class_prompt="photo of a dog")],
+        save_sample_prompt="a b c",
+    )
+    (warning,) = validation.prompt_warnings(settings, lambda text: len(text.split()))
+    assert warning.startswith("concept 1: instance_prompt is 80 CLIP tokens long; only the first 75 are used")
+
+
+@pytest.mark.slow
+def test_the_trainer_logs_the_warnings_once_the_model_is_known(make_settings, monkeypatch):
+    from dreambooth.events import Callbacks
+    from dreambooth.train.loop import Trainer
+
+    class Log(Callbacks):
+        def __init__(self):
+            self.lines = []
+
+        def on_log(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(validation, "native_resolution", lambda arch: 768)  # the tiny model is no released size
+    log = Log()
+    settings = make_settings(max_train_steps=1, concept={"instance_prompt": "photo of zwx ring on a table, " * 12})
+    Trainer(settings, callbacks=log).run()
+    warnings = [line for line in log.lines if line.startswith("warning: ")]
+    assert any("resolution is 64" in w and "768" in w for w in warnings), log.lines
+    assert any("concept 1: instance_prompt is 108 CLIP tokens long" in w for w in warnings), log.lines  # 12 x 9
