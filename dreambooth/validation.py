@@ -211,6 +211,16 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             value = getattr(s, name)
             if value and not _probe(value, "exists"):
                 problems.append(f"{name}: '{value}' does not exist")
+        folders = [("pretrained_vae_name_or_path", ("config.json",))]
+        if not model_in_memory:
+            folders.insert(0, ("pretrained_model_name_or_path", ("model_index.json", "unet")))
+        for name, marks in folders:
+            value = getattr(s, name)
+            if value and _probe(value, "is_dir") and not any(_probe(str(Path(value) / m), "exists") for m in marks):
+                problems.append(
+                    f"{name}: '{value}' is a folder but not a diffusers model (no {' or '.join(marks)} in it): "
+                    "choose a .safetensors/.ckpt file or a diffusers folder"
+                )
         if s.test_prompts_file and _probe(s.test_prompts_file, "is_dir"):
             problems.append(
                 f"test_prompts_file: '{s.test_prompts_file}' is a folder: choose a text file, one prompt a line"

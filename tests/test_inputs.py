@@ -385,9 +385,12 @@ def test_files_given_for_folders_and_folders_for_files(tmp_path):
     data["concepts"][0]["class_data_dir"] = str(a_file)
     data.update(with_prior_preservation=True, resume_from=str(a_file), test_prompts_file=str(tmp_path))
     data["concepts"][0]["class_prompt"] = "photo of a dog"
-    data.update(logging_dir=str(a_file))
+    data.update(
+        logging_dir=str(a_file), pretrained_model_name_or_path=str(tmp_path), pretrained_vae_name_or_path=str(tmp_path)
+    )
     problems = problems_of(data)
-    for name in ("instance_data_dir", "class_data_dir", "resume_from", "test_prompts_file", "logging_dir"):
+    names = ["instance_data_dir", "class_data_dir", "resume_from", "test_prompts_file", "logging_dir"]
+    for name in [*names, "pretrained_model_name_or_path", "pretrained_vae_name_or_path"]:
         assert any(name in p for p in problems), (name, problems)
 
 
