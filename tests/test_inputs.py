@@ -486,7 +486,7 @@ def rest(tmp_path):
     app = FastAPI()
     register_routes(app, Runner(NoJobs(tmp_path / "models", allowed_roots=[tmp_path])))
 
-    def post(payload: dict):
+    def post(payload: dict | None = None, body: str | None = None):
         import asyncio
 
         import httpx
@@ -494,9 +494,9 @@ def rest(tmp_path):
         async def go():
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-                body = json.dumps(payload)  # NaN and Infinity as Python writes them
+                content = json.dumps(payload) if body is None else body  # NaN and Infinity as Python writes them
                 headers = {"content-type": "application/json"}
-                return await client.post("/dreambooth/start", content=body, headers=headers)
+                return await client.post("/dreambooth/start", content=content, headers=headers)
 
         return asyncio.run(go())
 
@@ -589,3 +589,13 @@ def test_the_trainer_logs_the_warnings_once_the_model_is_known(make_settings, mo
     warnings = [line for line in log.lines if line.startswith("warning: ")]
     assert any("resolution is 64" in w and "768" in w for w in warnings), log.lines
     assert any("concept 1: instance_prompt is 108 CLIP tokens long" in w for w in warnings), log.lines  # 12 x 9
+
+
+@pytest.mark.gradio
+@pytest.mark.parametrize(
+    "body",
+    ["[" * 100_000 + "]" * 100_000, '{"resolution": 1' + "0" * 5000 + "}", "[1, 2]", "nonsense", '"text"'],
+    ids=["deep", "5000 digits", "a list", "not JSON", "a string"],
+)
+def test_bodies_that_are_no_settings_object_are_4xx(rest, body):
+    assert 400 <= rest(body=body).status_code < 500
