@@ -186,9 +186,9 @@ class Host:
         """Every reason not to start: the settings' own problems, then paths this server may not read or write.
 
         A class folder counts as a write when the trainer would generate images there (fewer usable class images
-        than wanted); a complete one is only read.
+        than wanted); a complete one is only read.  While any path is refused, the settings are validated without
+        looking at files (what exists outside the allowed folders is not this server's to say).
         """
-        problems = settings.validate()
         policy = self.paths
         readable = [
             ("pretrained_model_name_or_path", settings.pretrained_model_name_or_path),
@@ -200,9 +200,8 @@ class Host:
             readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))
             readable.append((f"concept {index} class_data_dir", concept.class_data_dir))
         refused = [policy.check_read(value, name) for name, value in readable if value]
-        problems.extend(p for p in refused if p)
         if settings.has_prior_preservation:
-            problems.extend(self._class_folder_writes(settings, policy))
+            refused.extend(self._class_folder_writes(settings, policy))
         if settings.output_dir:
             out = Path(settings.output_dir)
             for name, value in (
@@ -210,10 +209,9 @@ class Host:
                 ("checkpoint_dir", out / settings.checkpoint_dir),
                 ("logging_dir", out / settings.logging_dir),
             ):
-                problem = policy.check_write(value, name)
-                if problem:
-                    problems.append(problem)
-        return problems
+                refused.append(policy.check_write(value, name))
+        refused = [p for p in refused if p]
+        return settings.validate(check_files=not refused) + refused
 
     @staticmethod
     def _class_folder_writes(settings: Settings, policy: PathPolicy) -> list[str]:

@@ -108,3 +108,9 @@ def test_every_path_a_job_reads_is_checked_with_the_same_sentence(host, make_set
     ):
         assert policy.check_read(path, field) in problems
     assert all("DREAMBOOTH_ALLOWED_ROOTS" in p and "--allow DIR" in p for p in problems if "may read" in p)
+    # what lies outside the allowed folders is not probed: no "no images in '/etc'", no "does not exist"
+    assert not any("/etc'" in p and "outside" not in p for p in problems), problems
+    hidden = host.prepare(make_settings(pretrained_model_name_or_path="/no/such/model.safetensors"))
+    assert [p for p in host.check_settings(hidden) if "/no/such" in p] == [
+        host.paths.check_read("/no/such/model.safetensors", "pretrained_model_name_or_path")
+    ]
