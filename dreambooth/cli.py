@@ -198,7 +198,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise DreamBoothError("the ui command needs gradio: pip install gradio==3.41.2 (or use the WebUI's tab)")
     from .ui.standalone import launch
 
-    launch(args.models_dir, port=args.port, allowed_roots=args.allow)
+    launch(args.models_dir, port=args.port, allowed_roots=args.allow, write_roots=args.allow_write, auth=args.auth)
     return 0
 
 
@@ -351,7 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow",
         action="append",
         metavar="DIR",
-        help="a folder the app may read datasets and models from (repeatable; default: home, cwd, models dir)",
+        help="a folder the app may also read datasets and models from (repeatable; default: home, cwd, models dir)",
+    )
+    ui.add_argument(
+        "--allow-write",
+        action="append",
+        metavar="DIR",
+        help="a folder the app may also write to: class images, prepared datasets, captions (repeatable; default: "
+        "only the models dir's Stable-diffusion and dreambooth folders)",
+    )
+    ui.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help="a login for the page and HTTP basic auth for the REST routes (several: u1:p1,u2:p2)",
     )
     ui.set_defaults(func=cmd_ui)
 
