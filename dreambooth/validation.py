@@ -114,6 +114,12 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             value = getattr(s, name)
             if value and not Path(value).exists():
                 problems.append(f"{name}: '{value}' does not exist")
+        if s.pretrained_model_name_or_path and not model_in_memory and Path(s.pretrained_model_name_or_path).exists():
+            from .models.describe import unsupported_family
+
+            family_problem = unsupported_family(s.pretrained_model_name_or_path)
+            if family_problem:
+                problems.append(f"pretrained_model_name_or_path: {family_problem}")
         if s.resume_from and not (Path(s.resume_from) / "state.json").is_file():
             problems.append(f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)")
     return problems
