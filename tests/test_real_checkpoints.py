@@ -188,6 +188,21 @@ def test_loading_leaves_torch_allow_list_as_it_was(release_ckpt):
         torch.load(release_ckpt(name="again"), weights_only=True)  # a plain torch.load still refuses it
 
 
+def test_a_torch_without_named_allow_list_entries_refuses_clearly(release_ckpt, tiny_checkpoint, tmp_path, monkeypatch):
+    """torch < 2.6 cannot name the extras: plain-tensor files still load, a release .ckpt says which torch would."""
+    from dreambooth.models import safe_pickle
+
+    monkeypatch.setattr(safe_pickle, "can_name_globals", lambda: False)
+    path = release_ckpt()
+    with pytest.raises(ModelFileError, match=r"torch 2\.6\+ can") as error:
+        load_components(path)
+    assert_one_line_refusal(error.value, path)
+    state_dict, _ = read_state_dict(tiny_checkpoint("sd1"))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": state_dict}, plain)
+    assert safe_pickle.load_pickle(plain)["state_dict"].keys() == state_dict.keys()
+
+
 # ---------------------------------------------------------------------- item 2: refused in one line everywhere
 
 

@@ -17,6 +17,8 @@ allow-list (``torch.serialization.safe_globals``, entered for one load and left 
   dtypes are allowed by torch itself.
 
 Anything else is refused with :class:`UnsafeCheckpointError`: one line naming the file and the global it asked for.
+torch keeps its allow-list per process: while one of our loads runs, another thread's ``torch.load`` accepts these
+few inert extras too, and nothing more; after it the list is as it was.
 Naming globals this way needs torch 2.6 or newer (``safe_globals`` with ``(object, "qualified.name")`` pairs),
 checked by trying once at run time; an older torch still loads files of plain tensors, and a refusal says which
 torch would load the rest.
