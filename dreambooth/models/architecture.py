@@ -232,7 +232,7 @@ def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelErro
 
 
 def detect_family(sd: dict[str, Any], source: str) -> str:
-    """ "sd1" or "sd2" from the key names; other families are refused by name."""
+    """The family ("sd1" or "sd2") from the key names; other families are refused by name."""
     if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in sd):
         raise unsupported(source, "Flux-class", "it has double_blocks.* weights")
     if any(k.startswith(UNET + "joint_blocks.") for k in sd):

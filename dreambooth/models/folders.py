@@ -21,10 +21,13 @@ from .safe_pickle import load_pickle
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
-# model_index.json ``_class_name`` prefixes of the families we cannot train yet, longest first.
+# model_index.json ``_class_name`` prefixes of the pipelines whose models we cannot train (yet).
 OTHER_FAMILIES = (
     ("StableDiffusionXL", "SDXL"),
     ("StableDiffusion3", "SD3"),
+    ("StableDiffusionUpscale", "SD x4 upscaler"),
+    ("StableDiffusionLatentUpscale", "SD latent upscaler"),
+    ("StableUnCLIP", "Stable unCLIP"),
     ("StableCascade", "Stable Cascade"),
     ("Flux", "Flux"),
     ("PixArt", "PixArt"),
