@@ -203,6 +203,21 @@ def test_a_torch_without_named_allow_list_entries_refuses_clearly(release_ckpt, 
     assert safe_pickle.load_pickle(plain)["state_dict"].keys() == state_dict.keys()
 
 
+def test_the_feature_probe_does_not_call_torch_load(monkeypatch):
+    """Inside the WebUI torch.load is its checker, which would refuse (and loudly report) the probe's own file."""
+    from dreambooth.models import safe_pickle
+
+    def replaced(*args, **kwargs):
+        raise AssertionError("torch.load called by the probe")
+
+    monkeypatch.setattr(torch, "load", replaced)
+    safe_pickle.can_name_globals.cache_clear()
+    try:
+        assert safe_pickle.can_name_globals()  # torch 2.6+ in both test environments
+    finally:
+        safe_pickle.can_name_globals.cache_clear()
+
+
 # ---------------------------------------------------------------------- item 2: refused in one line everywhere
 
 

@@ -98,21 +98,23 @@ class _Probe:
 def can_name_globals() -> bool:
     """Whether this torch accepts ``(object, "qualified.name")`` pairs in ``safe_globals`` (torch 2.6+).
 
-    Found by loading a tiny in-memory file that names :class:`_Probe`, not by comparing version numbers.
+    Found by asking torch which globals of a tiny in-memory file naming :class:`_Probe` it would refuse, not by
+    comparing version numbers.  Nothing is unpickled, and ``torch.load`` is not called: inside the WebUI it is the
+    WebUI's own checker, which would refuse the probe and print an alarm.
     """
     import io
 
     import torch
 
     serialization = torch.serialization
-    if not hasattr(serialization, "safe_globals"):
+    if not hasattr(serialization, "safe_globals") or not hasattr(serialization, "get_unsafe_globals_in_checkpoint"):
         return False
     buffer = io.BytesIO()
     torch.save({"probe": _Probe}, buffer)
     buffer.seek(0)
     try:
         with serialization.safe_globals([(_Probe, f"{_Probe.__module__}.{_Probe.__qualname__}")]):
-            return torch.load(buffer, map_location="cpu", weights_only=True)["probe"] is _Probe
+            return serialization.get_unsafe_globals_in_checkpoint(buffer) == []
     except Exception:  # any failure means: not supported by this torch
         return False
 
