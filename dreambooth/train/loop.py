@@ -128,6 +128,7 @@ class Trainer:
         import torch
 
         from ..models.components import drop_base_ema, load_components
+        from ..validation import training_warnings
 
         s = self.settings
         components = self.components
@@ -144,6 +145,8 @@ class Trainer:
         layers = components.text_encoder.config.num_hidden_layers
         if s.clip_skip > layers:
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
+        for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
+            self.log(f"warning: {warning}")
         components.to(device=device, dtype=torch.float32)
         if s.attention == "xformers":
             components.unet.enable_xformers_memory_efficient_attention()

@@ -45,8 +45,9 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
         return runner.snapshot().to_dict()
 
     def start(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        notes: list[str] = []  # the guide's names that were translated or are ignored
         try:
-            settings = host.prepare(Settings.from_dict(payload))
+            settings = host.prepare(Settings.from_dict(payload, notes=notes))
             job_id = runner.start(settings)
         except SettingsError as error:
             raise HTTPException(status_code=422, detail=error.problems) from error
@@ -55,7 +56,12 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
         except DreamBoothError as error:
             raise HTTPException(status_code=422, detail=[str(error)]) from error
         host.remember_last_used(settings)
-        return {"job_id": job_id, "model_name": settings.model_name, "checkpoint_dir": settings.checkpoint_dir}
+        return {
+            "job_id": job_id,
+            "model_name": settings.model_name,
+            "checkpoint_dir": settings.checkpoint_dir,
+            "notes": notes,
+        }
 
     def cancel() -> dict[str, Any]:
         return {"cancelled": runner.cancel()}
