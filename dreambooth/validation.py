@@ -225,6 +225,13 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             problems.append(
                 f"test_prompts_file: '{s.test_prompts_file}' is a folder: choose a text file, one prompt a line"
             )
+        model = s.pretrained_model_name_or_path
+        if model and not model_in_memory and _probe(model, "exists"):
+            from .models.describe import unsupported_family
+
+            family_problem = unsupported_family(model)
+            if family_problem:
+                problems.append(f"pretrained_model_name_or_path: {family_problem}")
         if s.resume_from and not _probe(str(Path(s.resume_from) / "state.json"), "is_file"):
             problems.append(f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)")
     return problems

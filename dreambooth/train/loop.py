@@ -127,7 +127,7 @@ class Trainer:
     def _load(self, device: Any) -> Any:
         import torch
 
-        from ..models.components import load_components
+        from ..models.components import drop_base_ema, load_components
         from ..validation import training_warnings
 
         s = self.settings
@@ -135,6 +135,9 @@ class Trainer:
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
+        dropped = drop_base_ema(components)
+        if dropped:
+            self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
         if s.pretrained_vae_name_or_path:
             from ..models.components import load_vae
 
