@@ -40,6 +40,7 @@ DATASET_FIELDS = (
     "augment_contrast",
     "augment_random_crop",
     "augment_variants",
+    "inpainting_full_mask_ratio",
 )
 PARAMETER_GROUPS = (
     ("basics", "Basics"),
