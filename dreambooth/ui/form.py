@@ -77,7 +77,10 @@ class FieldSpec:
 
     @property
     def info(self) -> str:
-        """The widget's help line: the help text, then the key that config files and the CLI use."""
+        """The widget's help line: the help text, then the key that config files and the CLI use (unless the label
+        is the key already)."""
+        if self.label == self.key:
+            return self.help
         return f"{self.help} [{self.key}]" if self.help else f"[{self.key}]"
 
     @property

@@ -1,6 +1,6 @@
 """Where the tab's widgets sit and which events call which :class:`~dreambooth.ui.tab.Tab` handler.
 
-The Settings panel opens on what a first run needs, in compact rows (:data:`~dreambooth.ui.form.FIRST_SCREEN_ROWS`);
+The Setup panel opens on what a first run needs, in compact rows (:data:`~dreambooth.ui.form.FIRST_SCREEN_ROWS`);
 every other field sits in a closed accordion named after what it holds (:data:`~dreambooth.ui.form.SECTIONS`).
 Every handler gets its inputs as one ``{component: value}`` dict (inputs given as a set) and answers with one.
 """
@@ -53,13 +53,13 @@ def _width(spec: FieldSpec) -> dict[str, Any]:
 
 
 def build_layout(tab: Any, css: str | None = None) -> gr.Blocks:
-    """The tab's Blocks: Settings, Run, Dataset tools; fills ``tab.widgets``, ``concept_widgets`` and ``controls``."""
+    """The tab's Blocks: Setup, Run, Dataset tools; fills ``tab.widgets``, ``concept_widgets`` and ``controls``."""
     with gr.Blocks(analytics_enabled=False, elem_id="dreambooth_tab", css=css, title="DreamBooth") as blocks:
         notes = tab.host.environment_notes()
         if notes:
             gr.Markdown("\n".join(f"- {n}" for n in notes), elem_id="db_environment")
         tab.controls["concepts"] = gr.State([empty_concept()])
-        with gr.Tab("Settings", elem_id="db_panel_settings"):
+        with gr.Tab("Setup", elem_id="db_panel_setup"):
             _first_screen(tab)
             _sections(tab)
             _saved_settings(tab)
@@ -127,8 +127,9 @@ def _first_screen(tab: Any) -> None:
         if names[0] == "pretrained_model_name_or_path":
             c["architecture"] = gr.Markdown(elem_id="db_architecture")
         elif names[0] == "concept_instance_data_dir":
-            c["token_preview"] = gr.Markdown(elem_id="db_token_preview")
-            c["dataset_report"] = gr.Markdown(elem_id="db_dataset_report")
+            with gr.Column(elem_classes="db-notes"):  # style.css: no gaps while they are empty
+                c["token_preview"] = gr.Markdown(elem_id="db_token_preview")
+                c["dataset_report"] = gr.Markdown(elem_id="db_dataset_report")
             c["thumbnails"] = gr.Gallery(
                 label="Images of the selected concept",
                 columns=8,
@@ -213,7 +214,7 @@ def _run_panel(tab: Any) -> None:
     c["seen"] = gr.State({})
     with gr.Accordion("Several GPUs", open=False):
         gr.Markdown(
-            "Training in the tab uses one device. To use several GPUs, save these settings (Settings panel: "
+            "Training in the tab uses one device. To use several GPUs, save these settings (Setup panel: "
             "Save settings), then run from the extension's folder, with N the number of GPUs:  \n"
             f"`python -m dreambooth train --config {tab.host.settings_dir}/NAME.json --num-processes N`  \n"
             "(or `accelerate launch --multi_gpu --num_processes N -m dreambooth train --config ...`).",
@@ -230,30 +231,30 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     fill = [*widgets.values(), *editor, c["concepts"], c["concept_index"], c["settings_message"], c["architecture"]]
     model, resume = widgets["pretrained_model_name_or_path"], widgets["resume_from"]
 
-    blocks.load(tab.initial, None, fill)
-    c["load"].click(tab.load_settings, c["saved"], fill)
-    c["save"].click(tab.save_settings, tab.form(), [c["settings_message"], c["saved"]])
+    # Handlers that only move values around answer at once, outside gradio's queue: a queued event fails ("Error"
+    # on every output) when a busy browser does not answer the queue's websocket within its 5 s.
+    quick = {"queue": False}
+    blocks.load(tab.initial, None, fill, **quick)
+    c["load"].click(tab.load_settings, c["saved"], fill, **quick)
+    c["save"].click(tab.save_settings, tab.form(), [c["settings_message"], c["saved"]], **quick)
     c["refresh_models"].click(tab.refresh_models, {model, resume}, [model, resume])
     model.change(tab.describe_model, model, c["architecture"])
 
-    c["concept_index"].select(tab.select_concept, {c["concepts"], c["concept_index"]}, editor)
-    c["add_concept"].click(tab.add_concept, concept, [c["concepts"], c["concept_index"], *editor])
-    c["remove_concept"].click(
-        tab.remove_concept, {c["concepts"], c["concept_index"]}, [c["concepts"], c["concept_index"], *editor]
-    )
+    index = c["concept_index"]
+    c["concept_index"].select(tab.select_concept, {c["concepts"], index}, editor, **quick)
+    c["add_concept"].click(tab.add_concept, concept, [c["concepts"], index, *editor], **quick)
+    c["remove_concept"].click(tab.remove_concept, {c["concepts"], index}, [c["concepts"], index, *editor], **quick)
     for widget in editor:
-        widget.change(tab.edit_concept, concept, c["concepts"])
+        widget.change(tab.edit_concept, concept, c["concepts"], **quick)
     prompts = {tab.concept_widgets["concept_instance_prompt"], tab.concept_widgets["concept_class_prompt"]}
     for widget in prompts:
-        widget.change(tab.token_preview, prompts, c["token_preview"])
+        widget.change(tab.token_preview, prompts, c["token_preview"], **quick)
     c["import_concepts"].click(
-        tab.import_concepts,
-        c["concepts_import_path"],
-        [c["concepts"], c["concept_index"], *editor, c["concepts_message"]],
+        tab.import_concepts, c["concepts_import_path"], [c["concepts"], index, *editor, c["concepts_message"]], **quick
     )
-    c["export_concepts"].click(tab.export_concepts, concept, [c["concepts_file"], c["concepts_message"]])
+    c["export_concepts"].click(tab.export_concepts, concept, [c["concepts_file"], c["concepts_message"]], **quick)
     c["check_dataset"].click(tab.check_dataset, tab.form(), [c["dataset_report"], c["thumbnails"]])
-    c["low_memory_preset"].click(tab.low_memory_preset, None, [widgets[n] for n in PRESET_FIELDS])
+    c["low_memory_preset"].click(tab.low_memory_preset, None, [widgets[n] for n in PRESET_FIELDS], **quick)
 
     c["train"].click(tab.train, tab.form(), c["message"])
     for what, button in (("cancel", "cancel"), ("save", "save_now"), ("sample", "sample_now")):

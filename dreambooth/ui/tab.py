@@ -1,4 +1,4 @@
-"""The DreamBooth tab (gradio 3.41): Settings, Run and Dataset tools.
+"""The DreamBooth tab (gradio 3.41): Setup, Run and Dataset tools.
 
 The tab edits a settings object and nothing else: one widget per settings field (``elem_id`` ``db_<field>``, built
 from the schema in :mod:`dreambooth.ui.form`), a concept editor over a list kept in the session, and buttons that
