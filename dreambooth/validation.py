@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,8 +233,32 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             family_problem = unsupported_family(model)
             if family_problem:
                 problems.append(f"pretrained_model_name_or_path: {family_problem}")
-        if s.resume_from and not _probe(str(Path(s.resume_from) / "state.json"), "is_file"):
-            problems.append(f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)")
+        if s.resume_from:
+            problems.extend(_resume_problems(s))
+    return problems
+
+
+def _resume_problems(s: Settings) -> list[str]:
+    """A ``resume_from`` that is no state, or one that would train nothing or continue another model's run."""
+    state_json = Path(s.resume_from) / "state.json"
+    if not _probe(str(state_json), "is_file"):
+        return [f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)"]
+    try:
+        info = json.loads(state_json.read_text())
+    except (OSError, ValueError):
+        return [f"resume_from: '{state_json}' is not readable JSON: choose another training state or clear it"]
+    problems = []
+    step, name = info.get("step"), info.get("model_name")
+    if isinstance(step, int) and isinstance(s.max_train_steps, int) and step >= s.max_train_steps:
+        problems.append(
+            f"resume_from: the state in '{s.resume_from}' is at step {step} and max_train_steps is "
+            f"{s.max_train_steps}, so nothing would be trained: raise max_train_steps above {step} or clear resume_from"
+        )
+    if isinstance(name, str) and name and name != s.model_name:
+        problems.append(
+            f"resume_from: the state in '{s.resume_from}' is of the model '{name}', not of '{s.model_name}': set "
+            f"model_name to '{name}' to continue that run, or clear resume_from to start a new one"
+        )
     return problems
 
 
