@@ -275,6 +275,13 @@ class Settings:
         0, "Save a checkpoint every N steps (0: only at the end).", "saving", minimum=0, aliases=("save_interval",)
     )
     save_training_state: bool = setting(True, "Keep a resumable training state with the latest checkpoint.", "saving")
+    save_total_limit: int = setting(
+        0,
+        "Keep only the newest N checkpoints of this run (0: keep all); the resumable state's checkpoint always stays.",
+        "saving",
+        minimum=0,
+        maximum=100000,
+    )
 
     # --- samples
     save_sample_prompt: str = setting(

@@ -27,8 +27,19 @@ from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
+from .failures import (
+    DiskFull,
+    TrainingFailed,
+    disk_full_message,
+    is_disk_full,
+    is_out_of_memory,
+    out_of_memory_message,
+    resume_hint,
+    tensor_bytes,
+)
 from .loss import combine_losses, sample_losses, training_target
 from .sampling import encode_prompts, generate
+from .state import STATE_NAME
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
 
@@ -45,6 +56,31 @@ class TrainResult:
     seconds_per_step: float | None = None
     step_seconds: list[float] = field(default_factory=list)
     peak_memory_gib: float | None = None
+
+
+@dataclass
+class RunState:
+    """What the stages of a run share once set up: where it stands, what it trains and with what."""
+
+    device: Any
+    plan: Any  # SamplePlan / BucketPlan
+    global_batch: int  # samples per micro-batch over all processes
+    total: int  # steps of the run
+    modules: dict[str, Any]  # the trained modules by name ("unet", "text_encoder")
+    groups: list[dict[str, Any]]  # the optimizer's parameter groups
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any  # GradScaler with fp16, else None
+    autocast: Any
+    text_stop_step: int  # the text encoder trains before this step
+    result: TrainResult
+    writer: Any = None  # tensorboard / wandb logger of the main process
+    start: int = 0  # the step the run started from (resumed: the state's)
+    step: int = 0  # steps completed
+    last_saved: int | None = None  # step of the last checkpoint
+    state_step: int | None = None  # step of the newest resumable state (saved or resumed from)
+    updating: bool = False  # the optimizer is changing the weights: an exception now leaves them half-updated
+    step_times: list[float] = field(default_factory=list)  # seconds of each step
 
 
 def resolve_device(name: str) -> Any:
@@ -324,65 +360,99 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ outputs
 
-    def _save(
-        self,
-        step: int,
-        result: TrainResult,
-        modules: dict[str, Any],
-        optimizer: Any,
-        lr_scheduler: Any,
-        scaler: Any,
-        total: int,
-    ) -> None:
+    def _save(self, run: RunState) -> None:
+        """The checkpoint (+ sidecar yaml), the resumable state, retention, test images.  A full disk: DiskFull."""
         from ..models.components import save_single_file
-        from .state import save_state
 
-        s, out = self.settings, Path(self.settings.output_dir)
-        self._emit("saving", f"saving step {step}", step=step, total_steps=total)
+        s, step = self.settings, run.step
+        self._emit("saving", f"saving step {step}", step=step, total_steps=run.total)
         metadata = {
             "dreambooth.step": str(step),
             "dreambooth.base_model": Path(s.pretrained_model_name_or_path).name,
             "dreambooth.settings": self.requested.to_json(),
         }
-        paths = save_single_file(
-            self.components,
-            out / s.checkpoint_dir / f"{s.model_name}_{step}.{s.save_format}",
-            half=s.save_half,
-            metadata=metadata,
-        )
-        result.checkpoints.append(paths[0])
+        destination = self._checkpoint_folder() / f"{s.model_name}_{step}.{s.save_format}"
+        checkpoint_bytes = tensor_bytes(self._component_tensors(), half=s.save_half)
+        with self._disk_full_message(f"the checkpoint of step {step}", destination.parent, checkpoint_bytes):
+            paths = save_single_file(self.components, destination, half=s.save_half, metadata=metadata)
+        run.result.checkpoints.append(paths[0])
         if s.save_training_state:
-            result.state_dir = save_state(
-                out / "state",
-                step,
-                modules,
-                optimizer,
-                lr_scheduler,
-                {"model_name": s.model_name, "total_steps": total, "checkpoint": str(paths[0])},
-                scaler,
-            )
+            self._save_state(run, paths[0])
+        self._prune_checkpoints(run)
         guarded(self.callbacks, "on_checkpoint", step, paths)
         self.log(f"saved {paths[0]}")
-        self._tests(step, result, next(self.components.unet.parameters()).device)
+        self._tests(step, run.result, next(self.components.unet.parameters()).device)
 
-    def _save_and_sample(
-        self,
-        step: int,
-        result: TrainResult,
-        modules: dict[str, Any],
-        optimizer: Any,
-        lr_scheduler: Any,
-        scaler: Any,
-        total: int,
-        device: Any,
-        samples: bool = True,
-    ) -> None:
+    def _save_state(self, run: RunState, checkpoint: Path | None) -> None:
+        from .state import save_state
+
+        out = Path(self.settings.output_dir)
+        needed = tensor_bytes(p for m in run.modules.values() for p in m.state_dict().values())
+        needed += tensor_bytes(
+            v for state in run.optimizer.state.values() for v in state.values() if hasattr(v, "element_size")
+        )
+        with self._disk_full_message(f"the training state of step {run.step}", out, needed):
+            run.result.state_dir = save_state(
+                out / STATE_NAME,
+                run.step,
+                run.modules,
+                run.optimizer,
+                run.lr_scheduler,
+                {
+                    "model_name": self.settings.model_name,
+                    "total_steps": run.total,
+                    "checkpoint": str(checkpoint) if checkpoint else "",
+                },
+                run.scaler,
+            )
+        run.state_step = run.step
+
+    def _checkpoint_folder(self) -> Path:
+        return Path(self.settings.output_dir) / self.settings.checkpoint_dir
+
+    def _component_tensors(self) -> list[Any]:
+        c = self.components
+        return [t for module in (c.unet, c.vae, c.text_encoder) for t in module.state_dict().values()]
+
+    @contextlib.contextmanager
+    def _disk_full_message(self, what: str, folder: Path, needed: int) -> Any:
+        """Turn a failed write for lack of space (OSError ENOSPC, SafetensorError, torch's writer) into DiskFull."""
+        from .retention import run_checkpoints
+
+        try:
+            yield
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            saved = run_checkpoints(self._checkpoint_folder(), self.settings.model_name)
+            last = saved[-1][1] if saved else None
+            raise DiskFull(disk_full_message(what, folder, needed, last)) from error
+
+    def _prune_checkpoints(self, run: RunState) -> None:
+        """``save_total_limit``: the newest N checkpoints stay, and the newest state's checkpoint."""
+        from .retention import prune_checkpoints
+        from .state import find_state, read_state_info
+
+        s = self.settings
+        if s.save_total_limit <= 0:
+            return
+        protected = set()
+        state = find_state(Path(s.output_dir) / STATE_NAME)
+        if state is not None and read_state_info(state).get("checkpoint"):
+            protected.add(Path(read_state_info(state)["checkpoint"]))
+        for path in prune_checkpoints(self._checkpoint_folder(), s.model_name, s.save_total_limit, protected):
+            self.log(f"removed {path} (save_total_limit {s.save_total_limit})")
+            if path in run.result.checkpoints:
+                run.result.checkpoints.remove(path)
+
+    def _save_and_sample(self, run: RunState, samples: bool = True) -> None:
         """Only the main process writes (checkpoint, state, samples); the others wait for it."""
         if self.dist.is_main:
-            self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
+            self._save(run)
             if samples:
-                self._samples(step, result, device)
+                self._samples(run.step, run.result, run.device)
         self.dist.barrier()
+        run.last_saved = run.step
 
     def _sample_prompts(self) -> list[str]:
         s = self.settings
@@ -445,21 +515,33 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self) -> TrainResult:
-        import torch
-
-        from ..data.cache import LatentCache
-        from .optim import make_lr_scheduler, make_optimizer
-        from .state import load_state
-
+        """Set-up, steps, outputs.  Any exception after set-up keeps a resumable state of the last complete step
+        (when its weights are sound) and ends as :class:`TrainingFailed`, whose message says where and how to
+        resume."""
         s = self.settings
         s.raise_if_invalid(model_in_memory=not self.check_model_path)
-        self.dist = dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
-        device = dist.device
-        if not dist.is_main:
+        self.dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
+        if not self.dist.is_main:
             self.callbacks = Callbacks()  # only the main process reports progress, samples and checkpoints
-        out = Path(s.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.components = components = self._load(device)
+        Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+        run = None
+        try:
+            run = self._setup()
+            self._steps(run)
+            self._outputs(run)
+        except Exception as error:
+            failure = self._failure(run, error)
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            self._restore(run)
+        return self._finished(run)
+
+    def _setup(self) -> RunState:
+        """Load, class images, examples and their plan, caches, optimizer and schedule (or the resumed state)."""
+        s, dist = self.settings, self.dist
+        self.components = components = self._load(dist.device)
         if s.has_prior_preservation:
             self._class_images(components)
             dist.barrier()  # every process's share of the class images is written
@@ -469,10 +551,17 @@ class Trainer:
             plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, global_batch)
         else:
             plan = SamplePlan(instances, classes, s.seed, s.hflip)
-        instance_count = sum(len(g) for g in instances)
-        total = total_steps_for(s, plan, instance_count, global_batch)
-        result = TrainResult(step=0, total_steps=total, cancelled=False)
+        total = total_steps_for(s, plan, sum(len(g) for g in instances), global_batch)
+        self._cache(instances, classes)
+        return self._optimization(plan, global_batch, total)
 
+    def _cache(self, instances: list[list[Example]], classes: list[list[Example]] | None) -> None:
+        """Latents (and text embeddings of a frozen encoder) once; with low_memory the frozen modules leave the GPU."""
+        from ..data.cache import LatentCache
+
+        s, dist, components = self.settings, self.dist, self.components
+        device = dist.device
+        examples = [e for group in instances + (classes or []) for e in group]
         if s.cache_latents:
             self.latent_cache = LatentCache(
                 self.contents,
@@ -480,12 +569,11 @@ class Trainer:
                 s.resolution,
                 s.center_crop,
                 s.seed,
-                out / "cache" / "latents",
+                Path(s.output_dir) / "cache" / "latents",
                 self.augmentation,
             )
             flips = (False, True) if s.hflip else (False,)
             variants = range(s.augment_variants) if self.augmentation else range(1)
-            examples = [e for group in instances + (classes or []) for e in group]
             if dist.world_size > 1:  # each process encodes its share to the shared disk cache first
                 for example in examples[dist.rank :: dist.world_size]:
                     for flip in flips:
@@ -500,12 +588,19 @@ class Trainer:
             if s.low_memory and device.type == "cuda":
                 components.vae.to("cpu")  # not needed again until a sample is made
         if not s.train_text_encoder and self.cache_text:
-            prompts = [e.prompt for group in instances + (classes or []) for e in group]
-            self._text(prompts, train_text=False)  # every embedding now, so the encoder can leave the GPU
+            self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
             if s.low_memory and device.type == "cuda":
                 components.text_encoder.to("cpu")
 
-        unet, text_encoder = components.unet, components.text_encoder
+    def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
+        import torch
+
+        from .optim import make_lr_scheduler, make_optimizer
+        from .state import find_state, load_state
+
+        s, dist = self.settings, self.dist
+        device = dist.device
+        unet, text_encoder = self.components.unet, self.components.text_encoder
         if s.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
@@ -520,127 +615,231 @@ class Trainer:
             groups.append({"params": list(text_encoder.parameters()), "lr": s.text_encoder_lr() * scale})
             modules["text_encoder"] = text_encoder
         optimizer = make_optimizer(groups, s, device)
-        lr_scheduler = make_lr_scheduler(optimizer, s, total)
-        scaler = None
-        if s.mixed_precision == "fp16":
-            scaler = torch.amp.GradScaler(device.type)
-        start = 0
-        if s.resume_from:
-            start = load_state(Path(s.resume_from), modules, optimizer, lr_scheduler, scaler)
-            self.log(f"resumed from {s.resume_from} at step {start}")
+        scaler = torch.amp.GradScaler(device.type) if s.mixed_precision == "fp16" else None
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        text_stop_step = math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0
-        writer = self._logger(out) if dist.is_main else None
+        run = RunState(
+            device=device,
+            plan=plan,
+            global_batch=global_batch,
+            total=total,
+            modules=modules,
+            groups=groups,
+            optimizer=optimizer,
+            lr_scheduler=make_lr_scheduler(optimizer, s, total),
+            scaler=scaler,
+            autocast=torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext(),
+            text_stop_step=math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0,
+            result=TrainResult(step=0, total_steps=total, cancelled=False),
+        )
+        if s.resume_from:
+            folder = find_state(s.resume_from) or Path(s.resume_from)
+            run.start = run.step = run.state_step = load_state(folder, modules, optimizer, run.lr_scheduler, scaler)
+            self.log(f"resumed from {folder} at step {run.start}")
+        run.writer = self._logger(Path(s.output_dir)) if dist.is_main else None
+        return run
 
-        step = start
-        step_times: list[float] = []
-        last_saved = None
-        try:
-            while step < total:
-                if dist.broadcast_flags([self.commands.cancelled])[0]:
-                    result.cancelled = True
-                    break
-                train_text = s.train_text_encoder and step < text_stop_step
-                if s.train_text_encoder and not train_text and text_encoder.training:
-                    text_encoder.requires_grad_(False).eval()
-                    self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
-                started = time.perf_counter()
-                losses = []
-                for micro in range(s.gradient_accumulation_steps):
-                    batch_index = step * s.gradient_accumulation_steps + micro
-                    samples = plan.batch(batch_index, global_batch)
-                    epoch = plan.epoch_of_batch(batch_index, global_batch)
-                    counts = None
-                    if dist.world_size > 1:  # this process's slice of the step's samples
-                        counts = (len(samples), sum(x.prior is not None for x in samples))
-                        samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
-                    fb_started = time.perf_counter()
-                    values = [0.0, 0.0, 0.0]
-                    if samples:
-                        loss, instance_loss, prior_loss = self._loss(
-                            samples, epoch, train_text, device, autocast, counts
-                        )
-                        scaled = loss / s.gradient_accumulation_steps
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                        values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
-                    self.timings["forward_backward"] += time.perf_counter() - fb_started
-                    has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
-                    total_value, instance_value, prior_value = dist.sum_values(values)
-                    losses.append((total_value, instance_value, prior_value if has_prior else None))
-                opt_started = time.perf_counter()
-                dist.sum_gradients([p for g in groups for p in g["params"] if p.requires_grad])
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if s.max_grad_norm > 0:
-                    params = [p for g in groups for p in g["params"] if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.timings["optimizer"] += time.perf_counter() - opt_started
-                step += 1
-                step_times.append(time.perf_counter() - started)
-                mean_loss = sum(x[0] for x in losses) / len(losses)
-                priors = [x[2] for x in losses if x[2] is not None]
-                result.losses.append((step, mean_loss))
-                recent = step_times[-20:]
-                seconds = sorted(recent)[len(recent) // 2]
-                lrs = {f"group{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                self._emit(
-                    "training",
-                    step=step,
-                    total_steps=total,
-                    epoch=plan.epoch_of_batch(step * s.gradient_accumulation_steps - 1, s.train_batch_size),
-                    loss=mean_loss,
-                    instance_loss=sum(x[1] for x in losses) / len(losses),
-                    prior_loss=sum(priors) / len(priors) if priors else None,
-                    learning_rates=lrs,
-                    seconds_per_step=seconds,
-                    eta_seconds=seconds * (total - step),
-                    peak_memory_gib=peak_memory_gib(device),
-                )
-                if writer is not None:
-                    writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
-                due = s.save_model_every_n_steps and step % s.save_model_every_n_steps == 0 and step < total
-                save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
-                if due or save_now:
-                    self._save_and_sample(step, result, modules, optimizer, lr_scheduler, scaler, total, device)
-                    last_saved = step
-                elif sample_now:
-                    if dist.is_main:
-                        self._samples(step, result, device)
-                    dist.barrier()
-            if result.cancelled:
-                self._emit(
-                    "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=total
-                )
-            if last_saved != step and (step > start or result.cancelled) and self.final_save:
-                self._save_and_sample(
-                    step, result, modules, optimizer, lr_scheduler, scaler, total, device, not result.cancelled
-                )
-        finally:
-            if writer is not None:
-                writer.close()
-            unet.requires_grad_(False).eval()
+    def _steps(self, run: RunState) -> None:
+        """Steps until the total; a save or samples when due or asked for; cancel stops between steps."""
+        s, dist = self.settings, self.dist
+        while run.step < run.total:
+            if dist.broadcast_flags([self.commands.cancelled])[0]:
+                run.result.cancelled = True
+                return
+            started = time.perf_counter()
+            losses = self._step(run)
+            run.step_times.append(time.perf_counter() - started)
+            self._report(run, losses)
+            due = s.save_model_every_n_steps and run.step % s.save_model_every_n_steps == 0 and run.step < run.total
+            save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
+            if due or save_now:
+                self._save_and_sample(run)
+            elif sample_now:
+                if dist.is_main:
+                    self._samples(run.step, run.result, run.device)
+                dist.barrier()
+
+    def _step(self, run: RunState) -> list[tuple[float, float, float | None]]:
+        """One optimizer step (its micro-batches); returns (total, instance, prior) loss of each micro-batch."""
+        import torch
+
+        s, dist = self.settings, self.dist
+        text_encoder, step = self.components.text_encoder, run.step
+        train_text = s.train_text_encoder and step < run.text_stop_step
+        if s.train_text_encoder and not train_text and text_encoder.training:
             text_encoder.requires_grad_(False).eval()
-            components.vae.to(device)
-            components.text_encoder.to(device)
-        result.step = step
-        result.step_seconds = step_times
-        result.seconds_per_step = sorted(step_times)[len(step_times) // 2] if step_times else None
-        result.peak_memory_gib = peak_memory_gib(device)
+            self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
+        losses = []
+        for micro in range(s.gradient_accumulation_steps):
+            batch_index = step * s.gradient_accumulation_steps + micro
+            samples = run.plan.batch(batch_index, run.global_batch)
+            epoch = run.plan.epoch_of_batch(batch_index, run.global_batch)
+            counts = None
+            if dist.world_size > 1:  # this process's slice of the step's samples
+                counts = (len(samples), sum(x.prior is not None for x in samples))
+                samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
+            fb_started = time.perf_counter()
+            values = [0.0, 0.0, 0.0]
+            if samples:
+                loss, instance_loss, prior_loss = self._loss(
+                    samples, epoch, train_text, run.device, run.autocast, counts
+                )
+                scaled = loss / s.gradient_accumulation_steps
+                (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+                values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
+            self.timings["forward_backward"] += time.perf_counter() - fb_started
+            has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
+            total_value, instance_value, prior_value = dist.sum_values(values)
+            losses.append((total_value, instance_value, prior_value if has_prior else None))
+        opt_started = time.perf_counter()
+        params = [p for g in run.groups for p in g["params"] if p.requires_grad]
+        dist.sum_gradients(params)
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        if s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+        run.updating = True  # from here until the step is counted, an exception leaves the weights half-updated
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.lr_scheduler.step()
+        run.step += 1
+        run.updating = False
+        run.optimizer.zero_grad(set_to_none=True)
+        self.timings["optimizer"] += time.perf_counter() - opt_started
+        return losses
+
+    def _report(self, run: RunState, losses: list[tuple[float, float, float | None]]) -> None:
+        s, step = self.settings, run.step
+        mean_loss = sum(x[0] for x in losses) / len(losses)
+        priors = [x[2] for x in losses if x[2] is not None]
+        run.result.losses.append((step, mean_loss))
+        recent = run.step_times[-20:]
+        seconds = sorted(recent)[len(recent) // 2]
+        lrs = {f"group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
+        self._emit(
+            "training",
+            step=step,
+            total_steps=run.total,
+            epoch=run.plan.epoch_of_batch(step * s.gradient_accumulation_steps - 1, run.global_batch),
+            loss=mean_loss,
+            instance_loss=sum(x[1] for x in losses) / len(losses),
+            prior_loss=sum(priors) / len(priors) if priors else None,
+            learning_rates=lrs,
+            seconds_per_step=seconds,
+            eta_seconds=seconds * (run.total - step),
+            peak_memory_gib=peak_memory_gib(run.device),
+        )
+        if run.writer is not None:
+            run.writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
+
+    def _outputs(self, run: RunState) -> None:
+        """The final save and samples; a cancelled run saves a resumable state (and its checkpoint)."""
+        step, cancelled = run.step, run.result.cancelled
+        if cancelled:
+            self._emit(
+                "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=run.total
+            )
+        if run.last_saved != step and (step > run.start or cancelled) and self.final_save:
+            self._save_and_sample(run, samples=not cancelled)
+
+    def _restore(self, run: RunState | None) -> None:
+        """Whatever happened: the log closed, the modules frozen and back on the training device."""
+        if run is not None and run.writer is not None:
+            run.writer.close()
+        components = self.components
+        if components is None or self.dist is None or not hasattr(components, "unet"):
+            return
+        components.unet.requires_grad_(False).eval()
+        components.text_encoder.requires_grad_(False).eval()
+        components.vae.to(self.dist.device)
+        components.text_encoder.to(self.dist.device)
+
+    def _finished(self, run: RunState) -> TrainResult:
+        result = run.result
+        result.step = run.step
+        result.step_seconds = run.step_times
+        result.seconds_per_step = sorted(run.step_times)[len(run.step_times) // 2] if run.step_times else None
+        result.peak_memory_gib = peak_memory_gib(run.device)
+        word = "cancelled" if result.cancelled else "finished"
         self._emit(
             "cancelled" if result.cancelled else "done",
-            f"{'cancelled' if result.cancelled else 'finished'} at step {step} of {total}",
-            step=step,
-            total_steps=total,
+            f"{word} at step {run.step} of {run.total}",
+            step=run.step,
+            total_steps=run.total,
         )
         return result
+
+    # ------------------------------------------------------------------------------------------------ failures
+
+    def _failure(self, run: RunState | None, error: Exception) -> Exception:
+        """The exception that ends a failed run: its cause in a sentence, and what was kept to resume from."""
+        out_of_memory = is_out_of_memory(error)
+        if out_of_memory:
+            headline = self._out_of_memory_message(run)
+        elif isinstance(error, DreamBoothError):
+            headline = str(error)
+        else:
+            headline = f"{type(error).__name__}: {error}"
+        if run is None:  # before the first step nothing can be lost
+            if isinstance(error, DreamBoothError) and not out_of_memory:
+                return error
+            return TrainingFailed(f"Training could not start: {headline}")
+        kept, state_dir = self._keep_after_failure(run, error)
+        message = f"Training stopped in step {run.step + 1} of {run.total}. {headline} {kept}"
+        if state_dir is not None:
+            message += " " + resume_hint(state_dir)
+        return TrainingFailed(message, state_dir)
+
+    def _keep_after_failure(self, run: RunState, error: Exception) -> tuple[str, Path | None]:
+        """Save a state of the last complete step when its weights are sound; returns (sentence, state folder)."""
+        import torch
+
+        from .state import find_state, state_step
+
+        existing = find_state(Path(self.settings.output_dir) / STATE_NAME)
+        if existing is None and run.state_step is not None:
+            existing = find_state(self.settings.resume_from)
+
+        def keep(reason: str) -> tuple[str, Path | None]:
+            if existing is None:
+                return f"{reason}; there is no resumable state of this run.", None
+            return f"{reason}; the last resumable state is {existing} (step {state_step(existing)}).", existing
+
+        if not self.dist.is_main:
+            return keep("Only the main process saves")
+        if run.state_step == run.step:
+            return keep(f"The state of step {run.step} was already saved")
+        if run.step == 0:
+            return "Nothing was trained yet, so nothing was saved.", None
+        if isinstance(error, DiskFull) or is_disk_full(error):
+            return keep("Nothing more was saved")
+        if run.updating:
+            return keep(f"The optimizer was changing the weights when it failed, so step {run.step + 1} is not saved")
+        finite = all(bool(torch.isfinite(p).all()) for m in run.modules.values() for p in m.parameters())
+        if not finite:
+            return keep(f"The weights are not finite (NaN or inf) after step {run.step}, so they were not saved")
+        run.optimizer.zero_grad(set_to_none=True)  # the failed step's gradients: memory the save may need
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            self._save_state(run, None)
+        except Exception as save_error:  # e.g. the disk is full too: say so, keep the first error
+            return keep(f"Saving a state of step {run.step} failed too ({save_error})")
+        self.log(f"saved a resumable state of step {run.step} in {run.result.state_dir}")
+        return f"A resumable state of step {run.step} is saved in {run.result.state_dir}.", run.result.state_dir
+
+    def _out_of_memory_message(self, run: RunState | None) -> str:
+        import torch
+
+        device = self.dist.device
+        peak = total = None
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            total = torch.cuda.get_device_properties(device).total_memory
+        model = tensor_bytes(self._component_tensors()) if hasattr(self.components, "unet") else 0
+        return out_of_memory_message(self.settings, peak, total, model)
 
     def _logger(self, out: Path) -> Any:
         from .logging import make_logger
