@@ -246,8 +246,10 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on, and the VAE and frozen text encoder moved off "
-        "the GPU once latents and text embeddings are cached.",
+        "One switch for less GPU memory: gradient checkpointing on; on a GPU the VAE and a frozen text encoder "
+        "compute the cached latents and text embeddings in the mixed-precision dtype (fp16/bf16; their fp32 weights "
+        "are restored after) and then wait on the CPU until samples or saves need them (with cache_latents off the "
+        "VAE stays on the GPU in fp32).",
         "memory",
     )
     device: str = setting(

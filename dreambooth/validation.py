@@ -114,6 +114,12 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             value = getattr(s, name)
             if value and not Path(value).exists():
                 problems.append(f"{name}: '{value}' does not exist")
-        if s.resume_from and not (Path(s.resume_from) / "state.json").is_file():
-            problems.append(f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)")
+        if s.resume_from:
+            from .train.state import find_state
+
+            if find_state(s.resume_from) is None:
+                problems.append(
+                    f"resume_from: '{s.resume_from}' holds no complete training state (a state folder, or the run "
+                    "folder holding 'state')"
+                )
     return problems

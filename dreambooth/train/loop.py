@@ -38,6 +38,7 @@ from .failures import (
     tensor_bytes,
 )
 from .loss import combine_losses, sample_losses, training_target
+from .precision import frozen_dtype, in_dtype
 from .sampling import encode_prompts, generate
 from .state import STATE_NAME
 
@@ -306,7 +307,7 @@ class Trainer:
             with torch.no_grad():
                 encoded = encode_prompts(components.text_encoder, components.tokenizer, missing, s.clip_skip)
             for prompt, hidden in zip(missing, encoded):
-                self.text_cache[prompt] = hidden
+                self.text_cache[prompt] = hidden.float()  # fp32 also when the encoder ran in half precision
         return torch.stack([self.text_cache[p] for p in prompts])
 
     def _loss(
@@ -556,12 +557,19 @@ class Trainer:
         return self._optimization(plan, global_batch, total)
 
     def _cache(self, instances: list[list[Example]], classes: list[list[Example]] | None) -> None:
-        """Latents (and text embeddings of a frozen encoder) once; with low_memory the frozen modules leave the GPU."""
+        """Latents (and text embeddings of a frozen encoder) once; with low_memory on a GPU the frozen modules
+        encode in the run's half precision (see train/precision.py) and then leave the GPU."""
+        s, dist, components = self.settings, self.dist, self.components
+        examples = [e for group in instances + (classes or []) for e in group]
+        frozen = [components.vae] + ([] if s.train_text_encoder else [components.text_encoder])
+        with in_dtype(frozen, frozen_dtype(s.low_memory, dist.device.type, s.mixed_precision)):
+            self._fill_caches(examples)
+
+    def _fill_caches(self, examples: list[Example]) -> None:
         from ..data.cache import LatentCache
 
         s, dist, components = self.settings, self.dist, self.components
         device = dist.device
-        examples = [e for group in instances + (classes or []) for e in group]
         if s.cache_latents:
             self.latent_cache = LatentCache(
                 self.contents,
@@ -811,8 +819,8 @@ class Trainer:
             return keep("Only the main process saves")
         if run.state_step == run.step:
             return keep(f"The state of step {run.step} was already saved")
-        if run.step == 0:
-            return "Nothing was trained yet, so nothing was saved.", None
+        if run.step == run.start:
+            return keep("Nothing was trained yet, so nothing was saved")
         if isinstance(error, DiskFull) or is_disk_full(error):
             return keep("Nothing more was saved")
         if run.updating:

@@ -89,7 +89,12 @@ def _swap_in(temp: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
-    temp.rename(folder)
+    try:
+        temp.rename(folder)
+    except BaseException:
+        if old.exists() and not folder.exists():
+            old.rename(folder)  # an exception (not a kill): put the previous state back under its name
+        raise
 
 
 def _remove_leftovers(folder: Path) -> None:
