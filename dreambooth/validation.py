@@ -119,7 +119,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
 
             if find_state(s.resume_from) is None:
                 problems.append(
-                    f"resume_from: '{s.resume_from}' holds no complete training state (a state folder, or the run "
-                    "folder holding 'state')"
+                    f"resume_from: '{s.resume_from}' is not a training state folder (no complete state.json in it, "
+                    "nor in a 'state' folder of a run in it)"
                 )
     return problems
