@@ -1,9 +1,9 @@
 """Reading and writing checkpoint files: safe loading, atomic writes, the WebUI's sidecar yaml.
 
 * ``.safetensors`` is read with safetensors (no code can run); the header's metadata is returned too.
-* ``.ckpt`` / ``.pt`` is read with ``torch.load(weights_only=True)``: a pickle that asks for anything but tensors and
-  plain containers is refused with :class:`UnsafeCheckpointError` and never executed.  ``torch.load`` itself is not
-  patched.
+* ``.ckpt`` / ``.pt`` is read by :func:`.safe_pickle.load_pickle` (``torch.load(weights_only=True)`` with the
+  WebUI's allow-list for original SD checkpoints): a pickle that asks for anything else is refused with
+  :class:`UnsafeCheckpointError` and never executed.  ``torch.load`` itself is not patched.
 * Writes go to a temporary file in the destination folder, are flushed to disk, then renamed over the destination:
   a crash or a full disk never leaves a truncated model behind.
 * ``.ckpt`` is written in torch's legacy (non-zip) format, the one the WebUI's own safe unpickler accepts.
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError, UnsafeCheckpointError
+from ..errors import ModelFileError
 
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -55,24 +55,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _read_pickle(path: Path) -> dict[str, Any]:
-    import pickle
-
     import torch
 
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: the pickle asks for objects other than tensors ({error}). Loading it "
-            "could run arbitrary code, so it was not executed. Convert it to .safetensors with a tool you trust, "
-            "or use a .safetensors download of the model."
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ModelFileError(
-            f"{path}: not a readable checkpoint ({error}). It may be truncated or corrupt: download it again."
-        ) from error
+    from .safe_pickle import load_pickle
+
+    data = load_pickle(path, "checkpoint")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+        data = data["state_dict"]  # original .ckpt: epoch, global_step, callbacks, ... beside the weights
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: the checkpoint holds a {type(data).__name__}, not a dictionary of tensors.")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}

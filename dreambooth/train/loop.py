@@ -114,13 +114,17 @@ class Trainer(Outputs):
     def _load(self, device: Any) -> Any:
         import torch
 
-        from ..models.components import load_components
+        from ..models.components import drop_base_ema, load_components
+        from ..validation import training_warnings
 
         s = self.settings
         components = self.components
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
+        dropped = drop_base_ema(components)
+        if dropped:
+            self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
         if s.pretrained_vae_name_or_path:
             from ..models.components import load_vae
 
@@ -128,6 +132,8 @@ class Trainer(Outputs):
         layers = components.text_encoder.config.num_hidden_layers
         if s.clip_skip > layers:
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
+        for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
+            self.log(f"warning: {warning}")
         components.to(device=device, dtype=torch.float32)
         if s.attention == "xformers":
             components.unet.enable_xformers_memory_efficient_attention()

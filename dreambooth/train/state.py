@@ -162,6 +162,7 @@ def load_state(folder: Path, modules: dict[str, Any], optimizer: Any, lr_schedul
     from safetensors.torch import load_file
 
     from ..compat import load_text_encoder_state_dict
+    from ..models.safe_pickle import load_pickle
 
     folder = find_state(folder) or Path(folder)
     info = read_state_info(folder)
@@ -179,12 +180,12 @@ def load_state(folder: Path, modules: dict[str, Any], optimizer: Any, lr_schedul
             load_text_encoder_state_dict(module, tensors)
         else:
             module.load_state_dict(tensors, strict=True)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(load_pickle(folder / "optimizer.pt", "training state file"))
+    lr_scheduler.load_state_dict(load_pickle(folder / "scheduler.pt", "training state file"))
+    rng = load_pickle(folder / "rng.pt", "training state file")
     torch.random.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if scaler is not None and (folder / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
+        scaler.load_state_dict(load_pickle(folder / "scaler.pt", "training state file"))
     return int(info["step"])

@@ -174,6 +174,9 @@ class Tab:
         try:
             from ..models.describe import describe_checkpoint
 
+            refused = self.host.paths.check_read(path, "pretrained_model_name_or_path")
+            if refused:
+                raise DreamBoothError(refused)
             return describe_checkpoint(path)
         except (DreamBoothError, OSError) as error:
             return f"**Cannot read this model:** {error}"
@@ -215,6 +218,9 @@ class Tab:
 
     def import_concepts(self, path: str) -> list[Any]:
         try:
+            refused = self.host.paths.check_read(path, "concepts_list.json") if path else ""
+            if refused:
+                raise DreamBoothError(refused)
             if not path or not Path(path).is_file():
                 raise DreamBoothError(f"'{path}': no such concepts_list.json file")
             concepts = [dataclasses.asdict(c) for c in concepts_from_list(path)]
@@ -254,18 +260,18 @@ class Tab:
         buckets on, how many images go to each bucket."""
         from ..data.buckets import oriented_size
         from ..data.images import check_images, list_images
-        from ..host import is_within
 
         concepts = self.store_concept(concepts, index, self._edited(edited))
-        roots = [*self.host.allowed_roots, self.host.data_dir, self.host.checkpoint_dir.resolve()]
+        policy = self.host.paths
         reports, thumbnails, usable = [], [], []
         minimum = int(resolution or 0)
         for number, concept in enumerate(concepts, start=1):
             folder = concept.get("instance_data_dir") or ""
             if not folder:
                 continue
-            if not is_within(folder, roots):
-                reports.append((number, folder, 0, [(Path(folder), "outside the folders this server allows")]))
+            refused = policy.check_read(folder, "instance_data_dir")
+            if refused:
+                reports.append((number, folder, 0, [(Path(folder), refused)]))
                 continue
             try:
                 paths = list_images(folder)
