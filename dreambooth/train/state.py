@@ -7,9 +7,9 @@ name ``state``, and the old one is removed.  A kill at any moment leaves at leas
 finds the newest complete one, so resuming from ``.../state`` (or from the run folder) works in every case.
 (Switching a symlink would close the window, but symlinks need privileges on Windows, where most WebUI users are.)
 
-Everything is read back with ``weights_only`` loading.  The ``.pt`` files are written in torch's legacy format: the
-WebUI's safe unpickler (which replaces ``torch.load`` inside the WebUI) refuses the entries of the current zip format
-and makes ``torch.load`` return None; it accepts the legacy one.
+Everything is read back with the safe loader (weights only).  The ``.pt`` files are written in torch's legacy
+format: the WebUI's safe unpickler (which replaces ``torch.load`` inside the WebUI) refuses the entries of the current
+zip format and makes ``torch.load`` return None; it accepts the legacy one.
 """
 
 from __future__ import annotations
