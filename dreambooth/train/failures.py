@@ -65,7 +65,8 @@ def tensor_bytes(tensors: Iterable[Any], half: bool = False) -> int:
 
 
 def gib(value: float) -> str:
-    return f"{value / 2**30:.2f} GiB"
+    """A size in bytes as GiB (MiB below 0.1 GiB, where two decimals of GiB would say 0.00)."""
+    return f"{value / 2**30:.2f} GiB" if value >= 0.1 * 2**30 else f"{value / 2**20:.1f} MiB"
 
 
 def free_bytes(folder: Path) -> int | None:
