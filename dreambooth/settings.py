@@ -272,6 +272,14 @@ class Settings:
         maximum=64,
         label="Augmented variants",
     )
+    inpainting_full_mask_ratio: float = setting(
+        0.25,
+        "Inpainting models: share of training samples masked whole (the rest get random rectangles and strokes).",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+        label="Inpainting: share of full masks",
+    )
 
     # --- prior preservation
     with_prior_preservation: bool = setting(

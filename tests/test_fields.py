@@ -118,6 +118,8 @@ ROWS = {
     "bucket_min_side": None,
     "bucket_max_side": None,
     "debug_arb": None,
+    # only inpainting models draw masks: tests/test_inpainting.py shows the share of full masks and the UNet input
+    "inpainting_full_mask_ratio": None,
     "augment_rotation": ({}, {"augment_rotation": 20.0, "augment_probability": 1.0}, differs("unet")),
     "augment_brightness": ({}, {"augment_brightness": 0.5, "augment_probability": 1.0}, differs("unet")),
     "augment_contrast": ({}, {"augment_contrast": 0.5, "augment_probability": 1.0}, differs("unet")),

@@ -109,13 +109,15 @@ def test_check_images_outside_the_roots_names_the_roots_and_the_setting(tmp_path
     """Issue 12 item 29: "Check images" on a folder outside the read roots says which folders may be read and
     which setting allows more, in the same sentence the trainer and the tools give."""
     from dreambooth.runner import Runner
-    from dreambooth.settings import Concept
+    from dreambooth.settings import Concept, Settings
     from dreambooth.ui.tab import build_tab
 
     host = Host(tmp_path / "models", allowed_roots=[tmp_path / "home"])
     _, tab = build_tab(host, Runner(host))
-    outside = [Concept(instance_data_dir="/etc", instance_prompt="x").__dict__]
-    report, thumbnails = tab.check_dataset(outside, "1", 64, False, "", None, None, *tab._editor_values(outside[0]))
+    outside = Settings(concepts=[Concept(instance_data_dir="/etc", instance_prompt="x")])
+    data = {**tab.widget_values(outside), tab.controls["concept_index"]: "1"}  # the form as "Check images" sends it
+    answer = tab.check_dataset(data)
+    report, thumbnails = answer[tab.controls["dataset_report"]], answer[tab.controls["thumbnails"]]["value"]
     assert thumbnails == []
     for named in (str(tmp_path / "home"), str(host.checkpoint_dir), str(host.data_dir), "--allow", "ALLOWED_ROOTS"):
         assert named in report, named

@@ -92,6 +92,7 @@ class Trainer(Outputs):
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
@@ -159,6 +160,8 @@ class Trainer(Outputs):
                 resolution=s.resolution,
                 batch_size=s.sample_batch_size,
                 clip_skip=s.clip_skip,
+                device=self.dist.device,
+                autocast_dtype=self._autocast_dtype(),
                 shard=(self.dist.rank, self.dist.world_size),
                 have=have,
                 should_stop=lambda: self.commands.cancelled,
@@ -168,6 +171,12 @@ class Trainer(Outputs):
             )
             if made:
                 self.log(f"concept {index + 1}: generated {len(made)} class images in {concept.class_data_dir}")
+
+    def _autocast_dtype(self) -> Any:
+        """The run's mixed-precision dtype (None: fp32), for image generation as for the steps."""
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.settings.mixed_precision)
 
     def _examples(self) -> tuple[list[list[Example]], list[list[Example]] | None]:
         from ..data.images import check_images
@@ -230,25 +239,48 @@ class Trainer(Outputs):
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def _latent(self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int) -> Any:
-        import torch
+    def _pixels(self, example: Example, flip: bool, sample_index: int, epoch: int) -> Any:
+        """The (3, H, W) pixels in [-1, 1] a sample's latent is made from (cached: the cached latent's crop)."""
+        from ..data.cache import pixels
 
-        from ..data.cache import latent_distribution, pixels
-
-        components, s = self.components, self.settings
+        s = self.settings
         size, variant = self._size(example), self._variant(sample_index)
         if self.latent_cache is not None:
-            mean, std = self.latent_cache.get(example.path, flip, size, variant)
+            return self.latent_cache.pixels(example.path, flip, size, variant)
+        content = self.contents.get(example.path)
+        crop_seed = mix_seed(s.seed, "crop", content, epoch)
+        augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
+        return pixels(
+            example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
+        )
+
+    def _latent(
+        self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int, image: Any = None
+    ) -> Any:
+        """A latent sample of the example; ``image``: its pixels when already made (see :meth:`_pixels`)."""
+        import torch
+
+        from ..data.cache import latent_distribution
+
+        components = self.components
+        if self.latent_cache is not None:
+            mean, std = self.latent_cache.get(example.path, flip, self._size(example), self._variant(sample_index))
         else:  # no cache: a new crop (and augmentation) each time, the VAE every step
-            content = self.contents.get(example.path)
-            crop_seed = mix_seed(s.seed, "crop", content, epoch)
-            augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
-            image = pixels(
-                example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
-            )
+            if image is None:
+                image = self._pixels(example, flip, sample_index, epoch)
             mean, std = latent_distribution(components.vae, image)
         sample = mean + std * torch.randn(mean.shape, generator=generator)
         return sample * components.vae.config.scaling_factor
+
+    def _inpainting(self) -> Any:
+        """The inpainting part of a step (masks, masked-image latents), or None for other models."""
+        from ..models.inpainting import InpaintingInputs, is_inpainting
+
+        if not is_inpainting(self.components):
+            return None
+        if self.inpainting_inputs is None:
+            self.inpainting_inputs = InpaintingInputs(self.components.vae, self.settings.inpainting_full_mask_ratio)
+        return self.inpainting_inputs
 
     def _text(self, prompts: list[str], train_text: bool) -> Any:
         import torch
@@ -283,14 +315,20 @@ class Trainer(Outputs):
         components, s = self.components, self.settings
         scheduler = components.noise_scheduler
         started = time.perf_counter()
-        latents, noise, timesteps, prompts, is_prior = [], [], [], [], []
+        inpainting = self._inpainting()
+        latents, noise, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], []
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
                 pairs.append((sample.prior, "prior"))
             for example, role in pairs:
                 generator = torch.Generator().manual_seed(mix_seed(s.seed, "sample", sample.index, role))
-                latent = self._latent(example, sample.flip, sample.index, generator, epoch)
+                image = None
+                if inpainting is not None:  # the masked image is made from the pixels the latent comes from
+                    image = self._pixels(example, sample.flip, sample.index, epoch)
+                    images.append(image)
+                    masks.append(inpainting.mask(image, mix_seed(s.seed, "mask", sample.index, role)))
+                latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
                 noise.append(torch.randn(latent.shape, generator=generator))
                 timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
@@ -307,6 +345,13 @@ class Trainer(Outputs):
             group_noise = torch.stack([noise[i] for i in indices]).to(device)
             group_steps = torch.cat([timesteps[i] for i in indices]).to(device)
             noisy = scheduler.add_noise(group_latents, group_noise, group_steps)
+            if inpainting is not None:  # + the mask and the masked image's latents (9 input channels)
+                encode_started = time.perf_counter()
+                conditioning = inpainting.conditioning(
+                    torch.stack([images[i] for i in indices]), torch.stack([masks[i] for i in indices])
+                )
+                noisy = inpainting.unet_input(noisy, conditioning.to(device))
+                self.timings["data"] += time.perf_counter() - encode_started
             with autocast:
                 hidden = self._text([prompts[i] for i in indices], train_text).to(device)
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
@@ -350,6 +395,7 @@ class Trainer(Outputs):
             clip_skip=s.clip_skip,
             batch_size=s.sample_batch_size,
             device=device,
+            autocast_dtype=self._autocast_dtype(),
         )
         return self._write_images(images, folder)
 
@@ -455,8 +501,8 @@ class Trainer(Outputs):
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-            if s.low_memory and device.type == "cuda":
-                components.vae.to("cpu")  # not needed again until a sample is made
+            if s.low_memory and device.type == "cuda" and self._inpainting() is None:
+                components.vae.to("cpu")  # not needed again until a sample is made (inpainting: every step)
         if not s.train_text_encoder and self.cache_text:
             self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
             if s.low_memory and device.type == "cuda":
