@@ -232,8 +232,18 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             family_problem = unsupported_family(model)
             if family_problem:
                 problems.append(f"pretrained_model_name_or_path: {family_problem}")
-        if s.resume_from and not _probe(str(Path(s.resume_from) / "state.json"), "is_file"):
-            problems.append(f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)")
+        if s.resume_from:
+            from .train.state import find_state
+
+            try:
+                found = find_state(s.resume_from)
+            except (OSError, ValueError):  # a NUL or an over-long name: no state there
+                found = None
+            if found is None:
+                problems.append(
+                    f"resume_from: '{s.resume_from}' is not a training state folder (no complete state.json in it, "
+                    "nor in a 'state' folder of a run in it)"
+                )
     return problems
 
 

@@ -223,6 +223,15 @@ ROWS = {
         lambda b, v: [p.name for p in v.result.checkpoints] == ["dreambooth_1.safetensors", "dreambooth_2.safetensors"],
     ),
     "save_training_state": ({}, {"save_training_state": False}, lambda b, v: not (v.out / "state").exists()),
+    "save_total_limit": (
+        {"save_model_every_n_steps": 1},
+        {"save_model_every_n_steps": 1, "save_total_limit": 1},
+        lambda b, v: (
+            sorted(p.name for p in b.out.glob("*.safetensors"))
+            == ["dreambooth_1.safetensors", "dreambooth_2.safetensors"]
+            and sorted(p.name for p in v.out.glob("*.safetensors")) == ["dreambooth_2.safetensors"]
+        ),
+    ),
     "save_sample_prompt": (SAMPLES, {**SAMPLES, "save_sample_prompt": "a zwx ring in space"}, images_differ("samples")),
     "save_sample_negative_prompt": (
         SAMPLES,
