@@ -106,15 +106,18 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     argv = ["train", "--config", args.config]
     for assignment in args.set or []:
         argv += ["--set", assignment]
-    return argv
+    return argv + (["--debug"] if getattr(args, "debug", False) else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import os
+    import shlex
     import signal
+    import traceback
 
     from .events import Callbacks, Commands
     from .settings import Settings, SettingsError
+    from .train.failures import TrainingFailed
     from .train.loop import Trainer
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -169,6 +172,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = Bar()
     try:
         result = Trainer(settings, callbacks=bar if is_main else None, commands=commands).run()
+    except TrainingFailed as error:
+        if bar.bar is not None:
+            bar.bar.close()
+        if args.debug:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        print(f"error: {error}", file=sys.stderr)
+        if error.state_dir is not None and is_main:
+            command = " ".join(shlex.quote(a) for a in [*_train_argv(args), "--set", f"resume_from={error.state_dir}"])
+            print(f"resume: python -m dreambooth {command}", file=sys.stderr)
+        if not args.debug:
+            print("(--debug shows the traceback)", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar.bar is not None:
@@ -335,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="train data-parallel with N processes on this machine (accelerate launch on GPUs, torchrun on CPU)",
+    )
+    train.add_argument(
+        "--debug", action="store_true", help="on a failure, print the traceback too (default: one message)"
     )
     train.set_defaults(func=cmd_train)
 

@@ -277,11 +277,16 @@ class Host:
         return []
 
     def saved_states(self) -> list[str]:
-        """Resumable training states of earlier jobs (``runs/NAME/state``), newest first."""
+        """Resumable training states of earlier jobs (``runs/NAME/state``, also when a kill between the renames of
+        a save left it under another name), newest first."""
+        from .train.state import find_state
+
         if not self.runs_dir.is_dir():
             return []
-        states = [p.parent for p in self.runs_dir.glob("*/state/state.json")]
-        return [str(p) for p in sorted(states, key=lambda p: p.stat().st_mtime, reverse=True)]
+        found = {run / "state": find_state(run / "state") for run in self.runs_dir.iterdir() if run.is_dir()}
+        found = {name: folder for name, folder in found.items() if folder is not None}
+        newest_first = sorted(found, key=lambda name: (found[name] / "state.json").stat().st_mtime, reverse=True)
+        return [str(name) for name in newest_first]
 
     # ----------------------------------------------------------------------------------------- captioning
 

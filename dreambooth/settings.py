@@ -418,8 +418,10 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on, and the VAE and frozen text encoder moved off "
-        "the GPU once latents and text embeddings are cached.",
+        "One switch for less GPU memory: gradient checkpointing on; on a GPU the VAE and a frozen text encoder "
+        "compute the cached latents and text embeddings in the mixed-precision dtype (fp16/bf16; their fp32 weights "
+        "are restored after) and then wait on the CPU until samples or saves need them (with cache_latents off the "
+        "VAE stays on the GPU in fp32).",
         "memory",
         label="Low memory",
     )
@@ -471,6 +473,14 @@ class Settings:
     )
     save_training_state: bool = setting(
         True, "Keep a resumable training state with the latest checkpoint.", "saving", label="Keep training state"
+    )
+    save_total_limit: int = setting(
+        0,
+        "Keep only the newest N checkpoints of this run (0: keep all); the resumable state's checkpoint always stays.",
+        "saving",
+        minimum=0,
+        maximum=100000,
+        label="Keep newest N checkpoints",
     )
 
     # --- samples

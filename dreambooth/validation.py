@@ -239,14 +239,22 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
 
 
 def _resume_problems(s: Settings) -> list[str]:
-    """A ``resume_from`` that is no state, or one that would train nothing or continue another model's run."""
-    state_json = Path(s.resume_from) / "state.json"
-    if not _probe(str(state_json), "is_file"):
-        return [f"resume_from: '{s.resume_from}' is not a training state folder (no state.json in it)"]
+    """A ``resume_from`` that holds no complete state, or one that would train nothing or continue another model."""
+    from .train.state import find_state
+
     try:
-        info = json.loads(state_json.read_text())
+        found = find_state(s.resume_from)
+    except (OSError, ValueError):  # a NUL or an over-long name: no state there
+        found = None
+    if found is None:
+        return [
+            f"resume_from: '{s.resume_from}' is not a training state folder (no complete state.json in it, "
+            "nor in a 'state' folder of a run in it)"
+        ]
+    try:
+        info = json.loads((found / "state.json").read_text())
     except (OSError, ValueError):
-        return [f"resume_from: '{state_json}' is not readable JSON: choose another training state or clear it"]
+        return [f"resume_from: '{found}/state.json' is not readable JSON: choose another training state or clear it"]
     problems = []
     step, name = info.get("step"), info.get("model_name")
     if isinstance(step, int) and isinstance(s.max_train_steps, int) and step >= s.max_train_steps:

@@ -609,6 +609,8 @@ def test_a_stale_resume_from_is_refused_with_what_to_do(tmp_path):
     state.mkdir(parents=True)
     info = {"version": 1, "step": 160, "modules": ["unet"], "model_name": "ring3"}
     (state / "state.json").write_text(json.dumps(info))
+    for name in ("unet.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"):  # a complete state (find_state)
+        (state / name).write_bytes(b"only its presence is checked here")
     data = valid_dict(tmp_path)
     data.update(model_name="ring-ckpt", max_train_steps=20, resume_from=str(state))
     problems = [p for p in problems_of(data) if p.startswith("resume_from")]
