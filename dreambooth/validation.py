@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,17 +234,39 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             if family_problem:
                 problems.append(f"pretrained_model_name_or_path: {family_problem}")
         if s.resume_from:
-            from .train.state import find_state
+            problems.extend(_resume_problems(s))
+    return problems
 
-            try:
-                found = find_state(s.resume_from)
-            except (OSError, ValueError):  # a NUL or an over-long name: no state there
-                found = None
-            if found is None:
-                problems.append(
-                    f"resume_from: '{s.resume_from}' is not a training state folder (no complete state.json in it, "
-                    "nor in a 'state' folder of a run in it)"
-                )
+
+def _resume_problems(s: Settings) -> list[str]:
+    """A ``resume_from`` that holds no complete state, or one that would train nothing or continue another model."""
+    from .train.state import find_state
+
+    try:
+        found = find_state(s.resume_from)
+    except (OSError, ValueError):  # a NUL or an over-long name: no state there
+        found = None
+    if found is None:
+        return [
+            f"resume_from: '{s.resume_from}' is not a training state folder (no complete state.json in it, "
+            "nor in a 'state' folder of a run in it)"
+        ]
+    try:
+        info = json.loads((found / "state.json").read_text())
+    except (OSError, ValueError):
+        return [f"resume_from: '{found}/state.json' is not readable JSON: choose another training state or clear it"]
+    problems = []
+    step, name = info.get("step"), info.get("model_name")
+    if isinstance(step, int) and isinstance(s.max_train_steps, int) and step >= s.max_train_steps:
+        problems.append(
+            f"resume_from: the state in '{s.resume_from}' is at step {step} and max_train_steps is "
+            f"{s.max_train_steps}, so nothing would be trained: raise max_train_steps above {step} or clear resume_from"
+        )
+    if isinstance(name, str) and name and name != s.model_name:
+        problems.append(
+            f"resume_from: the state in '{s.resume_from}' is of the model '{name}', not of '{s.model_name}': set "
+            f"model_name to '{name}' to continue that run, or clear resume_from to start a new one"
+        )
     return problems
 
 

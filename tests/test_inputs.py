@@ -599,3 +599,23 @@ def test_the_trainer_logs_the_warnings_once_the_model_is_known(make_settings, mo
 )
 def test_bodies_that_are_no_settings_object_are_4xx(rest, body):
     assert 400 <= rest(body=body).status_code < 500
+
+
+def test_a_stale_resume_from_is_refused_with_what_to_do(tmp_path):
+    """Seen in the real WebUI: the tab restores the last Train's settings, resume_from included (in a closed
+    accordion), so a new run -- another name, another base model, 20 steps -- "resumed" another run's state at step
+    160 and "finished at step 160 of 20" without training or writing anything."""
+    state = tmp_path / "runs" / "ring3" / "state"
+    state.mkdir(parents=True)
+    info = {"version": 1, "step": 160, "modules": ["unet"], "model_name": "ring3"}
+    (state / "state.json").write_text(json.dumps(info))
+    for name in ("unet.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"):  # a complete state (find_state)
+        (state / name).write_bytes(b"only its presence is checked here")
+    data = valid_dict(tmp_path)
+    data.update(model_name="ring-ckpt", max_train_steps=20, resume_from=str(state))
+    problems = [p for p in problems_of(data) if p.startswith("resume_from")]
+    stale = ("step 160", "max_train_steps is 20", "clear resume_from")
+    assert any(all(part in p for part in stale) for p in problems), problems
+    assert any("'ring3'" in p and "'ring-ckpt'" in p and "model_name" in p for p in problems), problems
+    data.update(model_name="ring3", max_train_steps=200)
+    assert not [p for p in problems_of(data) if p.startswith("resume_from")]  # continuing that run is fine

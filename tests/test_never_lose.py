@@ -256,7 +256,7 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_between_the_renames
     (out / ".state.h4lf" / "optimizer.pt").unlink()  # a later save killed while writing: not complete
     assert not (out / "state").exists()
     assert find_state(out / "state") == out / ".state.k1ll3d" == find_state(out)
-    assert make_settings(output_dir=str(out), resume_from=str(out / "state")).validate() == []
+    assert make_settings(output_dir=str(out), max_train_steps=STEPS, resume_from=str(out / "state")).validate() == []
     assert_same(unet_weights(resume(make_settings, out, out / "state").components), straight)
     assert sorted(p.name for p in out.iterdir() if "state" in p.name) == ["state"]  # leftovers cleaned
 

@@ -470,3 +470,19 @@ def test_low_memory_preset_sets_its_fields(tab):
 def test_every_widget_field_is_a_settings_field():
     names = {s.name for s in settings_specs()}
     assert names <= {f.name for f in fields()}
+
+
+def test_a_class_folder_left_empty_stays_empty_in_the_settings_that_come_back(make_settings, tab):
+    """Seen in the real WebUI: the run folder chosen for an empty class folder was remembered, so every later run --
+    another name, another class prompt -- took its class images from the first run's folder (a "dog" prior trained
+    on ring images).  What comes back (last Train, saved settings) is what the user entered."""
+    settings = make_settings(
+        model_name="ring", with_prior_preservation=True, max_train_steps=1, concept={"class_data_dir": ""}
+    )
+    shown = named(tab, tab.train(form_args(tab, settings)))
+    assert "Started" in shown["message"], shown
+    assert tab.runner.wait(WAIT_SECONDS) and tab.runner.snapshot().state == "finished"
+    assert list((tab.host.run_dir("ring") / "class_images_1").glob("*.png"))  # the job used the run folder
+    assert tab.host.last_used().concepts[0].class_data_dir == ""
+    tab.save_settings(form_args(tab, settings))
+    assert tab.host.load_settings("ring").concepts[0].class_data_dir == ""

@@ -505,3 +505,22 @@ def test_the_tabs_webui_captioners_caption_a_folder(webui, tmp_path):
     assert len(report.written) == 2
     assert (tmp_path / "set" / "img_0.txt").read_text().strip().startswith("ohwx ring, ")
     assert "interrogate.generate_caption" in " ".join(w.fake.call_names())
+
+
+def test_rest_start_remembers_an_empty_class_folder_as_empty(webui, make_settings):
+    """As in the tab: the run folder chosen for an empty class folder must not become every later run's."""
+    from fastapi import FastAPI
+
+    w = webui(api=True)
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    settings = make_settings(
+        pretrained_model_name_or_path=str(w.base), with_prior_preservation=True, max_train_steps=1, model_name="ring"
+    )
+    settings.concepts[0].class_data_dir = ""
+    started = Client(app).post("/dreambooth/start", json=settings.to_dict())
+    assert started.status_code == 200, started.text
+    runner = w.glue.runner()
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    assert list((runner.host.run_dir("ring") / "class_images_1").glob("*.png"))
+    assert runner.host.last_used().concepts[0].class_data_dir == ""

@@ -271,13 +271,18 @@ def detect_architecture(
     ``yaml_config`` is the parsed sidecar yaml (ldm format) and ``metadata`` the safetensors header, when present.
     """
     if metadata and METADATA_KEY in metadata:
-        # Our own file: its header describes it exactly.  A sidecar yaml still decides epsilon vs v.
+        # Our own file: its header describes it exactly.  A sidecar yaml still decides epsilon vs v, and the text
+        # model folder it names (the WebUI loads through the yaml; the folder may have moved since the header).
         arch = Architecture.from_json(metadata[METADATA_KEY])
         arch.prediction_source = "metadata"
         if yaml_config is not None:
-            parameterization = _yaml_params(yaml_config).get("parameterization", "eps")
+            params = _yaml_params(yaml_config)
+            parameterization = params.get("parameterization", "eps")
             arch.prediction_type = "v_prediction" if parameterization == "v" else "epsilon"
             arch.prediction_source = "yaml"
+            cond_params = ((params.get("cond_stage_config") or {}).get("params")) or {}
+            if arch.family == "sd1" and cond_params.get("version"):
+                arch.clip_version = str(cond_params["version"])
         return arch
     family = detect_family(sd, source)
     unet = unet_structure(sd, source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    os.close(handle)
-    temp = Path(temp_name)
+    temp = _new_temp_file(destination)
     try:
         yield temp
         with temp.open("rb+") as written:
@@ -86,6 +84,19 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def _new_temp_file(destination: Path) -> Path:
+    """An empty new ``.NAME.XXXXXXXX.tmp`` beside ``destination``, with the mode any new file gets (0666 less the
+    umask); mkstemp's 0600 would make every output unreadable to the other accounts that read the model folder."""
+    for _ in range(100):
+        temp = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temp
+    raise FileExistsError(f"{destination.parent}: no free temporary file name for {destination.name}")
 
 
 def write_state_dict(

@@ -55,7 +55,8 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
     def start(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
         notes: list[str] = []  # the guide's names that were translated or are ignored
         try:
-            settings = host.prepare(Settings.from_dict(payload, notes=notes))
+            entered = Settings.from_dict(payload, notes=notes)
+            settings = host.prepare(entered)
             job_id = runner.start(settings)
         except SettingsError as error:
             raise HTTPException(status_code=422, detail=error.problems) from error
@@ -63,7 +64,7 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
             raise HTTPException(status_code=409, detail=str(error)) from error
         except DreamBoothError as error:
             raise HTTPException(status_code=422, detail=[str(error)]) from error
-        host.remember_last_used(settings)
+        host.remember_last_used(entered)  # as sent: a run folder picked for an empty class folder stays per run
         return {
             "job_id": job_id,
             "model_name": settings.model_name,

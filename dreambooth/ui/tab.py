@@ -174,8 +174,11 @@ class Tab:
     def train(self, data: dict[Any, Any]) -> dict[Any, Any]:
         message = self.controls["message"]
         try:
-            settings = self.host.prepare(self.gather(data))
-            self.host.remember_last_used(settings)
+            entered = self.gather(data)
+            settings = self.host.prepare(entered)
+            # What comes back is what was entered: the run folder prepare() picks for an empty class folder would
+            # otherwise be every later run's class folder (another subject's class images).
+            self.host.remember_last_used(entered)
             self.runner.start(settings)
         except SettingsError as error:
             return {message: "**Cannot start:**\n" + "\n".join(f"- {p}" for p in error.problems)}
@@ -195,7 +198,7 @@ class Tab:
     def save_settings(self, data: dict[Any, Any]) -> dict[Any, Any]:
         message = self.controls["settings_message"]
         try:
-            path = self.host.save_settings(self.host.prepare(self.gather(data)))
+            path = self.host.save_settings(self.gather(data))  # as entered, like the last Train's (see train)
         except (SettingsError, ValueError) as error:
             return {message: f"**Not saved:** {error}"}
         return {message: f"Saved `{path}`.", self.controls["saved"]: gr.update(choices=self.host.saved_settings())}
