@@ -106,26 +106,32 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     argv = ["train", "--config", args.config]
     for assignment in args.set or []:
         argv += ["--set", assignment]
-    return argv
+    return argv + (["--debug"] if getattr(args, "debug", False) else [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import os
+    import shlex
     import signal
+    import traceback
 
     from .events import Callbacks, Commands
     from .settings import Settings, SettingsError
+    from .train.failures import TrainingFailed
     from .train.loop import Trainer
 
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.num_processes, _train_argv(args))
     is_main = os.environ.get("RANK", "0") == "0"  # under a launcher only the first process prints
 
+    notes: list[str] = []  # the guide's names that were translated or are ignored
     try:
-        settings = Settings.load(args.config).with_overrides(args.set or [])
+        settings = Settings.load(args.config, notes=notes).with_overrides(args.set or [], notes=notes)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for note in notes if is_main else []:
+        print(f"note: {note}", file=sys.stderr)
     problems = settings.validate()
     if problems:
         print(f"error: {args.config}: {len(problems)} problem(s):", file=sys.stderr)
@@ -166,6 +172,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = Bar()
     try:
         result = Trainer(settings, callbacks=bar if is_main else None, commands=commands).run()
+    except TrainingFailed as error:
+        if bar.bar is not None:
+            bar.bar.close()
+        if args.debug:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        print(f"error: {error}", file=sys.stderr)
+        if error.state_dir is not None and is_main:
+            command = " ".join(shlex.quote(a) for a in [*_train_argv(args), "--set", f"resume_from={error.state_dir}"])
+            print(f"resume: python -m dreambooth {command}", file=sys.stderr)
+        if not args.debug:
+            print("(--debug shows the traceback)", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar.bar is not None:
@@ -195,7 +213,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise DreamBoothError("the ui command needs gradio: pip install gradio==3.41.2 (or use the WebUI's tab)")
     from .ui.standalone import launch
 
-    launch(args.models_dir, port=args.port, allowed_roots=args.allow)
+    launch(args.models_dir, port=args.port, allowed_roots=args.allow, write_roots=args.allow_write, auth=args.auth)
     return 0
 
 
@@ -325,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from a settings JSON file")
     train.add_argument("--config", required=True, help="settings JSON (as saved by the tab or the demo)")
     train.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable), e.g. --set seed=7"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable), e.g. --set seed=7; a concept's field: --set "
+        "concepts.0.class_data_dir=DIR (concepts count from 0; concepts.N with N concepts adds one); with a single "
+        "concept its fields also by their own names, e.g. --set class_data_dir=DIR",
     )
     train.add_argument(
         "--num-processes",
@@ -333,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="train data-parallel with N processes on this machine (accelerate launch on GPUs, torchrun on CPU)",
+    )
+    train.add_argument(
+        "--debug", action="store_true", help="on a failure, print the traceback too (default: one message)"
     )
     train.set_defaults(func=cmd_train)
 
@@ -349,7 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow",
         action="append",
         metavar="DIR",
-        help="a folder the app may read datasets and models from (repeatable; default: home, cwd, models dir)",
+        help="a folder the app may also read datasets and models from (repeatable; default: home, cwd, models dir)",
+    )
+    ui.add_argument(
+        "--allow-write",
+        action="append",
+        metavar="DIR",
+        help="a folder the app may also write to: class images, prepared datasets, captions (repeatable; default: "
+        "only the models dir's Stable-diffusion and dreambooth folders)",
+    )
+    ui.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help="a login for the page and HTTP basic auth for the REST routes (several: u1:p1,u2:p2)",
     )
     ui.set_defaults(func=cmd_ui)
 

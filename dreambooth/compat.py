@@ -49,6 +49,17 @@ def text_final_layer_norm(model: Any) -> Any:
     return inner.final_layer_norm
 
 
+def fix_legacy_diffusers_keys(model: Any, state_dict: dict[str, Any]) -> None:
+    """Rename, in place, the attention keys of diffusers folders written before diffusers 0.14 (``query``, ``key``,
+    ``value``, ``proj_attn`` in the VAE), as ``from_pretrained`` does: the method is ``_fix_state_dict_keys_on_load``
+    in current diffusers and ``_convert_deprecated_attention_blocks`` in 0.31."""
+    for name in ("_fix_state_dict_keys_on_load", "_convert_deprecated_attention_blocks"):
+        fix = getattr(model, name, None)
+        if fix is not None:
+            fix(state_dict)
+            return
+
+
 # transformers 5 without torchvision: resolving ``CLIPImageProcessor`` (as importing diffusers' Stable Diffusion
 # pipeline module does) logs that it falls back to the PIL processor.  We never use an image processor.
 _TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"

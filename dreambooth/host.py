@@ -5,9 +5,9 @@
 The WebUI's host (:mod:`dreambooth.webui.host`) overrides the hooks that reach into the WebUI: the loaded model, the
 queue lock, the checkpoint list, switching models.  Everything here is plain Python: no gradio, no ``modules``.
 
-Security (the tab and the REST routes are reachable from other machines with ``--listen`` / ``--api``): the files a
-job reads must lie under the allowed roots, and everything it writes goes to the checkpoint folder and our own
-folder, whatever the request says.
+Security (the tab and the REST routes are reachable from other machines with ``--listen`` / ``--api``): every path a
+request names is checked by the host's one :class:`~.paths.PathPolicy` (:attr:`Host.paths`): what a job reads lies
+under the read roots, what it writes (outputs, and the class images it generates) under the write roots.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .paths import ALLOWED_ROOTS_ENV, READ_HINT, WRITE_HINT, WRITE_ROOTS_ENV, PathPolicy, roots_from_env
+from .paths import is_within as is_within  # re-exported for callers of the old home of the rule
 from .settings import Settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-ALLOWED_ROOTS_ENV = "DREAMBOOTH_ALLOWED_ROOTS"
 LAST_USED = "last_used.json"
 LOCAL_BLIP = "BLIP (local model)"
 OPTIONAL_PACKAGES = {
@@ -74,30 +75,36 @@ class CheckpointChoice:
     path: str
 
 
-def is_within(path: str | os.PathLike, roots: list[Path]) -> bool:
-    """Whether ``path`` (resolved, links followed) lies inside one of ``roots``."""
-    resolved = Path(path).expanduser().resolve()
-    return any(resolved == root or root in resolved.parents for root in roots)
-
-
 def default_allowed_roots(*extra: Path) -> list[Path]:
-    """``$DREAMBOOTH_ALLOWED_ROOTS`` (os.pathsep-separated) when set, else the user's home plus ``extra``."""
-    configured = os.environ.get(ALLOWED_ROOTS_ENV, "")
-    if configured:
-        return [Path(p).expanduser().resolve() for p in configured.split(os.pathsep) if p]
-    return [Path.home().resolve(), *(Path(p).resolve() for p in extra)]
+    """The read roots: ``$DREAMBOOTH_ALLOWED_ROOTS`` (os.pathsep-separated) when set, else the user's home plus
+    ``extra``."""
+    return roots_from_env(ALLOWED_ROOTS_ENV) or [Path.home().resolve(), *(Path(p).resolve() for p in extra)]
+
+
+def default_write_roots() -> list[Path]:
+    """Write roots besides the checkpoint folder and our own folder: ``$DREAMBOOTH_WRITE_ROOTS`` (none when unset)."""
+    return roots_from_env(WRITE_ROOTS_ENV) or []
 
 
 class Host:
-    """The standalone app's host; the WebUI subclass overrides the marked hooks."""
+    """The standalone app's host; the WebUI subclass overrides the marked hooks.
+
+    ``allowed_roots``: the folders requests may read (default :func:`default_allowed_roots` of the models folder
+    and the current folder); ``write_roots``: the folders they may write besides the checkpoint folder and
+    ``data_dir`` (default :func:`default_write_roots`).
+    """
 
     kind = "standalone"
+    # how the owner of this server allows more folders (the end of a refusal sentence)
+    read_hint = f"start the app with --allow DIR (or {READ_HINT})"
+    write_hint = f"start the app with --allow-write DIR (or {WRITE_HINT})"
 
     def __init__(
         self,
         models_dir: str | os.PathLike = "models",
         data_dir: str | os.PathLike | None = None,
         allowed_roots: list[str | os.PathLike] | None = None,
+        write_roots: list[str | os.PathLike] | None = None,
     ):
         self.models_dir = Path(models_dir).resolve()
         self.data_dir = Path(data_dir).resolve() if data_dir else self.models_dir / "dreambooth"
@@ -105,6 +112,21 @@ class Host:
             self.allowed_roots = default_allowed_roots(self.models_dir, Path.cwd())
         else:
             self.allowed_roots = [Path(p).expanduser().resolve() for p in allowed_roots]
+        if write_roots is None:
+            self.write_roots = default_write_roots()
+        else:
+            self.write_roots = [Path(p).expanduser().resolve() for p in write_roots]
+
+    @property
+    def paths(self) -> PathPolicy:
+        """What requests may read and write here (made on each use: the WebUI's ``--ckpt-dir`` is read live)."""
+        own = [self.checkpoint_dir, self.data_dir]
+        return PathPolicy(
+            read_roots=(*self.allowed_roots, *own),
+            write_roots=(*own, *self.write_roots),
+            read_hint=self.read_hint,
+            write_hint=self.write_hint,
+        )
 
     # ----------------------------------------------------------------------------------------- folders
 
@@ -148,18 +170,26 @@ class Host:
     # ----------------------------------------------------------------------------------------- jobs
 
     def prepare(self, settings: Settings) -> Settings:
-        """The settings a job from the tab runs with: outputs in our folders, whatever the request says."""
+        """The settings a job from the tab runs with: outputs in our folders, whatever the request says; with prior
+        preservation, a concept without a class folder gets one in the run folder (where the trainer may write)."""
         run_dir = self.run_dir(settings.model_name)
+        concepts = [dataclasses.replace(c) for c in settings.concepts]
+        if settings.has_prior_preservation:
+            for index, concept in enumerate(concepts, start=1):
+                if not concept.class_data_dir:
+                    concept.class_data_dir = str(run_dir / f"class_images_{index}")
         return dataclasses.replace(
-            settings,
-            output_dir=str(run_dir),
-            checkpoint_dir=str(self.checkpoint_dir),
-            concepts=[dataclasses.replace(c) for c in settings.concepts],
+            settings, output_dir=str(run_dir), checkpoint_dir=str(self.checkpoint_dir), concepts=concepts
         )
 
     def check_settings(self, settings: Settings) -> list[str]:
-        """Every reason not to start: the settings' own problems, then paths outside what this server may touch."""
-        problems = settings.validate()
+        """Every reason not to start: the settings' own problems, then paths this server may not read or write.
+
+        A class folder counts as a write when the trainer would generate images there (fewer usable class images
+        than wanted); a complete one is only read.  While any path is refused, the settings are validated without
+        looking at files (what exists outside the allowed folders is not this server's to say).
+        """
+        policy = self.paths
         readable = [
             ("pretrained_model_name_or_path", settings.pretrained_model_name_or_path),
             ("pretrained_vae_name_or_path", settings.pretrained_vae_name_or_path),
@@ -169,24 +199,38 @@ class Host:
         for index, concept in enumerate(settings.concepts, start=1):
             readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))
             readable.append((f"concept {index} class_data_dir", concept.class_data_dir))
-        roots = [*self.allowed_roots, self.checkpoint_dir.resolve(), self.data_dir]
-        for name, value in readable:
-            if value and not is_within(value, roots):
-                problems.append(
-                    f"{name}: '{value}' is outside the folders this server allows "
-                    f"({', '.join(map(str, roots))}); set {ALLOWED_ROOTS_ENV} to allow more"
-                )
+        refused = [policy.check_read(value, name) for name, value in readable if value]
+        if settings.has_prior_preservation:
+            refused.extend(self._class_folder_writes(settings, policy))
         if settings.output_dir:
             out = Path(settings.output_dir)
-            writable = [self.data_dir, self.checkpoint_dir.resolve()]
             for name, value in (
                 ("output_dir", out),
                 ("checkpoint_dir", out / settings.checkpoint_dir),
                 ("logging_dir", out / settings.logging_dir),
             ):
-                if not is_within(value, writable):
-                    folders = ", ".join(map(str, writable))
-                    problems.append(f"{name}: '{value}' is outside the output folders ({folders})")
+                refused.append(policy.check_write(value, name))
+        refused = [p for p in refused if p]
+        return settings.validate(check_files=not refused) + refused
+
+    @staticmethod
+    def _class_folder_writes(settings: Settings, policy: PathPolicy) -> list[str]:
+        """Class folders the trainer would write class images into, outside the write roots."""
+        from .data.class_images import usable_class_images
+
+        problems = []
+        for index, concept in enumerate(settings.concepts, start=1):
+            folder = concept.class_data_dir
+            if not folder or not policy.may_read(folder) or policy.may_write(folder):
+                continue  # no folder, already refused as a read, or writable
+            try:
+                have = len(usable_class_images(folder, concept.class_prompt))
+            except Exception:  # an unlistable folder: the trainer reports it; here it would be written into
+                have = 0
+            missing = settings.class_images_for(concept) - have
+            if missing > 0:
+                what = f"{missing} missing class image(s) would be generated there"
+                problems.append(policy.check_write(folder, f"concept {index} class_data_dir", what))
         return problems
 
     @contextlib.contextmanager
@@ -213,7 +257,7 @@ class Host:
     # ----------------------------------------------------------------------------------------- environment
 
     def environment_notes(self) -> list[str]:
-        """What is missing, as sentences shown at the top of the tab: required packages first, then optional ones."""
+        """Sentences shown at the top of the tab: missing required packages, optional ones, then security warnings."""
         import importlib.util
 
         notes = [
@@ -226,14 +270,23 @@ class Host:
         if clash:
             notes.append(clash)
         notes.extend(note for name, note in OPTIONAL_PACKAGES.items() if importlib.util.find_spec(name) is None)
-        return notes
+        return notes + self.security_notes()
+
+    def security_notes(self) -> list[str]:
+        """Warnings about who can reach this server (the WebUI: listening beyond this machine without a password)."""
+        return []
 
     def saved_states(self) -> list[str]:
-        """Resumable training states of earlier jobs (``runs/NAME/state``), newest first."""
+        """Resumable training states of earlier jobs (``runs/NAME/state``, also when a kill between the renames of
+        a save left it under another name), newest first."""
+        from .train.state import find_state
+
         if not self.runs_dir.is_dir():
             return []
-        states = [p.parent for p in self.runs_dir.glob("*/state/state.json")]
-        return [str(p) for p in sorted(states, key=lambda p: p.stat().st_mtime, reverse=True)]
+        found = {run / "state": find_state(run / "state") for run in self.runs_dir.iterdir() if run.is_dir()}
+        found = {name: folder for name, folder in found.items() if folder is not None}
+        newest_first = sorted(found, key=lambda name: (found[name] / "state.json").stat().st_mtime, reverse=True)
+        return [str(name) for name in newest_first]
 
     # ----------------------------------------------------------------------------------------- captioning
 

@@ -94,7 +94,8 @@ class _JobCallbacks(Callbacks):
 
     def on_checkpoint(self, step: int, paths: list[Path]) -> None:
         files = [str(p) for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]  # not the sidecar yaml
-        self.runner._update(self.job_id, checkpoints=(*self.runner.snapshot().checkpoints, *files))
+        kept = [p for p in self.runner.snapshot().checkpoints if Path(p).is_file()]  # save_total_limit removes some
+        self.runner._update(self.job_id, checkpoints=(*kept, *files))
         self.runner.host.checkpoint_written(paths)
 
     def on_log(self, message: str) -> None:
@@ -172,6 +173,9 @@ class Runner:
             state = "cancelled" if cancelled else "finished"
         except DreamBoothError as exc:
             error = str(exc)
+            cause = exc.__cause__
+            if cause is not None and not isinstance(cause, DreamBoothError):  # a bug or OOM: the console keeps it
+                log.error("training failed: %s", error, exc_info=(type(cause), cause, cause.__traceback__))
         except Exception as exc:  # the thread must end with a readable state, whatever went wrong
             error = f"{type(exc).__name__}: {exc}"
             log.error("training failed:\n%s", traceback.format_exc())

@@ -22,6 +22,11 @@ from typing import Any
 from .errors import DreamBoothError
 
 SCHEMA_VERSION = 2
+# Upper bounds: far above any real run, low enough that nothing overflows or runs for ever.
+MAX_SEED = 2**32 - 1  # numpy and torch generators both take seeds up to here
+MAX_STEPS = 10_000_000
+MAX_CLASS_IMAGES = 100_000
+MAX_BUCKET_SIDE = 8192
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -51,9 +56,14 @@ def setting(
     choices: tuple[str, ...] | None = None,
     aliases: tuple[str, ...] = (),
     headless_only: bool = False,
+    label: str = "",
 ) -> Any:
-    """Declare one settings field: default, one-line help, UI group, bounds / choices, accepted old names."""
+    """Declare one settings field: default, one-line help, UI group, bounds / choices, accepted old names.
+
+    ``label``: the name people read in the tab and the README (the field's name, the guide's, stays the key).
+    """
     metadata = {
+        "label": label,
         "help": help,
         "group": group,
         "minimum": minimum,
@@ -71,19 +81,41 @@ def setting(
 class Concept:
     """One subject (or style) to teach: its images, its prompts, and its class for prior preservation."""
 
-    instance_data_dir: str = setting("", "Folder of the subject's images (searched recursively).", "concept")
+    instance_data_dir: str = setting(
+        "", "Folder of the subject's images (searched recursively).", "concept", label="Instance images folder"
+    )
     instance_prompt: str = setting(
-        "", "Prompt with the rare identifier, e.g. 'photo of zwx dog'; [filewords] inserts the caption.", "concept"
+        "",
+        "Prompt with the rare identifier, e.g. 'photo of zwx dog'; [filewords] inserts the caption.",
+        "concept",
+        label="Instance prompt",
     )
     class_data_dir: str = setting(
-        "", "Folder of class (regularisation) images; missing ones are generated there.", "concept"
+        "",
+        "Folder of class (regularisation) images; missing ones are generated there.",
+        "concept",
+        label="Class images folder",
     )
-    class_prompt: str = setting("", "Prompt of the class without the identifier, e.g. 'photo of a dog'.", "concept")
-    class_negative_prompt: str = setting("", "Negative prompt used when generating class images.", "concept")
+    class_prompt: str = setting(
+        "", "Prompt of the class without the identifier, e.g. 'photo of a dog'.", "concept", label="Class prompt"
+    )
+    class_negative_prompt: str = setting(
+        "", "Negative prompt used when generating class images.", "concept", label="Class negative prompt"
+    )
     num_class_images: int | None = setting(
-        None, "Class images for this concept (empty: the global num_class_images).", "concept", minimum=0
+        None,
+        "Class images for this concept (empty: the global num_class_images).",
+        "concept",
+        minimum=0,
+        maximum=MAX_CLASS_IMAGES,
+        label="Class images of this concept",
     )
-    sample_prompt: str = setting("", "Prompt of this concept's samples (empty: the instance prompt).", "concept")
+    sample_prompt: str = setting(
+        "",
+        "Prompt of this concept's samples (empty: the instance prompt).",
+        "concept",
+        label="Sample prompt of this concept",
+    )
 
 
 @dataclass
@@ -92,40 +124,69 @@ class Settings:
 
     # --- model and output
     pretrained_model_name_or_path: str = setting(
-        "", "Base model: a .safetensors/.ckpt file (with NAME.yaml beside it if any) or a diffusers folder.", "model"
+        "",
+        "Base model: a .safetensors/.ckpt file (with NAME.yaml beside it if any) or a diffusers folder.",
+        "model",
+        label="Base model",
     )
     pretrained_vae_name_or_path: str = setting(
-        "", "A separate VAE (.safetensors/.ckpt file or diffusers VAE folder); empty: the model's own.", "model"
+        "",
+        "A separate VAE (.safetensors/.ckpt file or diffusers VAE folder); empty: the model's own.",
+        "model",
+        label="VAE",
     )
     output_dir: str = setting(
         "",
         "Folder for checkpoints, samples, logs and the training state (the tab: one folder per model name).",
         "model",
         headless_only=True,
+        label="Output folder",
     )
-    model_name: str = setting("dreambooth", "Name of the output: NAME_STEP.safetensors.", "model")
+    model_name: str = setting("dreambooth", "Name of the output: NAME_STEP.safetensors.", "model", label="Model name")
     checkpoint_dir: str = setting(
         "",
         "Folder of the output checkpoints (empty: output_dir; relative: inside output_dir; the tab: the WebUI's "
         "model folder).",
         "saving",
         headless_only=True,
+        label="Checkpoint folder",
     )
-    save_format: str = setting("safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"))
+    save_format: str = setting(
+        "safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"), label="File format"
+    )
     save_half: bool = setting(
-        False, "Store the output checkpoint in fp16 (half the size).", "saving", aliases=("save_unet_half",)
+        False,
+        "Store the output checkpoint in fp16 (half the size).",
+        "saving",
+        aliases=("save_unet_half",),
+        label="Save in fp16",
     )
-    resume_from: str = setting("", "A training state folder to continue from (output_dir/state/...).", "model")
+    resume_from: str = setting(
+        "", "A training state folder to continue from (output_dir/state/...).", "model", label="Resume from state"
+    )
 
     # --- data
-    concepts: list[Concept] = setting([], "The concepts to train (any number).", "concepts")
-    resolution: int = setting(512, "Training resolution in pixels (multiple of 8).", "basics", minimum=64, maximum=4096)
-    center_crop: bool = setting(False, "Crop the centre of each image (else a random crop each epoch).", "basics")
-    hflip: bool = setting(False, "Also train on horizontally flipped images (random per epoch).", "basics")
-    use_txt_as_label: bool = setting(False, "Caption each image from IMAGE.txt beside it.", "basics")
-    use_filename_as_label: bool = setting(False, "Caption each image from its file name.", "basics")
+    concepts: list[Concept] = setting([], "The concepts to train (any number).", "concepts", label="Concepts")
+    resolution: int = setting(
+        512, "Training resolution in pixels (multiple of 8).", "basics", minimum=64, maximum=4096, label="Resolution"
+    )
+    center_crop: bool = setting(
+        False, "Crop the centre of each image (else a random crop each epoch).", "basics", label="Center crop"
+    )
+    hflip: bool = setting(
+        False, "Also train on horizontally flipped images (random per epoch).", "basics", label="Horizontal flip"
+    )
+    use_txt_as_label: bool = setting(
+        False, "Caption each image from IMAGE.txt beside it.", "basics", label="Captions from IMAGE.txt"
+    )
+    use_filename_as_label: bool = setting(
+        False, "Caption each image from its file name.", "basics", label="Captions from file names"
+    )
     caption_template: str = setting(
-        "[PX][P]", "How the caption combines with the prompt: [PX] the prompt, [P] the caption.", "basics"
+        "[PX][P]",
+        "How the caption combines with the prompt: [PX] the prompt, [P] the caption.",
+        "basics",
+        label="Caption template",
     )
 
     # --- aspect-ratio buckets and augmentation
@@ -133,18 +194,35 @@ class Settings:
         False,
         "Train each image at the bucket (about resolution² pixels) closest to its aspect ratio, not a square crop.",
         "dataset",
+        label="Aspect-ratio buckets",
     )
     aspect_buckets: str = setting(
-        "", "Custom bucket list, e.g. '512x512 576x448 448x576' (empty: generated from the sides below).", "dataset"
+        "",
+        "Custom bucket list, e.g. '512x512 576x448 448x576' (empty: generated from the sides below).",
+        "dataset",
+        label="Custom buckets",
     )
     bucket_min_side: int | None = setting(
-        None, "Smallest generated bucket side in px, a multiple of 64 (empty: resolution / 2).", "dataset", minimum=64
+        None,
+        "Smallest generated bucket side in px, a multiple of 64 (empty: resolution / 2).",
+        "dataset",
+        minimum=64,
+        maximum=MAX_BUCKET_SIDE,
+        label="Smallest bucket side",
     )
     bucket_max_side: int | None = setting(
-        None, "Largest generated bucket side in px, a multiple of 64 (empty: resolution x 2).", "dataset", minimum=64
+        None,
+        "Largest generated bucket side in px, a multiple of 64 (empty: resolution x 2).",
+        "dataset",
+        minimum=64,
+        maximum=MAX_BUCKET_SIDE,
+        label="Largest bucket side",
     )
     debug_arb: bool = setting(
-        False, "Log every image's bucket and the counts, and save them to output_dir/buckets.json.", "dataset"
+        False,
+        "Log every image's bucket and the counts, and save them to output_dir/buckets.json.",
+        "dataset",
+        label="Log buckets",
     )
     augment_probability: float = setting(
         0.5,
@@ -152,15 +230,31 @@ class Settings:
         "dataset",
         minimum=0.0,
         maximum=1.0,
+        label="Augmentation chance",
     )
     augment_rotation: float = setting(
-        0.0, "Rotate by up to this many degrees either way (0: off).", "dataset", minimum=0.0, maximum=30.0
+        0.0,
+        "Rotate by up to this many degrees either way (0: off).",
+        "dataset",
+        minimum=0.0,
+        maximum=30.0,
+        label="Rotation (degrees)",
     )
     augment_brightness: float = setting(
-        0.0, "Brightness jitter: a factor in 1 ± this (0: off).", "dataset", minimum=0.0, maximum=1.0
+        0.0,
+        "Brightness jitter: a factor in 1 ± this (0: off).",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+        label="Brightness jitter",
     )
     augment_contrast: float = setting(
-        0.0, "Contrast jitter: a factor in 1 ± this (0: off).", "dataset", minimum=0.0, maximum=1.0
+        0.0,
+        "Contrast jitter: a factor in 1 ± this (0: off).",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+        label="Contrast jitter",
     )
     augment_random_crop: float = setting(
         0.0,
@@ -168,6 +262,7 @@ class Settings:
         "dataset",
         minimum=0.0,
         maximum=0.5,
+        label="Random crop",
     )
     augment_variants: int = setting(
         4,
@@ -175,80 +270,160 @@ class Settings:
         "dataset",
         minimum=1,
         maximum=64,
+        label="Augmented variants",
+    )
+    inpainting_full_mask_ratio: float = setting(
+        0.25,
+        "Inpainting models: share of training samples masked whole (the rest get random rectangles and strokes).",
+        "dataset",
+        minimum=0.0,
+        maximum=1.0,
+        label="Inpainting: share of full masks",
     )
 
     # --- prior preservation
     with_prior_preservation: bool = setting(
-        False, "Train on class images too, so the class keeps its look (prior preservation).", "prior"
+        False,
+        "Train on class images too, so the class keeps its look (prior preservation).",
+        "prior",
+        label="Prior preservation",
     )
-    prior_loss_weight: float = setting(1.0, "Weight of the class images' loss.", "prior", minimum=0.0, maximum=100.0)
+    prior_loss_weight: float = setting(
+        1.0, "Weight of the class images' loss.", "prior", minimum=0.0, maximum=100.0, label="Prior loss weight"
+    )
     num_class_images: int = setting(
-        100, "Class images per concept; missing ones are generated first.", "prior", minimum=0, maximum=100000
+        100,
+        "Class images per concept; missing ones are generated first.",
+        "prior",
+        minimum=0,
+        maximum=MAX_CLASS_IMAGES,
+        label="Class images",
     )
     sample_batch_size: int = setting(
-        4, "Batch size when generating class images and samples.", "prior", minimum=1, maximum=64
+        4,
+        "Batch size when generating class images and samples.",
+        "prior",
+        minimum=1,
+        maximum=64,
+        aliases=("infer_batch_size",),
+        label="Generation batch size",
     )
     class_inference_steps: int = setting(
-        30, "Denoising steps when generating class images.", "prior", minimum=1, maximum=500
+        30, "Denoising steps when generating class images.", "prior", minimum=1, maximum=500, label="Class image steps"
     )
 
     # --- schedule
-    seed: int = setting(1234, "Random seed of the run (data order, noise, crops).", "basics", minimum=0)
-    train_batch_size: int = setting(1, "Instance images per step.", "basics", minimum=1, maximum=256)
+    seed: int = setting(
+        1234, "Random seed of the run (data order, noise, crops).", "basics", minimum=0, maximum=MAX_SEED, label="Seed"
+    )
+    train_batch_size: int = setting(
+        1, "Instance images per step.", "basics", minimum=1, maximum=256, label="Batch size"
+    )
     num_train_epochs: int | None = setting(
-        None, "Epochs to train (empty: from max_train_steps).", "basics", minimum=1, maximum=100000
+        None, "Epochs to train (empty: from max_train_steps).", "basics", minimum=1, maximum=100000, label="Epochs"
     )
     max_train_steps: int | None = setting(
         None,
         "Optimizer steps to train; wins over epochs (empty with no epochs: 100 per instance image).",
         "basics",
         minimum=1,
+        maximum=MAX_STEPS,
+        label="Training steps",
     )
     gradient_accumulation_steps: int = setting(
-        1, "Batches whose gradients are summed before each optimizer step.", "basics", minimum=1, maximum=1024
+        1,
+        "Batches whose gradients are summed before each optimizer step.",
+        "basics",
+        minimum=1,
+        maximum=1024,
+        label="Gradient accumulation",
     )
 
     # --- learning rate and optimiser
-    learning_rate: float = setting(5e-6, "Learning rate of the UNet.", "optimizer", minimum=0.0, maximum=1.0)
-    scale_lr: bool = setting(False, "Multiply the learning rates by batch size x accumulation steps.", "optimizer")
-    lr_scheduler: str = setting("constant", "Learning-rate schedule.", "optimizer", choices=SCHEDULERS)
-    lr_warmup_steps: int = setting(0, "Steps of linear warm-up from 0.", "optimizer", minimum=0)
-    lr_cycles: int = setting(
-        1, "Cycles of the cosine_with_restarts schedule.", "optimizer", minimum=1, aliases=("lr_num_cycles",)
+    learning_rate: float = setting(
+        5e-6, "Learning rate of the UNet.", "optimizer", minimum=0.0, maximum=1.0, label="Learning rate"
     )
-    lr_power: float = setting(1.0, "Power of the polynomial schedule.", "optimizer", minimum=0.0, maximum=10.0)
+    scale_lr: bool = setting(
+        False,
+        "Multiply the learning rates by batch size x accumulation steps.",
+        "optimizer",
+        label="Scale learning rate",
+    )
+    lr_scheduler: str = setting(
+        "constant", "Learning-rate schedule.", "optimizer", choices=SCHEDULERS, label="LR schedule"
+    )
+    lr_warmup_steps: int = setting(
+        0, "Steps of linear warm-up from 0.", "optimizer", minimum=0, maximum=MAX_STEPS, label="Warm-up steps"
+    )
+    lr_cycles: int = setting(
+        1,
+        "Cycles of the cosine_with_restarts schedule.",
+        "optimizer",
+        minimum=1,
+        maximum=1000,
+        aliases=("lr_num_cycles",),
+        label="LR cycles",
+    )
+    lr_power: float = setting(
+        1.0, "Power of the polynomial schedule.", "optimizer", minimum=0.0, maximum=10.0, label="Polynomial power"
+    )
     optimizer: str = setting(
         "adamw",
         "AdamW, or 8-bit AdamW from bitsandbytes (less memory, CUDA).",
         "optimizer",
         choices=("adamw", "adamw_8bit"),
+        label="Optimizer",
     )
-    adam_beta1: float = setting(0.9, "Adam beta1.", "optimizer", minimum=0.0, maximum=0.9999)
-    adam_beta2: float = setting(0.999, "Adam beta2.", "optimizer", minimum=0.0, maximum=0.99999)
-    adam_weight_decay: float = setting(1e-2, "Adam weight decay.", "optimizer", minimum=0.0, maximum=1.0)
-    adam_epsilon: float = setting(1e-8, "Adam epsilon.", "optimizer", minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta1.", "optimizer", minimum=0.0, maximum=0.9999, label="Adam beta1")
+    adam_beta2: float = setting(0.999, "Adam beta2.", "optimizer", minimum=0.0, maximum=0.99999, label="Adam beta2")
+    adam_weight_decay: float = setting(
+        1e-2, "Adam weight decay.", "optimizer", minimum=0.0, maximum=1.0, label="Weight decay"
+    )
+    adam_epsilon: float = setting(1e-8, "Adam epsilon.", "optimizer", minimum=0.0, maximum=1.0, label="Adam epsilon")
     max_grad_norm: float = setting(
-        1.0, "Clip the gradient norm to this value (0: no clipping).", "optimizer", minimum=0.0
+        1.0,
+        "Clip the gradient norm to this value (0: no clipping).",
+        "optimizer",
+        minimum=0.0,
+        maximum=1e6,
+        label="Gradient clipping",
     )
 
     # --- memory and speed
     mixed_precision: str = setting(
-        "no", "Compute in fp16 or bf16 (weights stay fp32).", "memory", choices=("no", "fp16", "bf16")
+        "no",
+        "Compute in fp16 or bf16 (weights stay fp32).",
+        "memory",
+        choices=("no", "fp16", "bf16"),
+        label="Mixed precision",
     )
     gradient_checkpointing: bool = setting(
-        False, "Recompute activations in the backward pass: less memory, about 20% slower.", "memory"
+        False,
+        "Recompute activations in the backward pass: less memory, about 20% slower.",
+        "memory",
+        label="Gradient checkpointing",
     )
     cache_latents: bool = setting(
-        True, "Encode each image once with the VAE (in memory and on disk) instead of every step.", "memory"
+        True,
+        "Encode each image once with the VAE (in memory and on disk) instead of every step.",
+        "memory",
+        label="Cache latents",
     )
     attention: str = setting(
-        "sdpa", "Attention kernel: PyTorch SDPA, or xformers when installed.", "memory", choices=("sdpa", "xformers")
+        "sdpa",
+        "Attention kernel: PyTorch SDPA, or xformers when installed.",
+        "memory",
+        choices=("sdpa", "xformers"),
+        label="Attention kernel",
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on, and the VAE and frozen text encoder moved off "
-        "the GPU once latents and text embeddings are cached.",
+        "One switch for less GPU memory: gradient checkpointing on; on a GPU the VAE and a frozen text encoder "
+        "compute the cached latents and text embeddings in the mixed-precision dtype (fp16/bf16; their fp32 weights "
+        "are restored after) and then wait on the CPU until samples or saves need them (with cache_latents off the "
+        "VAE stays on the GPU in fp32).",
         "memory",
+        label="Low memory",
     )
     device: str = setting(
         "auto",
@@ -256,42 +431,118 @@ class Settings:
         "memory",
         choices=("auto", "cuda", "cpu"),
         headless_only=True,
+        label="Device",
     )
 
     # --- text encoder
-    train_text_encoder: bool = setting(False, "Train the text encoder too.", "text_encoder")
+    train_text_encoder: bool = setting(False, "Train the text encoder too.", "text_encoder", label="Train text encoder")
     text_encoder_learning_rate: float | None = setting(
-        None, "Learning rate of the text encoder (empty: learning_rate).", "text_encoder", minimum=0.0, maximum=1.0
+        None,
+        "Learning rate of the text encoder (empty: learning_rate).",
+        "text_encoder",
+        minimum=0.0,
+        maximum=1.0,
+        label="Text encoder learning rate",
     )
     stop_text_encoder: float = setting(
-        1.0, "Fraction of the steps after which the text encoder is frozen.", "text_encoder", minimum=0.0, maximum=1.0
+        1.0,
+        "Fraction of the steps after which the text encoder is frozen.",
+        "text_encoder",
+        minimum=0.0,
+        maximum=1.0,
+        label="Stop text encoder at",
     )
     clip_skip: int = setting(
-        1, "Use the output of the N-th last text-encoder layer (1: the last).", "text_encoder", minimum=1, maximum=12
+        1,
+        "Use the output of the N-th last text-encoder layer (1: the last).",
+        "text_encoder",
+        minimum=1,
+        maximum=12,
+        label="CLIP skip",
     )
 
     # --- saving
     save_model_every_n_steps: int = setting(
-        0, "Save a checkpoint every N steps (0: only at the end).", "saving", minimum=0, aliases=("save_interval",)
+        0,
+        "Save a checkpoint every N steps (0: only at the end).",
+        "saving",
+        minimum=0,
+        maximum=MAX_STEPS,
+        aliases=("save_interval",),
+        label="Save every N steps",
     )
-    save_training_state: bool = setting(True, "Keep a resumable training state with the latest checkpoint.", "saving")
+    save_training_state: bool = setting(
+        True, "Keep a resumable training state with the latest checkpoint.", "saving", label="Keep training state"
+    )
+    save_total_limit: int = setting(
+        0,
+        "Keep only the newest N checkpoints of this run (0: keep all); the resumable state's checkpoint always stays.",
+        "saving",
+        minimum=0,
+        maximum=100000,
+        label="Keep newest N checkpoints",
+    )
 
     # --- samples
     save_sample_prompt: str = setting(
-        "", "Prompt of the samples made at each save (empty: each concept's instance prompt).", "samples"
+        "",
+        "Prompt of the samples made at each save (empty: each concept's instance prompt).",
+        "samples",
+        label="Sample prompt",
     )
-    save_sample_negative_prompt: str = setting("", "Negative prompt of the samples.", "samples")
-    n_save_sample: int = setting(1, "Samples per prompt at each save (0: none).", "samples", minimum=0, maximum=64)
-    save_infer_steps: int = setting(20, "Denoising steps of the samples.", "samples", minimum=1, maximum=500)
-    save_guidance_scale: float = setting(7.5, "Guidance scale of the samples.", "samples", minimum=0.0, maximum=50.0)
-    sample_seed: int = setting(42, "Seed of the samples (the same at every save, to compare).", "samples", minimum=0)
+    save_sample_negative_prompt: str = setting(
+        "", "Negative prompt of the samples.", "samples", label="Sample negative prompt"
+    )
+    n_save_sample: int = setting(
+        1, "Samples per prompt at each save (0: none).", "samples", minimum=0, maximum=64, label="Samples per prompt"
+    )
+    save_infer_steps: int = setting(
+        20,
+        "Denoising steps of the samples.",
+        "samples",
+        minimum=1,
+        maximum=500,
+        aliases=("infer_steps",),
+        label="Sample steps",
+    )
+    save_guidance_scale: float = setting(
+        7.5,
+        "Guidance scale of the samples.",
+        "samples",
+        minimum=0.0,
+        maximum=50.0,
+        aliases=("guidance_scale",),
+        label="Guidance scale",
+    )
+    sample_seed: int = setting(
+        42,
+        "Seed of the samples (the same at every save, to compare).",
+        "samples",
+        minimum=0,
+        maximum=MAX_SEED,
+        label="Sample seed",
+    )
 
     # --- test after saving
-    test_prompt: str = setting("", "After each save, generate this prompt (empty: no test).", "samples")
-    test_prompts_file: str = setting("", "After each save, generate every line of this text file.", "samples")
-    test_negative_prompt: str = setting("", "Negative prompt of the test images.", "samples")
-    test_seed: int = setting(0, "Seed of the test images.", "samples", minimum=0)
-    test_images_per_prompt: int = setting(1, "Test images per prompt.", "samples", minimum=1, maximum=64)
+    test_prompt: str = setting(
+        "", "After each save, generate this prompt (empty: no test).", "samples", label="Test prompt"
+    )
+    test_prompts_file: str = setting(
+        "", "After each save, generate every line of this text file.", "samples", label="Test prompts file"
+    )
+    test_negative_prompt: str = setting(
+        "", "Negative prompt of the test images.", "samples", label="Test negative prompt"
+    )
+    test_seed: int = setting(0, "Seed of the test images.", "samples", minimum=0, maximum=MAX_SEED, label="Test seed")
+    test_images_per_prompt: int = setting(
+        1,
+        "Test images per prompt.",
+        "samples",
+        minimum=1,
+        maximum=64,
+        aliases=("test_num_per_prompt",),
+        label="Test images per prompt",
+    )
 
     # --- logging
     report_to: str = setting(
@@ -299,8 +550,12 @@ class Settings:
         "Log losses and learning rates to tensorboard or wandb.",
         "logging",
         choices=("none", "tensorboard", "wandb"),
+        aliases=("log_with",),
+        label="Log to",
     )
-    logging_dir: str = setting("logs", "Log folder (relative paths are inside output_dir).", "logging")
+    logging_dir: str = setting(
+        "logs", "Log folder (relative paths are inside output_dir).", "logging", label="Log folder"
+    )
 
     # ------------------------------------------------------------------------------------------------ derived
 
@@ -360,20 +615,31 @@ class Settings:
         return Path(path)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Settings:
+    def from_dict(
+        cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None, notes: list[str] | None = None
+    ) -> Settings:
         """Settings from a dict (a JSON file's content), migrated to the current schema.
 
-        Unknown keys are an error (a typo must not be ignored silently); old names are accepted.
+        Unknown keys are an error (a typo must not be ignored silently); old names and the guide's names are
+        accepted.  ``notes``, when given, receives a sentence for each name that was translated or ignored
+        (:mod:`dreambooth.guide_names`): the CLI prints them and the tab shows them.
         """
-        data = migrate(dict(data))
-        problems = []
+        from .guide_names import translate_guide_names
+
+        notes = [] if notes is None else notes
+        problems: list[str] = []
+        data = translate_guide_names(migrate(dict(data)), base_dir, notes, problems)
         known = {f.name: f for f in dataclasses.fields(cls)}
         aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
         values: dict[str, Any] = {}
         for key, value in data.items():
             name = aliases.get(key, key)
             if name not in known:
-                problems.append(f"unknown setting '{key}' (check the spelling; see the README for the list)")
+                problems.append(f"unknown setting {_show(key)} (check the spelling; see the README for the list)")
+                continue
+            if name != key and name in data:
+                if data[name] != value:
+                    notes.append(f"'{key}' ({_show(value)}) is not used: '{name}' ({_show(data[name])}) is given too")
                 continue
             values[name] = value
         concepts = values.pop("concepts", [])
@@ -384,11 +650,11 @@ class Settings:
         concept_fields = {f.name for f in dataclasses.fields(Concept)}
         for index, item in enumerate(concepts):
             if not isinstance(item, dict):
-                problems.append(f"concept {index + 1} must be an object")
+                problems.append(f"concepts: concept {index + 1} must be an object, not {_show(item)}")
                 continue
             unknown = sorted(set(item) - concept_fields)
             if unknown:
-                problems.append(f"concept {index + 1}: unknown field(s) {', '.join(unknown)}")
+                problems.append(f"concept {index + 1}: unknown field(s) {', '.join(_show(k) for k in unknown)}")
             checked = {}
             for spec in dataclasses.fields(Concept):
                 if spec.name in item:
@@ -409,35 +675,79 @@ class Settings:
         return cls(concepts=parsed, **values)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Settings:
+    def load(cls, path: str | os.PathLike, notes: list[str] | None = None) -> Settings:
+        """Settings from a JSON file; relative concept folders are relative to the file's folder."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise SettingsError([f"{path}: cannot read the settings file ({error})"]) from error
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
+            # ValueError covers JSONDecodeError and integers longer than Python converts (4300 digits)
+            raise SettingsError([f"{path}: cannot read the settings file ({str(error)[:300]})"]) from error
         if not isinstance(data, dict):
             raise SettingsError([f"{path}: a settings file holds one JSON object"])
-        return cls.from_dict(data, base_dir=path.parent)
+        return cls.from_dict(data, base_dir=path.parent, notes=notes)
 
-    def with_overrides(self, assignments: list[str]) -> Settings:
-        """Apply ``key=value`` strings (the CLI's ``--set``); values are parsed as JSON when they can be."""
+    def with_overrides(self, assignments: list[str], notes: list[str] | None = None) -> Settings:
+        """Apply ``key=value`` strings (the CLI's ``--set``); values are parsed as JSON when they can be.
+
+        ``concepts.N.FIELD=value`` sets a field of concept N (counting from 0; N = the number of concepts adds one).
+        A concept field by its own name (``class_data_dir=...``) sets it in the only concept; with several concepts
+        it must say which.
+        """
         data = self.to_dict()
-        text_fields = {f.name for f in dataclasses.fields(Settings) if str(f.type).startswith("str")}
+        settings_fields = {f.name: f for f in dataclasses.fields(Settings)}
+        concept_fields = {f.name: f for f in dataclasses.fields(Concept)}
         aliases = {a: f.name for f in dataclasses.fields(Settings) for a in f.metadata.get("aliases", ())}
         for assignment in assignments:
             if "=" not in assignment:
-                raise SettingsError([f"--set expects key=value, got '{assignment}'"])
+                raise SettingsError([f"--set expects key=value, got {_show(assignment)}"])
             key, text = assignment.split("=", 1)
             key = key.strip()
-            if aliases.get(key, key) in text_fields:
-                value = text  # text fields take the text as given: --set model_name=2024
+            target, name, spec = data, aliases.get(key, key), settings_fields.get(aliases.get(key, key))
+            if key.startswith("concepts."):
+                target, name = _concept_target(data["concepts"], key, concept_fields)
+                spec = concept_fields[name]
+            elif spec is None and key in concept_fields:
+                if len(data["concepts"]) > 1:
+                    raise SettingsError(
+                        [
+                            f"--set {key}: there are {len(data['concepts'])} concepts; say which one, e.g. "
+                            f"--set concepts.0.{key}=... (counting from 0)"
+                        ]
+                    )
+                if not data["concepts"]:
+                    data["concepts"].append({})
+                target, spec = data["concepts"][0], concept_fields[key]
+            if spec is not None and str(spec.type).startswith("str"):
+                value: Any = text  # text fields take the text as given: --set model_name=2024
             else:
                 try:
                     value = json.loads(text)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     value = text
-            data[key] = value
-        return Settings.from_dict(data)
+            target[name] = value
+        return Settings.from_dict(data, notes=notes)
+
+
+def _concept_target(
+    concepts: list[dict[str, Any]], key: str, concept_fields: dict[str, dataclasses.Field]
+) -> tuple[dict[str, Any], str]:
+    """The concept dict and field name that ``concepts.N.FIELD`` points to."""
+    parts = key.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise SettingsError([f"--set {_show(key)}: write concepts.N.FIELD=value, N counting from 0"])
+    index, name = int(parts[1]), parts[2]
+    if name not in concept_fields:
+        raise SettingsError(
+            [f"--set {_show(key)}: a concept has no field {_show(name)} (it has: {', '.join(concept_fields)})"]
+        )
+    if index > len(concepts):
+        raise SettingsError(
+            [f"--set {key}: there are {len(concepts)} concepts (concepts.{len(concepts)} would add one)"]
+        )
+    if index == len(concepts):
+        concepts.append({})
+    return concepts[index], name
 
 
 def _resolve_concept_paths(concept: Concept, base_dir: str | os.PathLike | None) -> Concept:
@@ -450,6 +760,42 @@ def _resolve_concept_paths(concept: Concept, base_dir: str | os.PathLike | None)
     return concept
 
 
+# Text limits: a path longer than Linux's PATH_MAX cannot be opened; a prompt longer than this is no prompt
+# (CLIP reads 75 tokens, about 300 characters of English; the rest is cut).
+MAX_TEXT = 10_000
+MAX_PATH = 4096
+PATH_FIELDS = frozenset(
+    {
+        "pretrained_model_name_or_path",
+        "pretrained_vae_name_or_path",
+        "output_dir",
+        "checkpoint_dir",
+        "resume_from",
+        "test_prompts_file",
+        "logging_dir",
+        "instance_data_dir",
+        "class_data_dir",
+    }
+)
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value for a message, cut to 60 characters (a value can be 100,000 characters long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def text_problem(name: str, value: str) -> str | None:
+    """Why text ``value`` cannot be field ``name`` (a NUL character, too long), or None."""
+    if "\0" in value:
+        return f"'{name}' contains a NUL character (\\0), which no file name or prompt may hold: remove it"
+    limit = MAX_PATH if name in PATH_FIELDS else MAX_TEXT
+    if len(value) > limit:
+        what = "a path" if name in PATH_FIELDS else "text"
+        return f"'{name}' is {len(value):,} characters long; {what} here may have at most {limit:,}"
+    return None
+
+
 def _coerce(spec: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
     """Check one value against its field's type; ints given as whole floats are accepted."""
     kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
@@ -459,21 +805,26 @@ def _coerce(spec: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value, None
-        return value, f"'{spec.name}' must be true or false, not {value!r}"
+        return value, f"'{spec.name}' must be true or false, not {_show(value)}"
     if isinstance(value, float) and not math.isfinite(value):
         return value, f"'{spec.name}' must be a finite number, not {value!r}"
     if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            return value, f"'{spec.name}' must be a whole number, not {value!r}"
-        return int(value), None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        return value, f"'{spec.name}' must be a whole number, not {_show(value)}"
     if kind.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return value, f"'{spec.name}' must be a number, not {value!r}"
-        return float(value), None
+            return value, f"'{spec.name}' must be a number, not {_show(value)}"
+        try:
+            return float(value), None
+        except OverflowError:
+            return value, f"'{spec.name}' is {len(str(value))} digits long: far too large"
     if kind.startswith("str"):
         if not isinstance(value, str):
-            return value, f"'{spec.name}' must be text, not {value!r}"
-        return value, None
+            return value, f"'{spec.name}' must be text, not {_show(value)}"
+        return value, text_problem(spec.name, value)
     return value, None
 
 
@@ -481,18 +832,24 @@ def _coerce(spec: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
 
 
 def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
-    """v1 had the guide's flat single-concept fields, ``use_8bit_adam`` and ``save_interval``."""
+    """v1 had the guide's flat single-concept fields, ``use_8bit_adam`` and ``save_interval``.
+
+    A v1 file may be the guide's argparse arguments written out, where null means "not given": those are dropped,
+    so the default applies.
+    """
+    data = {key: value for key, value in data.items() if value is not None}
     concept = {}
-    for key in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt"):
-        if key in data:
-            concept[key] = data.pop(key)
-    if concept and not data.get("concepts"):
+    if not data.get("concepts"):
+        for key in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt"):
+            if key in data:
+                concept[key] = data.pop(key)
+    if concept:
         data["concepts"] = [concept]
-    if "use_8bit_adam" in data:
+    if "use_8bit_adam" in data and isinstance(data["use_8bit_adam"], bool):
         data["optimizer"] = "adamw_8bit" if data.pop("use_8bit_adam") else "adamw"
     if "enable_xformers_memory_efficient_attention" in data:
         data["attention"] = "xformers" if data.pop("enable_xformers_memory_efficient_attention") else "sdpa"
-    if "not_cache_latents" in data:
+    if "not_cache_latents" in data and isinstance(data["not_cache_latents"], bool):
         data["cache_latents"] = not data.pop("not_cache_latents")
     return data
 
@@ -503,9 +860,9 @@ MIGRATIONS = {1: _v1_to_v2}
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a settings dict from its ``schema_version`` (1 when absent) to :data:`SCHEMA_VERSION`."""
     version = data.pop("schema_version", 1)
-    if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > SCHEMA_VERSION:
         raise SettingsError(
-            [f"schema_version {version!r} is not known to this version (it reads 1 to {SCHEMA_VERSION})"]
+            [f"schema_version {_show(version)} is not known to this version (it reads 1 to {SCHEMA_VERSION})"]
         )
     while version < SCHEMA_VERSION:
         data = MIGRATIONS[version](data)
@@ -518,8 +875,8 @@ def concepts_from_list(path: str | os.PathLike) -> list[Concept]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SettingsError([f"{path}: cannot read the concepts list ({error})"]) from error
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise SettingsError([f"{path}: cannot read the concepts list ({str(error)[:300]})"]) from error
     if not isinstance(data, list):
         raise SettingsError([f"{path}: a concepts list is a JSON list of objects"])
     return Settings.from_dict({"schema_version": SCHEMA_VERSION, "concepts": data}, base_dir=path.parent).concepts

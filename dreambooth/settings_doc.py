@@ -5,7 +5,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .guide_names import IGNORED
 from .settings import Concept, Settings
+
+GUIDE_TRANSLATED = (
+    "use_8bit_adam",
+    "not_cache_latents",
+    "enable_xformers_memory_efficient_attention",
+    "read_prompt_from_txt",
+    "auto_test_model",
+    "wandb",
+    "concepts_list",
+)
 
 TITLES = {
     "model": "Model and output",
@@ -39,23 +50,37 @@ def _notes(spec: dataclasses.Field) -> str:
     return f" ({'; '.join(bits)})" if bits else ""
 
 
+def _row(spec: dataclasses.Field, notes: str) -> str:
+    return f"| `{spec.name}` | {spec.metadata['label']} | {_default(spec)} | {spec.metadata['help']}{notes} |"
+
+
 def options_markdown() -> str:
     groups: dict[str, list[dataclasses.Field]] = {}
     for spec in dataclasses.fields(Settings):
         groups.setdefault(spec.metadata["group"], []).append(spec)
     lines = [BEGIN, ""]
     for group, title in TITLES.items():
-        lines += [f"**{title}**", "", "| setting | default | meaning |", "|---|---|---|"]
-        lines += [f"| `{f.name}` | {_default(f)} | {f.metadata['help']}{_notes(f)} |" for f in groups.get(group, [])]
+        lines += [f"**{title}**", "", "| setting | label | default | meaning |", "|---|---|---|---|"]
+        lines += [_row(f, _notes(f)) for f in groups.get(group, [])]
         lines.append("")
     lines += [
         "**Each concept** (an entry of `concepts`; the fields of the guide's `concepts_list.json` plus ours)",
         "",
-        "| field | default | meaning |",
-        "|---|---|---|",
+        "| field | label | default | meaning |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| `{f.name}` | {_default(f)} | {f.metadata['help']} |" for f in dataclasses.fields(Concept)]
-    lines += ["", END]
+    lines += [_row(f, "") for f in dataclasses.fields(Concept)]
+    lines += [
+        "",
+        "Also read, from the guide's configs: "
+        + ", ".join(f"`{name}`" for name in GUIDE_TRANSLATED)
+        + " (translated to the settings above); the flat concept fields at the top level (into the concept); and "
+        + ", ".join(f"`{name}`" for name in IGNORED)
+        + " (accepted and reported as ignored: nothing here talks to a model hub, "
+        "the launcher sets the ranks, and resume_from restores the schedule).",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -40,6 +40,12 @@ class WordTokens:
         """Merge rank of the (first) token: low = common."""
         return max(0, self.ids[0] - BYTE_TOKENS)
 
+    @property
+    def is_everyday_word(self) -> bool:
+        """One token from the frequent merges, with no known second meaning: ordinary prompt text ('photo', 'of',
+        'ring'), not an identifier."""
+        return self.is_single_token and self.rank < COMMON_RANK and self.word.lower() not in KNOWN_MEANINGS
+
     def warnings(self) -> list[str]:
         found = []
         if not self.is_single_token:
@@ -78,9 +84,14 @@ def split_words(phrase: str, tokenizer: Any = None) -> list[WordTokens]:
 
 
 def identifier_words(instance_prompt: str, class_prompt: str = "", tokenizer: Any = None) -> list[WordTokens]:
-    """The words of the instance prompt that are not in the class prompt: the identifier (all words if no class)."""
+    """The identifier: the words of the instance prompt that the class prompt lacks, and of those the ones that
+    are not everyday CLIP words ("photo of zwx ring" / "ring" -> zwx).  If the words the class prompt lacks are all
+    everyday words, they are the identifier ("photo of red dog" / "photo of a dog" -> red, to be warned about).
+    With no class prompt, only words that are not everyday words count."""
     class_words = {w.lower() for w in _WORD.findall(class_prompt)}
-    return [w for w in split_words(instance_prompt, tokenizer) if w.word.lower() not in class_words]
+    lacking = [w for w in split_words(instance_prompt, tokenizer) if w.word.lower() not in class_words]
+    unusual = [w for w in lacking if not w.is_everyday_word]
+    return unusual or (lacking if class_words else [])
 
 
 def rare_candidates(count: int = 12, tokenizer: Any = None) -> list[str]:
@@ -103,8 +114,14 @@ def identifier_report(instance_prompt: str, class_prompt: str = "", tokenizer: A
     if not instance_prompt.strip():
         return "Type an instance prompt with a rare identifier, e.g. 'photo of ohwx dog'."
     words = identifier_words(instance_prompt, class_prompt, tokenizer)
-    if not words:
+    if not words and class_prompt.strip():
         return "The instance prompt has no word that the class prompt lacks: add a rare identifier."
+    if not words:
+        return (
+            "The instance prompt has no rare identifier (every word is an everyday one): add one, e.g. "
+            + ", ".join(rare_candidates(4, tokenizer))
+            + "."
+        )
     total = sum(len(w.ids) for w in split_words(instance_prompt, tokenizer))
     lines = [f"{total} CLIP tokens in the prompt (77 at most, 75 usable)."]
     warned = False

@@ -1,12 +1,15 @@
-"""The tab in a real browser: headless Chromium (Debian's package) driven by Playwright, against the standalone app.
+"""The tab in a real browser: headless Chromium (Debian's package) driven by Playwright, against the standalone app
+and against the fake WebUI's page (tests/fake_webui/webui.py).
 
-One story, as a user lives it: open the page, fill a concept, start a short training, watch the progress advance and a
-sample appear, reload the page mid-run and find the job again, let it finish, find the checkpoint in the models folder.
+Standalone, one story as a user lives it: open the page, fill a concept, start a short training, watch the progress
+advance and a sample appear, reload the page mid-run and find the job again, let it finish, find the checkpoint in the
+models folder.  In the fake WebUI: train, "Use in txt2img", and the WebUI's own checkpoint dropdown shows the new model.
 In CI (``CI=true``) a missing Chromium or Playwright fails the test; elsewhere it skips.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _serve(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a server command until its port answers; yields its URL and stops it afterwards."""
+    log = log_path.open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + START_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"the server exited: {log_path.read_text()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the server did not start in time: {log_path.read_text()}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
 @pytest.fixture
 def app(tmp_path, tiny_checkpoint):
     """The standalone app on 127.0.0.1 with the tiny model in its models folder."""
@@ -61,31 +92,29 @@ def app(tmp_path, tiny_checkpoint):
     shutil.copy(source.with_suffix(".yaml"), checkpoints / f"{source.stem}.yaml")
     draw_subject(tmp_path / "ring", count=3)
     port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "dreambooth", "ui", "--models-dir", str(models), "--port", str(port)]
-    server = subprocess.Popen([*command, "--allow", str(tmp_path)], cwd=ROOT, stdout=log, stderr=log, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the app exited: {(tmp_path / 'server.log').read_text()}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("the app did not start in time")
-    try:
+    with _serve([*command, "--allow", str(tmp_path)], port, tmp_path / "server.log") as url:
         yield {"url": url, "models": models, "data": tmp_path / "ring", "log": tmp_path / "server.log"}
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+
+
+@pytest.fixture
+def fake_webui(tmp_path, tiny_checkpoint):
+    """The fake WebUI's page with the extension's tab, the tiny model loaded."""
+    draw_subject(tmp_path / "ring", count=2)
+    port = _free_port()
+    env = {"DREAMBOOTH_ALLOWED_ROOTS": str(tmp_path), "DREAMBOOTH_DATA_DIR": str(tmp_path / "extension-data")}
+    command = [sys.executable, str(ROOT / "tests" / "fake_webui" / "webui.py"), str(tmp_path / "webui"), str(port)]
+    with _serve([*command, str(tiny_checkpoint("sd1"))], port, tmp_path / "webui.log", env) as url:
+        yield {"url": url, "data": tmp_path / "ring", "log": tmp_path / "webui.log"}
+
+
+def _browser():
+    _need(Path(CHROMIUM).exists(), "Chromium (apt-get install chromium)")
+    if os.environ.get("CI") == "true":
+        from playwright import sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api")
+    return sync_api
 
 
 def _screenshot(page, path: Path) -> None:
@@ -126,40 +155,37 @@ def _step(text: str) -> int:
     return int(found.group(1)) if found else -1
 
 
-def test_train_from_the_browser(app):
-    _need(Path(CHROMIUM).exists(), "Chromium (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api") if os.environ.get("CI") != "true" else None
-    if sync_api is None:
-        from playwright import sync_api
+def _fill_a_short_run(page, data: Path, steps: int, resolution: int = 64) -> None:
+    """On the Setup panel's first screen: a concept and a short run."""
+    page.locator("#db_concept_instance_data_dir input").fill(str(data))
+    page.locator("#db_concept_instance_prompt input").fill("photo of sks ring")
+    page.locator("#db_resolution input").fill(str(resolution))
+    page.locator("#db_max_train_steps input").fill(str(steps))
 
+
+def test_train_from_the_browser(app):
+    sync_api = _browser()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(60_000)
         page.goto(app["url"])
-        _tab(page, "Model").click()
+        _tab(page, "Setup").click()
         page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()  # the form is filled
         model = page.locator("#db_pretrained_model_name_or_path input")
-        assert model.input_value().endswith("tiny-sd1.safetensors")  # the first checkpoint is preselected
-        page.locator("#db_model_name textarea").fill("ring")
+        assert model.input_value() == "tiny-sd1.safetensors"  # preselected, shown by its title, not its path
+        page.locator("#db_architecture").first.get_by_text("SD 1.x").wait_for()  # described without a change
+        page.locator("#db_model_name input").fill("ring")
 
-        _tab(page, "Concepts").click()
-        page.locator("#db_concept_instance_data_dir textarea").fill(str(app["data"]))
-        page.locator("#db_concept_instance_prompt textarea").fill("photo of sks ring")
+        _fill_a_short_run(page, app["data"], steps=240)
         preview = page.locator("#db_token_preview").first
         preview.get_by_text("already means something").wait_for()  # the identifier advisor warns about sks
-
-        _tab(page, "Dataset").click()
-        page.locator("#db_resolution input").fill("64")
+        warned = [line for line in preview.inner_text().splitlines() if "warning" in line]
+        assert warned and all("sks" in line for line in warned), warned  # and about nothing else
         page.locator("#db_check_dataset").click()
         page.locator("#db_dataset_report").first.get_by_text("3 image(s)").wait_for()
-
-        _tab(page, "Parameters").click()
-        page.locator("#db_group_basics").get_by_text("max_train_steps").first.wait_for()
-        page.locator("#db_max_train_steps input").fill("240")
-        page.locator("#db_group_saving").click()
         page.locator("#db_save_model_every_n_steps input").fill("60")
-        page.locator("#db_group_samples").click()
+        page.locator("#db_group_samples").click()  # the rest is folded away, one click off
         page.locator("#db_save_infer_steps input").fill("2")
 
         _tab(page, "Run").click()
@@ -181,9 +207,43 @@ def test_train_from_the_browser(app):
         _tab(page, "Run").click()
         text = _wait_text(page, r"Training: ring|Finished: ring", RUN_SECONDS)
         assert "Finished" in text or _step(text) >= before
-        assert page.locator("#db_model_name textarea").input_value() == "ring"  # the form came back too
+        assert page.locator("#db_model_name input").input_value() == "ring"  # the form came back too
 
         _wait_text(page, r"Finished: ring", RUN_SECONDS)
         browser.close()
     assert (app["models"] / "Stable-diffusion" / "ring_240.safetensors").is_file()
     assert (app["models"] / "Stable-diffusion" / "ring_60.safetensors").is_file()
+
+
+def test_use_in_txt2img_updates_the_webuis_checkpoint_dropdown(fake_webui):
+    """Item 24: after the switch the WebUI's own checkpoint dropdown (top left) kept showing the old model."""
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(fake_webui["url"])
+        top = page.locator("#setting_sd_model_checkpoint input")
+        assert top.input_value().startswith("tiny-sd1.safetensors")
+        _tab(page, "DreamBooth").click()
+        page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()
+        page.locator("#db_model_name input").fill("ring")
+        _fill_a_short_run(page, fake_webui["data"], steps=2)
+        page.locator("#db_n_save_sample input").fill("0")
+
+        _tab(page, "Run").click()
+        page.locator("#db_train").click()
+        page.locator("#db_message").first.get_by_text("Started").wait_for()
+        _wait_text(page, r"Finished: ring", RUN_SECONDS)
+        checkpoint = page.locator("#db_checkpoints input")
+        deadline = time.monotonic() + START_SECONDS
+        while "ring_2.safetensors" not in checkpoint.input_value() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        page.locator("#db_use_checkpoint").click()
+        page.locator("#db_message").first.get_by_text("txt2img now uses").wait_for()
+        deadline = time.monotonic() + START_SECONDS
+        while not top.input_value().startswith("ring_2.safetensors") and time.monotonic() < deadline:
+            time.sleep(0.25)
+        shown = top.input_value()
+        browser.close()
+    assert shown.startswith("ring_2.safetensors"), f"the WebUI's dropdown shows {shown!r}"

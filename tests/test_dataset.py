@@ -56,3 +56,40 @@ def test_flip_is_drawn_per_sample_only_when_asked():
     assert not any(SamplePlan(groups, None, seed=0, hflip=False).sample(i).flip for i in range(50))
     flips = [SamplePlan(groups, None, seed=0, hflip=True).sample(i).flip for i in range(200)]
     assert 60 < sum(flips) < 140
+
+
+# ---------------------------------------------------------------------------- captions of class images (issue 12)
+
+
+def _class_folder(tmp_path: Path) -> Path:
+    """A class folder as a run leaves it: two images we generated (prompt saved in the PNG) and one of the user's."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from dreambooth.data.class_images import PROMPT_TAG
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for number in range(2):
+        info = PngInfo()
+        info.add_text(PROMPT_TAG, "photo of a ring")
+        image = Image.new("RGB", (16, 16), (number * 90, 10, 10))
+        image.save(folder / f"class-f3e48047-0000{number}.png", pnginfo=info)
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "gold_ring_on_velvet.png")
+    (folder / "gold_ring_on_velvet.txt").write_text("a gold ring on velvet", encoding="utf-8")
+    return folder
+
+
+def test_generated_class_images_train_with_their_saved_prompt_only(tmp_path):
+    from dreambooth.data.dataset import class_examples
+    from dreambooth.settings import Concept, Settings
+
+    concept = Concept(class_data_dir=str(_class_folder(tmp_path)), class_prompt="photo of a ring")
+    for source in ("use_filename_as_label", "use_txt_as_label"):
+        settings = Settings(concepts=[concept], with_prior_preservation=True, **{source: True})
+        prompts = {e.path.name: e.prompt for e in class_examples(settings, 0, concept)}
+        assert prompts["class-f3e48047-00000.png"] == "photo of a ring", source
+        assert prompts["class-f3e48047-00001.png"] == "photo of a ring", source
+        # the user's own class image (no saved prompt) is still captioned as the guide says
+        expected = "gold ring on velvet" if source == "use_filename_as_label" else "a gold ring on velvet"
+        assert prompts["gold_ring_on_velvet.png"] == f"photo of a ring, {expected}", source

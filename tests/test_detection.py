@@ -217,3 +217,24 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
     save_file(state_dict, str(path))
     with pytest.raises(ModelFileError, match=r"post_quant_conv\.weight"):
         load_components(path)
+
+
+def test_sidecar_yaml_names_the_text_model_folder_over_our_metadata(tiny_checkpoint, tmp_path):
+    """A checkpoint whose CLIP folder moved (yaml fixed by hand, header still naming the old place) must keep the
+    yaml's folder: the WebUI loads the model through that yaml, and our output's yaml is written from it."""
+    import shutil
+
+    from dreambooth.models.architecture import ldm_yaml
+
+    source = tiny_checkpoint("sd1")
+    old_clip = source.parent / "tiny-sd1-clip"
+    new_clip = tmp_path / "moved" / "tiny-sd1-clip"
+    shutil.copytree(old_clip, new_clip)
+    copy = tmp_path / "model.safetensors"
+    copy.write_bytes(source.read_bytes())
+    yaml_text = source.with_suffix(".yaml").read_text()
+    assert str(old_clip.resolve()) in yaml_text
+    (tmp_path / "model.yaml").write_text(yaml_text.replace(str(old_clip.resolve()), str(new_clip)))
+    arch = load_components(copy).arch
+    assert arch.clip_version == str(new_clip)
+    assert ldm_yaml(arch)["model"]["params"]["cond_stage_config"]["params"]["version"] == str(new_clip)

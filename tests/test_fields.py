@@ -38,6 +38,7 @@ class Run:
     result: object
     out: Path
     lrs: list
+    losses: list
 
     @property
     def unet(self) -> str:
@@ -57,10 +58,12 @@ class Run:
 class Recorder(Callbacks):
     def __init__(self):
         self.lrs = []
+        self.losses = []  # (total, instance, prior) of each step
 
     def on_progress(self, progress):
         if progress.phase == "training":
             self.lrs.append(dict(progress.learning_rates))
+            self.losses.append((progress.loss, progress.instance_loss, progress.prior_loss))
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def train(make_settings, tmp_path):
         recorder = Recorder()
         trainer = Trainer(settings, callbacks=recorder)
         result = trainer.run()
-        return Run(trainer, result, Path(settings.output_dir), recorder.lrs)
+        return Run(trainer, result, Path(settings.output_dir), recorder.lrs, recorder.losses)
 
     return run
 
@@ -118,6 +121,8 @@ ROWS = {
     "bucket_min_side": None,
     "bucket_max_side": None,
     "debug_arb": None,
+    # only inpainting models draw masks: tests/test_inpainting.py shows the share of full masks and the UNet input
+    "inpainting_full_mask_ratio": None,
     "augment_rotation": ({}, {"augment_rotation": 20.0, "augment_probability": 1.0}, differs("unet")),
     "augment_brightness": ({}, {"augment_brightness": 0.5, "augment_probability": 1.0}, differs("unet")),
     "augment_contrast": ({}, {"augment_contrast": 0.5, "augment_probability": 1.0}, differs("unet")),
@@ -147,7 +152,7 @@ ROWS = {
     "resume_from": None,
     "concepts": ({}, {"concept": {"instance_prompt": "photo of qlx ring"}}, differs("unet")),
     "resolution": ({}, {"resolution": 128}, differs("unet")),
-    "center_crop": ({}, {"center_crop": True}, differs("unet")),
+    "center_crop": None,  # test_center_crop_encodes_the_middle_of_each_image
     "hflip": ({}, {"hflip": True}, differs("unet")),
     "use_txt_as_label": ({}, {"use_txt_as_label": True}, differs("unet")),
     "use_filename_as_label": ({}, {"use_filename_as_label": True}, differs("unet")),
@@ -157,7 +162,7 @@ ROWS = {
         differs("unet"),
     ),
     "with_prior_preservation": ({}, PRIOR, differs("unet")),
-    "prior_loss_weight": (PRIOR, {**PRIOR, "prior_loss_weight": 0.0}, differs("unet")),
+    "prior_loss_weight": None,  # test_prior_loss_weight_scales_the_prior_term
     "num_class_images": ({}, {**PRIOR, "num_class_images": 3}, count("../class", 3)),
     "sample_batch_size": None,
     "class_inference_steps": (PRIOR, {**PRIOR, "class_inference_steps": 3}, None),
@@ -170,7 +175,7 @@ ROWS = {
     ),
     "max_train_steps": ({}, {"max_train_steps": 3}, lambda b, v: v.result.step == 3 and len(v.lrs) == 3),
     "gradient_accumulation_steps": ({}, {"gradient_accumulation_steps": 2}, differs("unet")),
-    "learning_rate": ({}, {"learning_rate": 1e-4}, differs("unet")),
+    "learning_rate": None,  # test_learning_rate_scales_the_first_update
     "scale_lr": (
         {"train_batch_size": 2},
         {"train_batch_size": 2, "scale_lr": True},
@@ -197,8 +202,8 @@ ROWS = {
     "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
     "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),
     "adam_epsilon": ({}, {"adam_epsilon": 1e-2}, differs("unet")),
-    "max_grad_norm": ({}, {"max_grad_norm": 1e-4}, differs("unet")),
-    "mixed_precision": ({}, {"mixed_precision": "bf16"}, differs("unet")),
+    "max_grad_norm": None,  # test_max_grad_norm_bounds_the_gradient_the_optimizer_sees
+    "mixed_precision": None,  # test_mixed_precision_runs_the_unet_in_that_dtype
     "gradient_checkpointing": (
         {},
         {"gradient_checkpointing": True},
@@ -214,13 +219,22 @@ ROWS = {
     "train_text_encoder": ({}, TEXT, differs("text")),
     "text_encoder_learning_rate": (TEXT, {**TEXT, "text_encoder_learning_rate": 1e-2}, differs("text")),
     "stop_text_encoder": None,
-    "clip_skip": ({}, {"clip_skip": 2}, differs("unet")),
+    "clip_skip": None,  # test_clip_skip_uses_the_nth_last_layer
     "save_model_every_n_steps": (
         {},
         {"save_model_every_n_steps": 1},
         lambda b, v: [p.name for p in v.result.checkpoints] == ["dreambooth_1.safetensors", "dreambooth_2.safetensors"],
     ),
     "save_training_state": ({}, {"save_training_state": False}, lambda b, v: not (v.out / "state").exists()),
+    "save_total_limit": (
+        {"save_model_every_n_steps": 1},
+        {"save_model_every_n_steps": 1, "save_total_limit": 1},
+        lambda b, v: (
+            sorted(p.name for p in b.out.glob("*.safetensors"))
+            == ["dreambooth_1.safetensors", "dreambooth_2.safetensors"]
+            and sorted(p.name for p in v.out.glob("*.safetensors")) == ["dreambooth_2.safetensors"]
+        ),
+    ),
     "save_sample_prompt": (SAMPLES, {**SAMPLES, "save_sample_prompt": "a zwx ring in space"}, images_differ("samples")),
     "save_sample_negative_prompt": (
         SAMPLES,
@@ -451,3 +465,122 @@ def test_report_to_wandb_logs_each_step(make_settings, monkeypatch, tmp_path):
     assert {"loss", "lr/group0"} <= set(logged[0][1])
     assert finished == [True]
     assert started[0]["dir"].endswith("wb") and started[0]["config"]["report_to"] == "wandb"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fields whose right effect is checkable: each test shows that effect, not only that the weights changed.
+
+
+def test_prior_loss_weight_scales_the_prior_term(train):
+    """The step's loss is instance + weight x prior: the same first step with weights 1 and 0.25."""
+    (full,) = train(max_train_steps=1, **PRIOR).losses
+    (quarter,) = train(max_train_steps=1, prior_loss_weight=0.25, **PRIOR).losses
+    assert full[2] is not None and full[2] > 0
+    assert quarter[1:] == pytest.approx(full[1:], rel=1e-6)  # same weights, same batch: same parts
+    assert full[0] == pytest.approx(full[1] + full[2], rel=1e-6)
+    assert quarter[0] == pytest.approx(quarter[1] + 0.25 * quarter[2], rel=1e-6)
+
+
+def test_learning_rate_scales_the_first_update(train, tiny_checkpoint):
+    """AdamW's first update (and its decoupled weight decay) is proportional to the learning rate."""
+    from dreambooth.models.components import load_components
+
+    before = load_components(tiny_checkpoint("sd1")).unet.state_dict()
+    one = train(max_train_steps=1, learning_rate=1e-4).trainer.components.unet.state_dict()
+    three = train(max_train_steps=1, learning_rate=3e-4).trainer.components.unet.state_dict()
+    delta_one = torch.cat([(one[k] - before[k]).flatten() for k in before])
+    delta_three = torch.cat([(three[k] - before[k]).flatten() for k in before])
+    assert delta_one.norm() > 0
+    assert (delta_three.norm() / delta_one.norm()).item() == pytest.approx(3.0, rel=1e-3)
+    # elementwise too, up to fp32 rounding of weight + delta (deltas are about 1e-4)
+    torch.testing.assert_close(delta_three, 3 * delta_one, rtol=1e-3, atol=1e-7)
+
+
+def test_max_grad_norm_bounds_the_gradient_the_optimizer_sees(train):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train(max_train_steps=2, max_grad_norm=0.0)
+        unclipped, norms[:] = list(norms), []
+        train(max_train_steps=2, max_grad_norm=1e-4)
+        clipped = list(norms)
+    finally:
+        handle.remove()
+    assert len(unclipped) == len(clipped) == 2
+    assert min(unclipped) > 1e-3  # without clipping the gradient is far larger than the bound
+    assert max(clipped) <= 1e-4 * (1 + 1e-4)
+    assert max(clipped) == pytest.approx(1e-4, rel=1e-3)  # clipped to the bound, not below it
+
+
+def test_mixed_precision_runs_the_unet_in_that_dtype(make_settings, tiny_checkpoint):
+    from dreambooth.models.components import load_components
+
+    def unet_dtypes(**changes) -> set:
+        components = load_components(tiny_checkpoint("sd1"))
+        seen = set()
+        for module in components.unet.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if torch.is_grad_enabled() else None)
+        Trainer(make_settings(**changes), components=components).run()
+        return seen
+
+    assert unet_dtypes() == {torch.float32}
+    assert unet_dtypes(mixed_precision="bf16") == {torch.bfloat16}
+
+
+def test_clip_skip_uses_the_nth_last_layer(train):
+    """The cached conditioning of clip_skip 2 is the second-to-last hidden state through the final layer norm."""
+    run = train(max_train_steps=1, clip_skip=2)
+    components = run.trainer.components
+    prompt = "photo of zwx ring"
+    ids = components.tokenizer(
+        [prompt], padding="max_length", max_length=components.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        output = components.text_encoder(ids, output_hidden_states=True)
+        norm = next(m for name, m in components.text_encoder.named_modules() if name.endswith("final_layer_norm"))
+        expected = norm(output.hidden_states[-2])[0]
+        last = output.last_hidden_state[0]
+    cached = run.trainer.text_cache[prompt]
+    torch.testing.assert_close(cached, expected)
+    assert not torch.allclose(cached, last)
+    torch.testing.assert_close(train(max_train_steps=1).trainer.text_cache[prompt], last)
+
+
+def test_center_crop_encodes_the_middle_of_each_image(train, monkeypatch, tmp_path):
+    """The instance images are 96x64; at 64 px the centre crop is columns 16..80 of each."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    encoded = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(
+        AutoencoderKL,
+        "encode",
+        lambda self, x, *a, **k: encoded.extend(x.detach().clone()) or original(self, x, *a, **k),
+    )
+
+    def middles() -> list:
+        return [
+            torch.from_numpy(
+                np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)[:, 16:80] / 127.5 - 1.0
+            ).permute(2, 0, 1)
+            for p in sorted((tmp_path / "instance").glob("*.png"))
+        ]
+
+    def matches(tensors: list) -> int:
+        return sum(any(torch.allclose(t, m, atol=1e-6) for m in middles()) for t in tensors)
+
+    train(max_train_steps=1, center_crop=True)
+    assert len(encoded) == 3 and matches(encoded) == 3
+    encoded.clear()
+    train(max_train_steps=1, center_crop=False)
+    assert len(encoded) == 3 and matches(encoded) < 3  # random offsets: not every crop is the middle

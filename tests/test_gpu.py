@@ -2,7 +2,8 @@
 
 The CPU suite checks the calls these options make (tests/test_fields.py); here their effect is checked: fp16 mixed
 precision trains with a gradient scaler and keeps fp32 weights, 8-bit AdamW keeps 8-bit optimizer states, xformers
-replaces the attention processors, low_memory moves the VAE and the frozen text encoder off the GPU, and every
+replaces the attention processors, low_memory moves the VAE and the frozen text encoder off the GPU (after filling the
+caches in half precision), and every
 component is back on the GPU in its dtype after samples and saves.
 """
 
@@ -81,6 +82,39 @@ def test_low_memory_moves_the_vae_and_frozen_text_encoder_off_the_gpu_while_trai
     trainer.run()
     assert seen == {"vae": "cpu", "text": "cpu"}
     assert trainer.components.unet.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_memory_caches_with_the_frozen_modules_in_half_precision_and_restores_fp32(
+    make_settings, monkeypatch, precision
+):
+    """While the caches fill, the VAE and the frozen text encoder run on the GPU in the run's dtype; afterwards they
+    wait on the CPU with their exact fp32 weights, and the checkpoint holds those."""
+    from dreambooth.data import cache
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    seen = set()
+    original = cache.latent_distribution
+
+    def spy(vae, image):
+        seen.add((next(vae.parameters()).device.type, next(vae.parameters()).dtype))
+        return original(vae, image)
+
+    monkeypatch.setattr(cache, "latent_distribution", spy)
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, low_memory=True, mixed_precision=precision))
+    result = trainer.run()
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert seen == {("cuda", half)}
+    from dreambooth.models.components import load_components
+
+    base = load_components(trainer.settings.pretrained_model_name_or_path)
+    saved = load_components(result.checkpoints[-1])
+    for name in ("vae", "text_encoder"):
+        module = getattr(trainer.components, name)
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+        a, b = getattr(base, name).state_dict(), getattr(saved, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_components_are_back_on_the_gpu_after_samples_and_saves(make_settings):

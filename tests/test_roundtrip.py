@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import zipfile
 
 import pytest
@@ -89,3 +91,20 @@ def test_components_from_an_in_memory_state_dict(tiny_checkpoint):
     components = components_from_state_dict(dict(state_dict), "loaded model", yaml_config=yaml_config)
     assert components.arch.family == "sd1" and components.source == "loaded model"
     assert_same_tensors(to_original_state_dict(components), state_dict)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_written_checkpoints_get_the_users_file_mode(tmp_path):
+    """Seen in the real WebUI: every checkpoint and yaml landed 0600 (mkstemp's mode), unlike all other files in
+    models/Stable-diffusion, so another account (a shared model folder, a container's volume) could not read them.
+    Written files take the mode any new file gets under the umask."""
+    from dreambooth.models.files import atomic_path
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as temp:
+            temp.write_bytes(b"weights")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left

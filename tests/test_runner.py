@@ -136,7 +136,7 @@ def test_the_host_puts_outputs_in_its_own_folders_whatever_the_request_says(host
     assert prepared.checkpoint_dir == str(host.checkpoint_dir)
     assert host.check_settings(prepared) == []
     escaping = host.prepare(make_settings(logging_dir="/etc/logs"))
-    assert any("logging_dir" in p and "outside the output folders" in p for p in host.check_settings(escaping))
+    assert any("logging_dir" in p and "may write to" in p for p in host.check_settings(escaping))
 
 
 def test_files_outside_the_allowed_roots_are_refused(tmp_path, make_settings, tiny_checkpoint):
@@ -211,3 +211,48 @@ def test_sampling_events_keep_the_step_line():
     assert (sampling.step, sampling.total_steps, sampling.loss) == (120, 240, 0.9)
     caching = _carry_forward(sampling, Progress(phase="caching", step=1, total_steps=3))
     assert (caching.step, caching.total_steps) == (1, 3)
+
+
+def test_a_failure_in_a_step_ends_the_job_with_the_message_and_the_state_to_resume(host, make_settings, monkeypatch):
+    from dreambooth.train.loop import Trainer
+
+    original = Trainer._loss
+    calls = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a bug in step 3")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    runner = Runner(host)
+    runner.start(host.prepare(make_settings(max_train_steps=5)))
+    assert runner.wait(WAIT_SECONDS)
+    snap = runner.snapshot()
+    state_dir = Path(host.run_dir("dreambooth")) / "state"
+    assert snap.state == "failed" and snap.progress.phase == "failed"
+    assert snap.error.startswith("Training stopped in step 3 of 5. RuntimeError: a bug in step 3")
+    assert f"A resumable state of step 2 is saved in {state_dir}." in snap.error
+    assert host.saved_states() == [str(state_dir)]  # offered in the tab's resume list
+
+
+def test_the_resume_list_offers_a_state_left_between_the_renames_of_a_save(host):
+    """A kill between ``state`` -> ``state.old`` and the new state's rename: no ``state`` folder, yet the run's
+    newest complete state (here the one under its temporary name) is offered as ``runs/NAME/state``."""
+    import json
+
+    from dreambooth.train.state import find_state
+
+    run = host.runs_dir / "ring"
+
+    def complete_state(folder, step):
+        folder.mkdir(parents=True)
+        for name in ("unet.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"):
+            (folder / name).write_bytes(b"x")
+        (folder / "state.json").write_text(json.dumps({"version": 1, "step": step, "modules": ["unet"]}))
+
+    complete_state(run / "state.old", 10)
+    complete_state(run / ".state.a1b2", 20)
+    assert host.saved_states() == [str(run / "state")]
+    assert find_state(run / "state") == run / ".state.a1b2"

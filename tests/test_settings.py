@@ -231,11 +231,14 @@ def test_class_data_dir_that_is_a_file(valid, tmp_path):
 def test_resume_from_with_state_json_is_valid(valid, tmp_path):
     folder = tmp_path / "state"
     folder.mkdir()
-    (folder / "state.json").write_text("{}")
+    (folder / "state.json").write_text('{"version": 1, "step": 3, "modules": ["unet"]}')
     valid.resume_from = str(folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a dog\n")
     valid.test_prompts_file = str(prompts)
+    assert "not a training state folder" in valid.validate()[0]  # incomplete: its files are missing
+    for name in ("unet.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"):
+        (folder / name).write_bytes(b"x")
     assert valid.validate() == []
 
 

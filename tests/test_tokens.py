@@ -19,7 +19,23 @@ def test_token_counts_of_known_words():
 
 def test_the_identifier_is_what_the_class_prompt_lacks():
     assert [w.word for w in identifier_words("a photo of olis dog", "a photo of a dog")] == ["olis"]
-    assert [w.word for w in identifier_words("[filewords] olis style")] == ["olis", "style"]
+    assert [w.word for w in identifier_words("[filewords] olis style")] == ["olis"]
+
+
+def test_only_the_identifier_gets_warnings_not_the_ordinary_words_around_it():
+    """Item 25: "photo of zwx ring" flagged "photo", "of" and "ring" too."""
+    for class_prompt in ("", "ring", "photo of a ring"):
+        report = identifier_report("photo of zwx ring", class_prompt)
+        warned = [line for line in report.splitlines() if "warning" in line]
+        assert warned and all("'zwx'" in line for line in warned), (class_prompt, report)
+        assert [w.word for w in identifier_words("photo of zwx ring", class_prompt)] == ["zwx"]
+    # no class prompt: the identifier is what is not an everyday CLIP word, whatever its place
+    assert [w.word for w in identifier_words("sks ring in a photo")] == ["sks"]
+    assert [w.word for w in identifier_words("a photo of a red ring")] == []
+    assert "no rare identifier" in identifier_report("a photo of a red ring")
+    # a class prompt names the identifier even when it is an everyday word: then that word is warned about
+    [red] = identifier_words("photo of red ring", "photo of a ring")
+    assert "common token" in red.warnings()[0]
 
 
 def test_warnings_for_poor_identifiers():

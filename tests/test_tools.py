@@ -29,7 +29,16 @@ class StubCaptionHost(Host):
 def tools(tmp_path):
     from dreambooth.ui.tools import DatasetTools
 
-    return DatasetTools(StubCaptionHost(tmp_path / "models", allowed_roots=[tmp_path]))
+    return DatasetTools(StubCaptionHost(tmp_path / "models", allowed_roots=[tmp_path], write_roots=[tmp_path]))
+
+
+@pytest.fixture
+def read_only_tools(tmp_path):
+    """Tools whose host may read tmp_path/home (like a user's home) but write only its own folders (the default)."""
+    from dreambooth.ui.tools import DatasetTools
+
+    (tmp_path / "home").mkdir()
+    return DatasetTools(StubCaptionHost(tmp_path / "models", allowed_roots=[tmp_path / "home"]))
 
 
 def test_prepare_writes_a_new_folder_and_refuses_outside_paths(tools, tmp_path):
@@ -70,3 +79,46 @@ def test_caption_editor_loads_replaces_and_saves(tools, tmp_path):
     assert "Saved 0" in tools.save(str(folder), table)  # unchanged captions are not rewritten
     assert "not inside" in tools.save(str(folder), [["../escape.png", "x"]])
     assert "outside the folders" in tools.load_captions("/etc")[2]
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_the_tools_write_only_under_the_write_roots(read_only_tools, tmp_path):
+    """Issue 12 item 13: a folder the server may read is not one it may write: prepare's new folder, the caption
+    files and the editor's saves are refused there before anything is written, with the roots and the setting."""
+    home, tools = tmp_path / "home", read_only_tools
+    draw_subject(home / "raw", count=2, size=(96, 64), captions=["a red ring", "a blue ring"])
+    before = _files(home)
+    report = tools.prepare(str(home / "raw"), str(home / "ready"), 64, "center", False, "png", "#000000")
+    assert "Not prepared" in report and "may write to" in report and "--allow-write" in report
+    assert "DREAMBOOTH_WRITE_ROOTS" in report and str(tools.host.data_dir) in report
+    report = tools.caption(str(home / "raw"), "stub", "", "ohwx ring", "", True, True)
+    assert "Not captioned" in report and "may write to" in report
+    _, _, message = tools.load_captions(str(home / "raw"))  # reading is allowed
+    assert "2 image(s)" in message
+    assert "Not saved" in tools.save(str(home / "raw"), [["img_0.png", "changed"]])
+    assert _files(home) == before and not (home / "ready").exists()
+    # the extension's own folder is a write root: a prepared copy can go there
+    report = tools.prepare(str(home / "raw"), str(tools.host.data_dir / "ready"), 64, "center", False, "png", "")
+    assert "Not prepared" not in report and len(list((tools.host.data_dir / "ready").glob("*.png"))) == 2
+
+
+def test_check_images_outside_the_roots_names_the_roots_and_the_setting(tmp_path):
+    """Issue 12 item 29: "Check images" on a folder outside the read roots says which folders may be read and
+    which setting allows more, in the same sentence the trainer and the tools give."""
+    from dreambooth.runner import Runner
+    from dreambooth.settings import Concept, Settings
+    from dreambooth.ui.tab import build_tab
+
+    host = Host(tmp_path / "models", allowed_roots=[tmp_path / "home"])
+    _, tab = build_tab(host, Runner(host))
+    outside = Settings(concepts=[Concept(instance_data_dir="/etc", instance_prompt="x")])
+    data = {**tab.widget_values(outside), tab.controls["concept_index"]: "1"}  # the form as "Check images" sends it
+    answer = tab.check_dataset(data)
+    report, thumbnails = answer[tab.controls["dataset_report"]], answer[tab.controls["thumbnails"]]["value"]
+    assert thumbnails == []
+    for named in (str(tmp_path / "home"), str(host.checkpoint_dir), str(host.data_dir), "--allow", "ALLOWED_ROOTS"):
+        assert named in report, named
+    assert host.paths.check_read("/etc", "instance_data_dir") in report  # the one sentence of the policy

@@ -324,10 +324,32 @@ class Client:
         return self._send("POST", url, **kwargs)
 
 
+def _route_paths(app):
+    return [getattr(route, "path", "") for route in app.routes if getattr(route, "path", "").startswith("/dreambooth")]
+
+
+@pytest.mark.parametrize("flags", [{}, {"gradio_auth": "alice:secret"}, {"api_auth": "alice:secret"}])
+def test_without_api_there_are_no_rest_routes(webui, flags):
+    """Issue 12 item 14: like the WebUI's own API, our routes exist only with --api (else anyone reaching the page
+    could start jobs over HTTP; --gradio-auth protects the page, not routes added to its app)."""
+    from fastapi import FastAPI
+
+    w = webui(**flags)
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    assert _route_paths(app) == []
+    assert Client(app).get("/dreambooth/status").status_code == 404
+    for api_flags in ({"api": True}, {"nowebui": True}):  # --nowebui serves the API alone
+        w = webui(**flags, **api_flags)
+        app = FastAPI()
+        w.glue.on_app_started(None, app)
+        assert "/dreambooth/start" in _route_paths(app)
+
+
 def test_rest_routes_honour_api_auth(webui, make_settings):
     from fastapi import FastAPI
 
-    webui(api_auth="alice:secret,bob:pw")
+    webui(api=True, api_auth="alice:secret,bob:pw")
     import dreambooth.webui as glue
 
     app = FastAPI()
@@ -344,10 +366,57 @@ def test_rest_routes_honour_api_auth(webui, make_settings):
     assert client.get("/dreambooth/settings", auth=("alice", "secret")).json() == {"saved": []}
 
 
+def test_an_api_auth_without_a_user_lets_no_one_in(webui):
+    from fastapi import FastAPI
+
+    w = webui(api=True, api_auth="typo-without-colon")
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    assert Client(app).get("/dreambooth/status").status_code == 401
+    assert Client(app).get("/dreambooth/status", auth=("typo-without-colon", "")).status_code == 401
+
+
+def test_the_tab_warns_when_other_machines_reach_it_without_a_password(webui):
+    """Issue 12 item 14: listening beyond 127.0.0.1 with --api and no --api-auth (or no --gradio-auth) is said at
+    the top of the tab."""
+
+    def notes(**flags):
+        w = webui(**flags)
+        [(blocks, _, _)] = w.glue.on_ui_tabs()
+        return " ".join(str(getattr(b, "value", "")) for b in blocks.blocks.values() if b.elem_id == "db_environment")
+
+    open_api = notes(listen=True, api=True, gradio_auth="u:p")
+    assert "REST routes have no password" in open_api and "--api-auth" in open_api and "--listen" in open_api
+    assert "page has no password" not in open_api
+    assert "REST routes have no password" in notes(server_name="0.0.0.0", api=True, gradio_auth="u:p")
+    assert "page has no password" in notes(share=True, api=True, api_auth="u:p")
+    assert "no password" not in notes(listen=True, api=True, api_auth="u:p", gradio_auth="u:p")
+    assert "no password" not in notes(api=True)  # 127.0.0.1 only
+    assert "no password" not in notes(server_name="127.0.0.1", api=True)
+    assert "REST routes" not in notes(listen=True, gradio_auth="u:p")  # no --api: no routes to warn about
+
+
+def test_rest_start_refuses_a_class_folder_outside_the_write_roots(webui, make_settings, tmp_path):
+    """Issue 12 item 13 through the REST route: readable (DREAMBOOTH_ALLOWED_ROOTS=tmp_path) is not writable."""
+    from fastapi import FastAPI
+
+    w = webui(api=True)
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    payload = make_settings(
+        pretrained_model_name_or_path=str(w.base), with_prior_preservation=True, num_class_images=2
+    ).to_dict()
+    refused = Client(app).post("/dreambooth/start", json=payload)
+    assert refused.status_code == 422
+    [problem] = [p for p in refused.json()["detail"] if "class_data_dir" in p]
+    assert "may write to" in problem and "DREAMBOOTH_WRITE_ROOTS" in problem and str(w.folder) in problem
+    assert not (tmp_path / "class").exists() and w.glue.runner().snapshot().state == "idle"
+
+
 def test_rest_start_status_and_cancel(webui, make_settings):
     from fastapi import FastAPI
 
-    w = webui()
+    w = webui(api=True)
     app = FastAPI()
     w.glue.on_app_started(None, app)
     client = Client(app)
@@ -436,3 +505,22 @@ def test_the_tabs_webui_captioners_caption_a_folder(webui, tmp_path):
     assert len(report.written) == 2
     assert (tmp_path / "set" / "img_0.txt").read_text().strip().startswith("ohwx ring, ")
     assert "interrogate.generate_caption" in " ".join(w.fake.call_names())
+
+
+def test_rest_start_remembers_an_empty_class_folder_as_empty(webui, make_settings):
+    """As in the tab: the run folder chosen for an empty class folder must not become every later run's."""
+    from fastapi import FastAPI
+
+    w = webui(api=True)
+    app = FastAPI()
+    w.glue.on_app_started(None, app)
+    settings = make_settings(
+        pretrained_model_name_or_path=str(w.base), with_prior_preservation=True, max_train_steps=1, model_name="ring"
+    )
+    settings.concepts[0].class_data_dir = ""
+    started = Client(app).post("/dreambooth/start", json=settings.to_dict())
+    assert started.status_code == 200, started.text
+    runner = w.glue.runner()
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    assert list((runner.host.run_dir("ring") / "class_images_1").glob("*.png"))
+    assert runner.host.last_used().concepts[0].class_data_dir == ""

@@ -27,6 +27,8 @@ ALLOWED = {
     ("numpy", "dtype"),
     ("numpy", "ndarray"),
     ("_codecs", "encode"),
+    ("pytorch_lightning.callbacks", "model_checkpoint"),
+    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
     ("__builtin__", "set"),
 } | {
     ("torch", name)

@@ -125,19 +125,22 @@ class LatentCache:
             return self.memory[key]
         entry = self._read_disk(key)
         if entry is None:
-            image = pixels(
-                path,
-                size or self.resolution,
-                self.center_crop,
-                flip,
-                self.crop_seed(path),
-                self.augmentation,
-                self.augment_seed(path, variant),
-            )
-            entry = latent_distribution(self.vae, image)
+            entry = latent_distribution(self.vae, self.pixels(path, flip, size, variant))
             self._write_disk(key, entry)
         self.memory[key] = entry
         return entry
+
+    def pixels(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Any:
+        """The (3, H, W) pixels in [-1, 1] that the entry of these arguments is (or would be) encoded from."""
+        return pixels(
+            path,
+            size or self.resolution,
+            self.center_crop,
+            flip,
+            self.crop_seed(path),
+            self.augmentation,
+            self.augment_seed(path, variant),
+        )
 
     def _read_disk(self, key: str) -> tuple[Any, Any] | None:
         if self.cache_dir is None:

@@ -51,8 +51,14 @@ def generate_class_images(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     shard: tuple[int, int] = (0, 1),
     have: int | None = None,
+    device: Any = None,
+    autocast_dtype: Any = None,
 ) -> list[Path]:
     """Make ``wanted`` minus the usable images already in ``folder``; returns the new files.
+
+    ``batch_size`` images are made at a time, under autocast in ``autocast_dtype`` when given (the run's mixed
+    precision).  Each image is written (atomically) as soon as its batch is made, so a cancel or a crash keeps every
+    finished image and a restart makes only the missing ones, with the seeds the uninterrupted run would have used.
 
     ``shard``: (rank, processes): with several processes each makes every ``processes``-th batch; they must then
     pass ``have``, the usable images counted by all of them *before* any of them writes (else a fast process's new
@@ -76,25 +82,9 @@ def generate_class_images(
     counter = 0
     rank, world = shard
     suffix = f"-{rank}" if world > 1 else ""  # processes sharing the folder never pick the same name
-    on_progress(0, missing)
-    for batch in range(math.ceil(missing / batch_size)):
-        if batch % world != rank:
-            continue  # another process makes this batch
-        if should_stop():
-            break
-        count = min(batch_size, missing - batch * batch_size)
-        images = generate(
-            components,
-            [class_prompt],
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed + have + batch * batch_size,  # the same images whatever the number of processes
-            images_per_prompt=count,
-            resolution=resolution,
-            clip_skip=clip_skip,
-            batch_size=batch_size,
-        )
+
+    def keep(images: list[Any]) -> None:
+        nonlocal counter
         for image in images:
             while f"class-{tag}-{counter:05d}{suffix}.png" in existing:
                 counter += 1
@@ -105,5 +95,28 @@ def generate_class_images(
             with atomic_path(folder / name) as temp:
                 image.save(temp, format="PNG", pnginfo=info)
             written.append(folder / name)
-        on_progress(len(written), missing)
+            on_progress(len(written), missing)
+
+    on_progress(0, missing)
+    for batch in range(math.ceil(missing / batch_size)):
+        if batch % world != rank:
+            continue  # another process makes this batch
+        if should_stop():
+            break
+        count = min(batch_size, missing - batch * batch_size)
+        generate(
+            components,
+            [class_prompt],
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed + have + batch * batch_size,  # the same images whatever the number of processes
+            images_per_prompt=count,
+            resolution=resolution,
+            clip_skip=clip_skip,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            on_batch=keep,
+        )
     return written

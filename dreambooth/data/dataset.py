@@ -63,11 +63,25 @@ def instance_examples(settings: Settings, index: int, concept: Concept) -> list[
 
 
 def class_examples(settings: Settings, index: int, concept: Concept) -> list[Example]:
-    """The concept's class images (at most its ``num_class_images``), with the class prompt."""
-    from .class_images import usable_class_images
+    """The concept's class images (at most its ``num_class_images``), with the class prompt.
+
+    An image we generated trains with the prompt saved in it and nothing else: its file name and any text file
+    beside it are ours, not a caption (with ``use_filename_as_label`` it would train as "photo of a dog, class
+    f3e48047").  The user's own class images are captioned like instance images.
+    """
+    from .class_images import saved_prompt, usable_class_images
 
     paths = usable_class_images(concept.class_data_dir, concept.class_prompt)[: settings.class_images_for(concept)]
-    return _examples(settings, paths, concept.class_prompt, index, True)
+    source = caption_source(settings)
+    examples = []
+    for path in paths:
+        saved = saved_prompt(path)
+        if saved is not None:
+            prompt = render_prompt(saved, None, settings.caption_template)
+        else:
+            prompt = render_prompt(concept.class_prompt, image_caption(path, source), settings.caption_template)
+        examples.append(Example(path, prompt, index, True))
+    return examples
 
 
 def mix_seed(*parts: int | str) -> int:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UnsupportedModelError
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -223,18 +223,31 @@ def text_structure(sd: dict[str, Any], family: str, source: str) -> tuple[dict[s
     }, blocks
 
 
+def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelError:
+    """The one wording for a model of another family, for single files and diffusers folders alike."""
+    return UnsupportedModelError(
+        f"{source}: the model is {family} ({evidence}); {family} is not supported yet: "
+        "choose an SD 1.x or SD 2.x base model."
+    )
+
+
 def detect_family(sd: dict[str, Any], source: str) -> str:
+    """The family ("sd1" or "sd2") from the key names; other families are refused by name."""
+    if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in sd):
+        raise unsupported(source, "Flux-class", "it has double_blocks.* weights")
+    if any(k.startswith(UNET + "joint_blocks.") for k in sd):
+        raise unsupported(source, "SD3", "it has model.diffusion_model.joint_blocks.* weights")
     if not any(k.startswith(UNET) for k in sd):
         raise ModelFileError(
             f"{source}: no UNet weights (model.diffusion_model.*) found; this is not a Stable Diffusion "
             "checkpoint. LoRA, VAE-only, embedding and SDXL files cannot be trained here."
         )
+    if any(k.startswith("conditioner.") for k in sd):
+        raise unsupported(source, "SDXL", "it has conditioner.embedders.* text encoders")
     if any(k.startswith(CLIP_L) for k in sd):
         return "sd1"
     if any(k.startswith(OPEN_CLIP) for k in sd):
         return "sd2"
-    if any(k.startswith("conditioner.") for k in sd):
-        raise ModelFileError(f"{source}: this looks like an SDXL checkpoint; only SD 1.x and 2.x are supported.")
     raise ModelFileError(
         f"{source}: no text encoder weights (cond_stage_model.*) found; a DreamBooth base model must be a "
         "complete SD 1.x or 2.x checkpoint."
@@ -258,13 +271,18 @@ def detect_architecture(
     ``yaml_config`` is the parsed sidecar yaml (ldm format) and ``metadata`` the safetensors header, when present.
     """
     if metadata and METADATA_KEY in metadata:
-        # Our own file: its header describes it exactly.  A sidecar yaml still decides epsilon vs v.
+        # Our own file: its header describes it exactly.  A sidecar yaml still decides epsilon vs v, and the text
+        # model folder it names (the WebUI loads through the yaml; the folder may have moved since the header).
         arch = Architecture.from_json(metadata[METADATA_KEY])
         arch.prediction_source = "metadata"
         if yaml_config is not None:
-            parameterization = _yaml_params(yaml_config).get("parameterization", "eps")
+            params = _yaml_params(yaml_config)
+            parameterization = params.get("parameterization", "eps")
             arch.prediction_type = "v_prediction" if parameterization == "v" else "epsilon"
             arch.prediction_source = "yaml"
+            cond_params = ((params.get("cond_stage_config") or {}).get("params")) or {}
+            if arch.family == "sd1" and cond_params.get("version"):
+                arch.clip_version = str(cond_params["version"])
         return arch
     family = detect_family(sd, source)
     unet = unet_structure(sd, source)

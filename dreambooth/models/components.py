@@ -16,13 +16,14 @@ from typing import Any
 
 from .. import __version__
 from ..compat import load_text_encoder_state_dict, text_encoder_state_dict
-from ..errors import ModelFileError
+from ..errors import ModelFileError, one_line
 from . import files
 from .architecture import CLIP_L, METADATA_KEY, Architecture, detect_architecture
 from .keymap import join_original, split_original
 
 ARCH_FILE = "dreambooth.json"
 EXTRAS_FILE = "dreambooth_extras.safetensors"
+EMA_PREFIX = "model_ema."  # ldm's EMA copy of the UNet in original checkpoints
 
 
 @dataclass
@@ -69,7 +70,9 @@ def _load_into(module: Any, state_dict: dict[str, Any], what: str, source: str) 
     try:
         module.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
-        raise ModelFileError(f"{source}: the {what} weights do not fit the detected architecture: {error}") from error
+        raise ModelFileError(
+            f"{source}: the {what} weights do not fit the detected architecture: {one_line(error)}"
+        ) from error
     _materialize_buffers(module, what, source)
 
 
@@ -166,7 +169,7 @@ def components_from_state_dict(
     try:
         load_text_encoder_state_dict(text_encoder, parts["text_encoder"], assign=True)
     except RuntimeError as error:
-        raise ModelFileError(f"{source}: the text encoder weights do not fit: {error}") from error
+        raise ModelFileError(f"{source}: the text encoder weights do not fit: {one_line(error)}") from error
     _materialize_buffers(text_encoder, "text encoder", source)
     if arch.family == "sd2" and arch.prediction_source == "default" and arch.is_standard_size:
         if guess_v_prediction(unet):
@@ -187,6 +190,19 @@ def components_from_state_dict(
     return components.to(device=device, dtype=dtype or torch.float32)
 
 
+def drop_base_ema(components: Components) -> int:
+    """Remove the base file's EMA copy of the UNet (``model_ema.*``, e.g. in ``v1-5-pruned.ckpt``) from the tensors
+    written back with the components; returns how many tensors were removed.
+
+    Training does not update that copy: carried into outputs it doubles their size, and a loader that prefers EMA
+    weights would get the untrained base model.  A run that trains its own EMA puts it into ``extras`` after this.
+    """
+    stale = [key for key in components.extras if key.startswith(EMA_PREFIX)]
+    for key in stale:
+        del components.extras[key]
+    return len(stale)
+
+
 def load_vae(path: str | os.PathLike, arch: Architecture) -> tuple[Any, Architecture]:
     """A separate VAE for ``arch``'s model: a diffusers VAE folder, or a single file with ``first_stage_model.*``
     keys or bare VAE keys (the usual ``.vae.safetensors``).  Returns the VAE and the architecture updated to it."""
@@ -198,10 +214,9 @@ def load_vae(path: str | os.PathLike, arch: Architecture) -> tuple[Any, Architec
     if source.is_dir():
         from diffusers import AutoencoderKL
 
-        try:
-            vae = AutoencoderKL.from_pretrained(str(source), local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise ModelFileError(f"{source}: cannot load the VAE folder ({error}).") from error
+        from .folders import load_diffusers_model
+
+        vae = load_diffusers_model(AutoencoderKL, source, "VAE")
         return vae.requires_grad_(False).eval(), arch
     state, _ = files.read_state_dict(source)
     if not any(k.startswith(VAE) for k in state):
@@ -243,7 +258,9 @@ def arch_from_diffusers_configs(folder: Path) -> Architecture:
         return {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
 
     from .architecture import SD_SCHEDULE
+    from .folders import check_family
 
+    check_family(folder)
     unet, vae, text, scheduler = read("unet"), read("vae"), read("text_encoder"), read("scheduler")
     family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
     text_keys = [
@@ -281,17 +298,20 @@ def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype:
     """Components from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from .folders import check_family, load_diffusers_model, load_text_encoder
 
     folder = Path(folder)
     arch_file = folder / ARCH_FILE
-    arch = Architecture.from_json(arch_file.read_text()) if arch_file.is_file() else arch_from_diffusers_configs(folder)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ModelFileError(f"{folder}: cannot load the diffusers model folder ({error}).") from error
+    if arch_file.is_file():
+        check_family(folder)
+        arch = Architecture.from_json(arch_file.read_text())
+    else:
+        arch = arch_from_diffusers_configs(folder)
+    unet = load_diffusers_model(UNet2DConditionModel, folder / "unet", "UNet")
+    vae = load_diffusers_model(AutoencoderKL, folder / "vae", "VAE")
+    text_encoder = load_text_encoder(folder / "text_encoder")
     if (folder / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UnsupportedModelError
 from . import files
 from .architecture import Architecture, detect_architecture
 
@@ -54,3 +54,21 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
         f"UNet channels {arch.unet['block_out_channels']}, text encoder {arch.text['num_hidden_layers']} layers "
         f"of {arch.text['hidden_size']}{'; needs a sidecar .yaml in the WebUI' if arch.needs_sidecar_yaml else ''}"
     )
+
+
+def unsupported_family(path: str | os.PathLike) -> str | None:
+    """The reason a base model is of a family that cannot be trained yet (SDXL, SD3, Flux...), else None.
+
+    Cheap enough for settings validation: a folder's configs or a ``.safetensors`` header are read; a pickled
+    ``.ckpt`` (no header) is left to loading, and any other problem with the file is reported when it is loaded.
+    """
+    path = Path(path)
+    if not (path.is_dir() or path.suffix.lower() == ".safetensors"):
+        return None
+    try:
+        architecture_of(path)
+    except UnsupportedModelError as error:
+        return str(error)
+    except ModelFileError:
+        return None
+    return None

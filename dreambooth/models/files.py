@@ -1,9 +1,9 @@
 """Reading and writing checkpoint files: safe loading, atomic writes, the WebUI's sidecar yaml.
 
 * ``.safetensors`` is read with safetensors (no code can run); the header's metadata is returned too.
-* ``.ckpt`` / ``.pt`` is read with ``torch.load(weights_only=True)``: a pickle that asks for anything but tensors and
-  plain containers is refused with :class:`UnsafeCheckpointError` and never executed.  ``torch.load`` itself is not
-  patched.
+* ``.ckpt`` / ``.pt`` is read by :func:`.safe_pickle.load_pickle` (``torch.load(weights_only=True)`` with the
+  WebUI's allow-list for original SD checkpoints): a pickle that asks for anything else is refused with
+  :class:`UnsafeCheckpointError` and never executed.  ``torch.load`` itself is not patched.
 * Writes go to a temporary file in the destination folder, are flushed to disk, then renamed over the destination:
   a crash or a full disk never leaves a truncated model behind.
 * ``.ckpt`` is written in torch's legacy (non-zip) format, the one the WebUI's own safe unpickler accepts.
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError, UnsafeCheckpointError
+from ..errors import ModelFileError
 
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -55,24 +55,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _read_pickle(path: Path) -> dict[str, Any]:
-    import pickle
-
     import torch
 
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: the pickle asks for objects other than tensors ({error}). Loading it "
-            "could run arbitrary code, so it was not executed. Convert it to .safetensors with a tool you trust, "
-            "or use a .safetensors download of the model."
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ModelFileError(
-            f"{path}: not a readable checkpoint ({error}). It may be truncated or corrupt: download it again."
-        ) from error
+    from .safe_pickle import load_pickle
+
+    data = load_pickle(path, "checkpoint")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+        data = data["state_dict"]  # original .ckpt: epoch, global_step, callbacks, ... beside the weights
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: the checkpoint holds a {type(data).__name__}, not a dictionary of tensors.")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -86,9 +75,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    os.close(handle)
-    temp = Path(temp_name)
+    temp = _new_temp_file(destination)
     try:
         yield temp
         with temp.open("rb+") as written:
@@ -97,6 +84,19 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def _new_temp_file(destination: Path) -> Path:
+    """An empty new ``.NAME.XXXXXXXX.tmp`` beside ``destination``, with the mode any new file gets (0666 less the
+    umask); mkstemp's 0600 would make every output unreadable to the other accounts that read the model folder."""
+    for _ in range(100):
+        temp = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temp
+    raise FileExistsError(f"{destination.parent}: no free temporary file name for {destination.name}")
 
 
 def write_state_dict(

@@ -15,7 +15,6 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,11 @@ from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
 from .loss import combine_losses, sample_losses, training_target
+from .outputs import Outputs, RunState, TrainResult
+from .precision import frozen_dtype, in_dtype
 from .sampling import encode_prompts, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
-
-
-@dataclass
-class TrainResult:
-    step: int
-    total_steps: int
-    cancelled: bool
-    checkpoints: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
-    state_dir: Path | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    seconds_per_step: float | None = None
-    step_seconds: list[float] = field(default_factory=list)
-    peak_memory_gib: float | None = None
 
 
 def resolve_device(name: str) -> Any:
@@ -77,7 +64,7 @@ def total_steps_for(settings: Settings, plan: SamplePlan, instance_count: int, b
     return max(1, STEPS_PER_INSTANCE_IMAGE * instance_count)
 
 
-class Trainer:
+class Trainer(Outputs):
     """One DreamBooth run.  ``components`` may be given (e.g. the WebUI's model already in memory)."""
 
     def __init__(
@@ -105,6 +92,7 @@ class Trainer:
         self.components = components
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
+        self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
@@ -127,13 +115,17 @@ class Trainer:
     def _load(self, device: Any) -> Any:
         import torch
 
-        from ..models.components import load_components
+        from ..models.components import drop_base_ema, load_components
+        from ..validation import training_warnings
 
         s = self.settings
         components = self.components
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
+        dropped = drop_base_ema(components)
+        if dropped:
+            self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
         if s.pretrained_vae_name_or_path:
             from ..models.components import load_vae
 
@@ -141,6 +133,8 @@ class Trainer:
         layers = components.text_encoder.config.num_hidden_layers
         if s.clip_skip > layers:
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
+        for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
+            self.log(f"warning: {warning}")
         components.to(device=device, dtype=torch.float32)
         if s.attention == "xformers":
             components.unet.enable_xformers_memory_efficient_attention()
@@ -166,6 +160,8 @@ class Trainer:
                 resolution=s.resolution,
                 batch_size=s.sample_batch_size,
                 clip_skip=s.clip_skip,
+                device=self.dist.device,
+                autocast_dtype=self._autocast_dtype(),
                 shard=(self.dist.rank, self.dist.world_size),
                 have=have,
                 should_stop=lambda: self.commands.cancelled,
@@ -175,6 +171,12 @@ class Trainer:
             )
             if made:
                 self.log(f"concept {index + 1}: generated {len(made)} class images in {concept.class_data_dir}")
+
+    def _autocast_dtype(self) -> Any:
+        """The run's mixed-precision dtype (None: fp32), for image generation as for the steps."""
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.settings.mixed_precision)
 
     def _examples(self) -> tuple[list[list[Example]], list[list[Example]] | None]:
         from ..data.images import check_images
@@ -237,25 +239,48 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def _latent(self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int) -> Any:
-        import torch
+    def _pixels(self, example: Example, flip: bool, sample_index: int, epoch: int) -> Any:
+        """The (3, H, W) pixels in [-1, 1] a sample's latent is made from (cached: the cached latent's crop)."""
+        from ..data.cache import pixels
 
-        from ..data.cache import latent_distribution, pixels
-
-        components, s = self.components, self.settings
+        s = self.settings
         size, variant = self._size(example), self._variant(sample_index)
         if self.latent_cache is not None:
-            mean, std = self.latent_cache.get(example.path, flip, size, variant)
+            return self.latent_cache.pixels(example.path, flip, size, variant)
+        content = self.contents.get(example.path)
+        crop_seed = mix_seed(s.seed, "crop", content, epoch)
+        augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
+        return pixels(
+            example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
+        )
+
+    def _latent(
+        self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int, image: Any = None
+    ) -> Any:
+        """A latent sample of the example; ``image``: its pixels when already made (see :meth:`_pixels`)."""
+        import torch
+
+        from ..data.cache import latent_distribution
+
+        components = self.components
+        if self.latent_cache is not None:
+            mean, std = self.latent_cache.get(example.path, flip, self._size(example), self._variant(sample_index))
         else:  # no cache: a new crop (and augmentation) each time, the VAE every step
-            content = self.contents.get(example.path)
-            crop_seed = mix_seed(s.seed, "crop", content, epoch)
-            augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
-            image = pixels(
-                example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
-            )
+            if image is None:
+                image = self._pixels(example, flip, sample_index, epoch)
             mean, std = latent_distribution(components.vae, image)
         sample = mean + std * torch.randn(mean.shape, generator=generator)
         return sample * components.vae.config.scaling_factor
+
+    def _inpainting(self) -> Any:
+        """The inpainting part of a step (masks, masked-image latents), or None for other models."""
+        from ..models.inpainting import InpaintingInputs, is_inpainting
+
+        if not is_inpainting(self.components):
+            return None
+        if self.inpainting_inputs is None:
+            self.inpainting_inputs = InpaintingInputs(self.components.vae, self.settings.inpainting_full_mask_ratio)
+        return self.inpainting_inputs
 
     def _text(self, prompts: list[str], train_text: bool) -> Any:
         import torch
@@ -270,7 +295,7 @@ class Trainer:
             with torch.no_grad():
                 encoded = encode_prompts(components.text_encoder, components.tokenizer, missing, s.clip_skip)
             for prompt, hidden in zip(missing, encoded):
-                self.text_cache[prompt] = hidden
+                self.text_cache[prompt] = hidden.float()  # fp32 also when the encoder ran in half precision
         return torch.stack([self.text_cache[p] for p in prompts])
 
     def _loss(
@@ -290,14 +315,20 @@ class Trainer:
         components, s = self.components, self.settings
         scheduler = components.noise_scheduler
         started = time.perf_counter()
-        latents, noise, timesteps, prompts, is_prior = [], [], [], [], []
+        inpainting = self._inpainting()
+        latents, noise, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], []
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
                 pairs.append((sample.prior, "prior"))
             for example, role in pairs:
                 generator = torch.Generator().manual_seed(mix_seed(s.seed, "sample", sample.index, role))
-                latent = self._latent(example, sample.flip, sample.index, generator, epoch)
+                image = None
+                if inpainting is not None:  # the masked image is made from the pixels the latent comes from
+                    image = self._pixels(example, sample.flip, sample.index, epoch)
+                    images.append(image)
+                    masks.append(inpainting.mask(image, mix_seed(s.seed, "mask", sample.index, role)))
+                latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
                 noise.append(torch.randn(latent.shape, generator=generator))
                 timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
@@ -314,6 +345,13 @@ class Trainer:
             group_noise = torch.stack([noise[i] for i in indices]).to(device)
             group_steps = torch.cat([timesteps[i] for i in indices]).to(device)
             noisy = scheduler.add_noise(group_latents, group_noise, group_steps)
+            if inpainting is not None:  # + the mask and the masked image's latents (9 input channels)
+                encode_started = time.perf_counter()
+                conditioning = inpainting.conditioning(
+                    torch.stack([images[i] for i in indices]), torch.stack([masks[i] for i in indices])
+                )
+                noisy = inpainting.unet_input(noisy, conditioning.to(device))
+                self.timings["data"] += time.perf_counter() - encode_started
             with autocast:
                 hidden = self._text([prompts[i] for i in indices], train_text).to(device)
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
@@ -323,66 +361,6 @@ class Trainer:
         return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, global_counts)
 
     # ------------------------------------------------------------------------------------------------ outputs
-
-    def _save(
-        self,
-        step: int,
-        result: TrainResult,
-        modules: dict[str, Any],
-        optimizer: Any,
-        lr_scheduler: Any,
-        scaler: Any,
-        total: int,
-    ) -> None:
-        from ..models.components import save_single_file
-        from .state import save_state
-
-        s, out = self.settings, Path(self.settings.output_dir)
-        self._emit("saving", f"saving step {step}", step=step, total_steps=total)
-        metadata = {
-            "dreambooth.step": str(step),
-            "dreambooth.base_model": Path(s.pretrained_model_name_or_path).name,
-            "dreambooth.settings": self.requested.to_json(),
-        }
-        paths = save_single_file(
-            self.components,
-            out / s.checkpoint_dir / f"{s.model_name}_{step}.{s.save_format}",
-            half=s.save_half,
-            metadata=metadata,
-        )
-        result.checkpoints.append(paths[0])
-        if s.save_training_state:
-            result.state_dir = save_state(
-                out / "state",
-                step,
-                modules,
-                optimizer,
-                lr_scheduler,
-                {"model_name": s.model_name, "total_steps": total, "checkpoint": str(paths[0])},
-                scaler,
-            )
-        guarded(self.callbacks, "on_checkpoint", step, paths)
-        self.log(f"saved {paths[0]}")
-        self._tests(step, result, next(self.components.unet.parameters()).device)
-
-    def _save_and_sample(
-        self,
-        step: int,
-        result: TrainResult,
-        modules: dict[str, Any],
-        optimizer: Any,
-        lr_scheduler: Any,
-        scaler: Any,
-        total: int,
-        device: Any,
-        samples: bool = True,
-    ) -> None:
-        """Only the main process writes (checkpoint, state, samples); the others wait for it."""
-        if self.dist.is_main:
-            self._save(step, result, modules, optimizer, lr_scheduler, scaler, total)
-            if samples:
-                self._samples(step, result, device)
-        self.dist.barrier()
 
     def _sample_prompts(self) -> list[str]:
         s = self.settings
@@ -417,6 +395,7 @@ class Trainer:
             clip_skip=s.clip_skip,
             batch_size=s.sample_batch_size,
             device=device,
+            autocast_dtype=self._autocast_dtype(),
         )
         return self._write_images(images, folder)
 
@@ -445,21 +424,33 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self) -> TrainResult:
-        import torch
-
-        from ..data.cache import LatentCache
-        from .optim import make_lr_scheduler, make_optimizer
-        from .state import load_state
-
+        """Set-up, steps, outputs.  Any exception after set-up keeps a resumable state of the last complete step
+        (when its weights are sound) and ends as :class:`TrainingFailed`, whose message says where and how to
+        resume."""
         s = self.settings
         s.raise_if_invalid(model_in_memory=not self.check_model_path)
-        self.dist = dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
-        device = dist.device
-        if not dist.is_main:
+        self.dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
+        if not self.dist.is_main:
             self.callbacks = Callbacks()  # only the main process reports progress, samples and checkpoints
-        out = Path(s.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.components = components = self._load(device)
+        Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+        run = None
+        try:
+            run = self._setup()
+            self._steps(run)
+            self._outputs(run)
+        except Exception as error:
+            failure = self._failure(run, error)
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            self._restore(run)
+        return self._finished(run)
+
+    def _setup(self) -> RunState:
+        """Load, class images, examples and their plan, caches, optimizer and schedule (or the resumed state)."""
+        s, dist = self.settings, self.dist
+        self.components = components = self._load(dist.device)
         if s.has_prior_preservation:
             self._class_images(components)
             dist.barrier()  # every process's share of the class images is written
@@ -469,10 +460,24 @@ class Trainer:
             plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, global_batch)
         else:
             plan = SamplePlan(instances, classes, s.seed, s.hflip)
-        instance_count = sum(len(g) for g in instances)
-        total = total_steps_for(s, plan, instance_count, global_batch)
-        result = TrainResult(step=0, total_steps=total, cancelled=False)
+        total = total_steps_for(s, plan, sum(len(g) for g in instances), global_batch)
+        self._cache(instances, classes)
+        return self._optimization(plan, global_batch, total)
 
+    def _cache(self, instances: list[list[Example]], classes: list[list[Example]] | None) -> None:
+        """Latents (and text embeddings of a frozen encoder) once; with low_memory on a GPU the frozen modules
+        encode in the run's half precision (see train/precision.py) and then leave the GPU."""
+        s, dist, components = self.settings, self.dist, self.components
+        examples = [e for group in instances + (classes or []) for e in group]
+        frozen = [components.vae] + ([] if s.train_text_encoder else [components.text_encoder])
+        with in_dtype(frozen, frozen_dtype(s.low_memory, dist.device.type, s.mixed_precision)):
+            self._fill_caches(examples)
+
+    def _fill_caches(self, examples: list[Example]) -> None:
+        from ..data.cache import LatentCache
+
+        s, dist, components = self.settings, self.dist, self.components
+        device = dist.device
         if s.cache_latents:
             self.latent_cache = LatentCache(
                 self.contents,
@@ -480,12 +485,11 @@ class Trainer:
                 s.resolution,
                 s.center_crop,
                 s.seed,
-                out / "cache" / "latents",
+                Path(s.output_dir) / "cache" / "latents",
                 self.augmentation,
             )
             flips = (False, True) if s.hflip else (False,)
             variants = range(s.augment_variants) if self.augmentation else range(1)
-            examples = [e for group in instances + (classes or []) for e in group]
             if dist.world_size > 1:  # each process encodes its share to the shared disk cache first
                 for example in examples[dist.rank :: dist.world_size]:
                     for flip in flips:
@@ -497,15 +501,22 @@ class Trainer:
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-            if s.low_memory and device.type == "cuda":
-                components.vae.to("cpu")  # not needed again until a sample is made
+            if s.low_memory and device.type == "cuda" and self._inpainting() is None:
+                components.vae.to("cpu")  # not needed again until a sample is made (inpainting: every step)
         if not s.train_text_encoder and self.cache_text:
-            prompts = [e.prompt for group in instances + (classes or []) for e in group]
-            self._text(prompts, train_text=False)  # every embedding now, so the encoder can leave the GPU
+            self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
             if s.low_memory and device.type == "cuda":
                 components.text_encoder.to("cpu")
 
-        unet, text_encoder = components.unet, components.text_encoder
+    def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
+        import torch
+
+        from .optim import make_lr_scheduler, make_optimizer
+        from .state import find_state, load_state
+
+        s, dist = self.settings, self.dist
+        device = dist.device
+        unet, text_encoder = self.components.unet, self.components.text_encoder
         if s.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
@@ -520,125 +531,159 @@ class Trainer:
             groups.append({"params": list(text_encoder.parameters()), "lr": s.text_encoder_lr() * scale})
             modules["text_encoder"] = text_encoder
         optimizer = make_optimizer(groups, s, device)
-        lr_scheduler = make_lr_scheduler(optimizer, s, total)
-        scaler = None
-        if s.mixed_precision == "fp16":
-            scaler = torch.amp.GradScaler(device.type)
-        start = 0
-        if s.resume_from:
-            start = load_state(Path(s.resume_from), modules, optimizer, lr_scheduler, scaler)
-            self.log(f"resumed from {s.resume_from} at step {start}")
+        scaler = torch.amp.GradScaler(device.type) if s.mixed_precision == "fp16" else None
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        text_stop_step = math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0
-        writer = self._logger(out) if dist.is_main else None
+        run = RunState(
+            device=device,
+            plan=plan,
+            global_batch=global_batch,
+            total=total,
+            modules=modules,
+            groups=groups,
+            optimizer=optimizer,
+            lr_scheduler=make_lr_scheduler(optimizer, s, total),
+            scaler=scaler,
+            autocast=torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext(),
+            text_stop_step=math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0,
+            result=TrainResult(step=0, total_steps=total, cancelled=False),
+        )
+        if s.resume_from:
+            folder = find_state(s.resume_from) or Path(s.resume_from)
+            run.start = run.step = run.state_step = load_state(folder, modules, optimizer, run.lr_scheduler, scaler)
+            self.log(f"resumed from {folder} at step {run.start}")
+        run.writer = self._logger(Path(s.output_dir)) if dist.is_main else None
+        return run
 
-        step = start
-        step_times: list[float] = []
-        last_saved = None
-        try:
-            while step < total:
-                if dist.broadcast_flags([self.commands.cancelled])[0]:
-                    result.cancelled = True
-                    break
-                train_text = s.train_text_encoder and step < text_stop_step
-                if s.train_text_encoder and not train_text and text_encoder.training:
-                    text_encoder.requires_grad_(False).eval()
-                    self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
-                started = time.perf_counter()
-                losses = []
-                for micro in range(s.gradient_accumulation_steps):
-                    batch_index = step * s.gradient_accumulation_steps + micro
-                    samples = plan.batch(batch_index, global_batch)
-                    epoch = plan.epoch_of_batch(batch_index, global_batch)
-                    counts = None
-                    if dist.world_size > 1:  # this process's slice of the step's samples
-                        counts = (len(samples), sum(x.prior is not None for x in samples))
-                        samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
-                    fb_started = time.perf_counter()
-                    values = [0.0, 0.0, 0.0]
-                    if samples:
-                        loss, instance_loss, prior_loss = self._loss(
-                            samples, epoch, train_text, device, autocast, counts
-                        )
-                        scaled = loss / s.gradient_accumulation_steps
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                        values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
-                    self.timings["forward_backward"] += time.perf_counter() - fb_started
-                    has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
-                    total_value, instance_value, prior_value = dist.sum_values(values)
-                    losses.append((total_value, instance_value, prior_value if has_prior else None))
-                opt_started = time.perf_counter()
-                dist.sum_gradients([p for g in groups for p in g["params"] if p.requires_grad])
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if s.max_grad_norm > 0:
-                    params = [p for g in groups for p in g["params"] if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.timings["optimizer"] += time.perf_counter() - opt_started
-                step += 1
-                step_times.append(time.perf_counter() - started)
-                mean_loss = sum(x[0] for x in losses) / len(losses)
-                priors = [x[2] for x in losses if x[2] is not None]
-                result.losses.append((step, mean_loss))
-                recent = step_times[-20:]
-                seconds = sorted(recent)[len(recent) // 2]
-                lrs = {f"group{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                self._emit(
-                    "training",
-                    step=step,
-                    total_steps=total,
-                    epoch=plan.epoch_of_batch(step * s.gradient_accumulation_steps - 1, s.train_batch_size),
-                    loss=mean_loss,
-                    instance_loss=sum(x[1] for x in losses) / len(losses),
-                    prior_loss=sum(priors) / len(priors) if priors else None,
-                    learning_rates=lrs,
-                    seconds_per_step=seconds,
-                    eta_seconds=seconds * (total - step),
-                    peak_memory_gib=peak_memory_gib(device),
-                )
-                if writer is not None:
-                    writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
-                due = s.save_model_every_n_steps and step % s.save_model_every_n_steps == 0 and step < total
-                save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
-                if due or save_now:
-                    self._save_and_sample(step, result, modules, optimizer, lr_scheduler, scaler, total, device)
-                    last_saved = step
-                elif sample_now:
-                    if dist.is_main:
-                        self._samples(step, result, device)
-                    dist.barrier()
-            if result.cancelled:
-                self._emit(
-                    "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=total
-                )
-            if last_saved != step and (step > start or result.cancelled) and self.final_save:
-                self._save_and_sample(
-                    step, result, modules, optimizer, lr_scheduler, scaler, total, device, not result.cancelled
-                )
-        finally:
-            if writer is not None:
-                writer.close()
-            unet.requires_grad_(False).eval()
+    def _steps(self, run: RunState) -> None:
+        """Steps until the total; a save or samples when due or asked for; cancel stops between steps."""
+        s, dist = self.settings, self.dist
+        while run.step < run.total:
+            if dist.broadcast_flags([self.commands.cancelled])[0]:
+                run.result.cancelled = True
+                return
+            started = time.perf_counter()
+            losses = self._step(run)
+            run.step_times.append(time.perf_counter() - started)
+            self._report(run, losses)
+            due = s.save_model_every_n_steps and run.step % s.save_model_every_n_steps == 0 and run.step < run.total
+            save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
+            if due or save_now:
+                self._save_and_sample(run)
+            elif sample_now:
+                if dist.is_main:
+                    self._samples(run.step, run.result, run.device)
+                dist.barrier()
+
+    def _step(self, run: RunState) -> list[tuple[float, float, float | None]]:
+        """One optimizer step (its micro-batches); returns (total, instance, prior) loss of each micro-batch."""
+        import torch
+
+        s, dist = self.settings, self.dist
+        text_encoder, step = self.components.text_encoder, run.step
+        train_text = s.train_text_encoder and step < run.text_stop_step
+        if s.train_text_encoder and not train_text and text_encoder.training:
             text_encoder.requires_grad_(False).eval()
-            components.vae.to(device)
-            components.text_encoder.to(device)
-        result.step = step
-        result.step_seconds = step_times
-        result.seconds_per_step = sorted(step_times)[len(step_times) // 2] if step_times else None
-        result.peak_memory_gib = peak_memory_gib(device)
+            self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
+        losses = []
+        for micro in range(s.gradient_accumulation_steps):
+            batch_index = step * s.gradient_accumulation_steps + micro
+            samples = run.plan.batch(batch_index, run.global_batch)
+            epoch = run.plan.epoch_of_batch(batch_index, run.global_batch)
+            counts = None
+            if dist.world_size > 1:  # this process's slice of the step's samples
+                counts = (len(samples), sum(x.prior is not None for x in samples))
+                samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
+            fb_started = time.perf_counter()
+            values = [0.0, 0.0, 0.0]
+            if samples:
+                loss, instance_loss, prior_loss = self._loss(
+                    samples, epoch, train_text, run.device, run.autocast, counts
+                )
+                scaled = loss / s.gradient_accumulation_steps
+                (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+                values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
+            self.timings["forward_backward"] += time.perf_counter() - fb_started
+            has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
+            total_value, instance_value, prior_value = dist.sum_values(values)
+            losses.append((total_value, instance_value, prior_value if has_prior else None))
+        opt_started = time.perf_counter()
+        params = [p for g in run.groups for p in g["params"] if p.requires_grad]
+        dist.sum_gradients(params)
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        if s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
+        run.updating = True  # from here until the step is counted, an exception leaves the weights half-updated
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.lr_scheduler.step()
+        run.step += 1
+        run.updating = False
+        run.optimizer.zero_grad(set_to_none=True)
+        self.timings["optimizer"] += time.perf_counter() - opt_started
+        return losses
+
+    def _report(self, run: RunState, losses: list[tuple[float, float, float | None]]) -> None:
+        s, step = self.settings, run.step
+        mean_loss = sum(x[0] for x in losses) / len(losses)
+        priors = [x[2] for x in losses if x[2] is not None]
+        run.result.losses.append((step, mean_loss))
+        recent = run.step_times[-20:]
+        seconds = sorted(recent)[len(recent) // 2]
+        lrs = {f"group{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
+        self._emit(
+            "training",
+            step=step,
+            total_steps=run.total,
+            epoch=run.plan.epoch_of_batch(step * s.gradient_accumulation_steps - 1, run.global_batch),
+            loss=mean_loss,
+            instance_loss=sum(x[1] for x in losses) / len(losses),
+            prior_loss=sum(priors) / len(priors) if priors else None,
+            learning_rates=lrs,
+            seconds_per_step=seconds,
+            eta_seconds=seconds * (run.total - step),
+            peak_memory_gib=peak_memory_gib(run.device),
+        )
+        if run.writer is not None:
+            run.writer.log(step, {"loss": mean_loss, **{f"lr/{k}": v for k, v in lrs.items()}})
+
+    def _outputs(self, run: RunState) -> None:
+        """The final save and samples; a cancelled run saves a resumable state (and its checkpoint)."""
+        step, cancelled = run.step, run.result.cancelled
+        if cancelled:
+            self._emit(
+                "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=run.total
+            )
+        if run.last_saved != step and (step > run.start or cancelled) and self.final_save:
+            self._save_and_sample(run, samples=not cancelled)
+
+    def _restore(self, run: RunState | None) -> None:
+        """Whatever happened: the log closed, the modules frozen and back on the training device."""
+        if run is not None and run.writer is not None:
+            run.writer.close()
+        components = self.components
+        if components is None or self.dist is None or not hasattr(components, "unet"):
+            return
+        components.unet.requires_grad_(False).eval()
+        components.text_encoder.requires_grad_(False).eval()
+        components.vae.to(self.dist.device)
+        components.text_encoder.to(self.dist.device)
+
+    def _finished(self, run: RunState) -> TrainResult:
+        result = run.result
+        result.step = run.step
+        result.step_seconds = run.step_times
+        result.seconds_per_step = sorted(run.step_times)[len(run.step_times) // 2] if run.step_times else None
+        result.peak_memory_gib = peak_memory_gib(run.device)
+        word = "cancelled" if result.cancelled else "finished"
         self._emit(
             "cancelled" if result.cancelled else "done",
-            f"{'cancelled' if result.cancelled else 'finished'} at step {step} of {total}",
-            step=step,
-            total_steps=total,
+            f"{word} at step {run.step} of {run.total}",
+            step=run.step,
+            total_steps=run.total,
         )
         return result
 

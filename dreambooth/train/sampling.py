@@ -7,7 +7,7 @@ saved and restored around generation, so making a sample never changes what trai
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..compat import quiet_library_notices, text_final_layer_norm
@@ -65,68 +65,91 @@ def generate(
     batch_size: int = 4,
     device: Any = None,
     autocast_dtype: Any = None,
+    on_batch: Callable[[list[Any]], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Any]:
-    """PIL images, ``images_per_prompt`` for each prompt, in order; the k-th image of a prompt uses seed + k."""
+    """PIL images, ``images_per_prompt`` for each prompt, in order; the k-th image of a prompt uses seed + k.
+
+    Images are made ``batch_size`` at a time; ``on_batch`` gets each batch as soon as it is made (to keep it before
+    the next is started) and ``should_stop`` is asked before each batch (True: return what was made).
+
+    ``autocast_dtype`` (torch.float16 / bfloat16): the text encoder and UNet run under autocast in that dtype (the
+    run's mixed precision); the VAE decodes in fp32 (SD VAEs overflow in fp16: the WebUI's --no-half-vae).  An
+    inpainting model gets a full mask over a blank image (its txt2img, as in the WebUI).
+    """
     import torch
 
-    with quiet_library_notices():  # the pipeline module resolves CLIP's image processor, which we never use
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from ..models.inpainting import pipeline_class, txt2img_inputs
 
     unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
     device = device or next(unet.parameters()).device
-    pipe = StableDiffusionPipeline(
+    with quiet_library_notices():  # the pipeline module resolves CLIP's image processor, which we never use
+        pipeline = pipeline_class(components)
+    pipe = pipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=components.tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        scheduler=_sampling_scheduler(components),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    extra = txt2img_inputs(components, resolution, resolution)
     jobs = [(prompt, k) for prompt in prompts for k in range(images_per_prompt)]
-    images = []
-    autocast = (
-        torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with preserved_rng(), eval_mode(unet, vae, text_encoder), torch.no_grad(), autocast:
+    device_type = torch.device(device).type
+    images: list[Any] = []
+
+    def autocast() -> Any:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=autocast_dtype)
+
+    with preserved_rng(), eval_mode(unet, vae, text_encoder), torch.no_grad():
         vae_device = next(vae.parameters()).device
         text_device = next(text_encoder.parameters()).device
         vae.to(device)
         text_encoder.to(device)
         try:
+            dtype = next(unet.parameters()).dtype
+            latent_side = resolution // pipe.vae_scale_factor
             for start in range(0, len(jobs), batch_size):
+                if should_stop():
+                    break
                 chunk = jobs[start : start + batch_size]
-                embeds = encode_prompts(text_encoder, components.tokenizer, [p for p, _ in chunk], clip_skip)
-                negative = encode_prompts(text_encoder, components.tokenizer, [negative_prompt] * len(chunk), clip_skip)
                 generators = [torch.Generator(device="cpu").manual_seed(seed + k) for _, k in chunk]
-                latents = torch.stack(
-                    [
-                        torch.randn(
-                            (
-                                unet.config.in_channels,
-                                resolution // pipe.vae_scale_factor,
-                                resolution // pipe.vae_scale_factor,
-                            ),
-                            generator=g,
-                        )
-                        for g in generators
-                    ]
-                ).to(device, next(unet.parameters()).dtype)
-                result = pipe(
-                    prompt_embeds=embeds.to(next(unet.parameters()).dtype),
-                    negative_prompt_embeds=negative.to(next(unet.parameters()).dtype),
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    height=resolution,
-                    width=resolution,
-                    latents=latents,
-                )
-                images.extend(result.images)
+                shape = (vae.config.latent_channels, latent_side, latent_side)
+                latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+                with autocast():
+                    embeds = encode_prompts(text_encoder, components.tokenizer, [p for p, _ in chunk], clip_skip)
+                    negative = encode_prompts(
+                        text_encoder, components.tokenizer, [negative_prompt] * len(chunk), clip_skip
+                    )
+                    denoised = pipe(
+                        prompt_embeds=embeds.to(dtype),
+                        negative_prompt_embeds=negative.to(dtype),
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        height=resolution,
+                        width=resolution,
+                        latents=latents,
+                        generator=generators,
+                        output_type="latent",
+                        **extra,
+                    ).images
+                decoded = vae.decode(denoised.to(dtype) / vae.config.scaling_factor).sample
+                batch = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+                images.extend(batch)
+                if on_batch is not None:
+                    on_batch(batch)
         finally:
             vae.to(vae_device)
             text_encoder.to(text_device)
     return images
+
+
+def _sampling_scheduler(components: Any) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(components.noise_scheduler.config)

@@ -2,9 +2,10 @@
 
 No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations at run time.
 
-Registered on the WebUI's FastAPI app (``on_app_started``) and on the standalone app's.  When the server has
-credentials (the WebUI's ``--api-auth user:pass,user2:pass2``) every route asks for HTTP basic auth, as the WebUI's
-own API does.  A settings JSON that cannot be used answers 422 with every problem as a sentence.
+Registered on the WebUI's FastAPI app (``on_app_started``, only with ``--api``) and on the standalone app's.  When
+the server has credentials (the WebUI's ``--api-auth user:pass,user2:pass2``, the app's ``--auth``) every route asks
+for HTTP basic auth, as the WebUI's own API does.  A settings JSON that cannot be used answers 422 with every
+problem as a sentence.
 """
 
 import secrets
@@ -17,13 +18,20 @@ from ..settings import Settings, SettingsError
 PREFIX = "/dreambooth"
 
 
-def parse_credentials(api_auth: str | None) -> dict[str, str]:
-    """``user:pass,user2:pass2`` (the WebUI's ``--api-auth`` format) -> {user: password}."""
-    pairs = [item.split(":", 1) for item in (api_auth or "").split(",") if ":" in item]
+def parse_credentials(api_auth: str | None) -> dict[str, str] | None:
+    """``user:pass,user2:pass2`` (the WebUI's ``--api-auth`` format) -> {user: password}; None when not set.
+
+    A value without any ``user:pass`` pair gives {}: no one is let in (a typo must not open the routes).
+    """
+    if not (api_auth or "").strip():
+        return None
+    pairs = [item.split(":", 1) for item in api_auth.split(",") if ":" in item]
     return {user.strip(): password.strip() for user, password in pairs}
 
 
 def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None = None) -> None:
+    """Add the routes to the FastAPI ``app``; with ``credentials`` ({user: password}, even empty) each asks for
+    HTTP basic auth."""
     from fastapi import Body, Depends, HTTPException
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
@@ -31,7 +39,7 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
     basic = HTTPBasic(auto_error=False)
 
     def authorised(given: HTTPBasicCredentials | None = Depends(basic)) -> None:  # noqa: B008 (FastAPI idiom)
-        if not credentials:
+        if credentials is None:
             return
         if given is not None and given.username in credentials:
             expected = credentials[given.username].encode()
@@ -45,8 +53,10 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
         return runner.snapshot().to_dict()
 
     def start(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        notes: list[str] = []  # the guide's names that were translated or are ignored
         try:
-            settings = host.prepare(Settings.from_dict(payload))
+            entered = Settings.from_dict(payload, notes=notes)
+            settings = host.prepare(entered)
             job_id = runner.start(settings)
         except SettingsError as error:
             raise HTTPException(status_code=422, detail=error.problems) from error
@@ -54,8 +64,13 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
             raise HTTPException(status_code=409, detail=str(error)) from error
         except DreamBoothError as error:
             raise HTTPException(status_code=422, detail=[str(error)]) from error
-        host.remember_last_used(settings)
-        return {"job_id": job_id, "model_name": settings.model_name, "checkpoint_dir": settings.checkpoint_dir}
+        host.remember_last_used(entered)  # as sent: a run folder picked for an empty class folder stays per run
+        return {
+            "job_id": job_id,
+            "model_name": settings.model_name,
+            "checkpoint_dir": settings.checkpoint_dir,
+            "notes": notes,
+        }
 
     def cancel() -> dict[str, Any]:
         return {"cancelled": runner.cancel()}

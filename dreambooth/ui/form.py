@@ -13,44 +13,42 @@ from typing import Any
 
 from ..settings import Concept, Settings
 
-# Which panel shows which field; fields not listed go to Parameters under their schema group.
-MODEL_FIELDS = (
-    "pretrained_model_name_or_path",
-    "pretrained_vae_name_or_path",
-    "model_name",
-    "save_format",
-    "save_half",
-    "resume_from",
+# The first screen: what a first run needs, in compact rows (``concept_*`` are the concept editor's fields).  The tab
+# adds its controls to these rows: the model list's Refresh, the concept selector and "Check images", the
+# low-memory preset.
+FIRST_SCREEN_ROWS = (
+    ("pretrained_model_name_or_path", "model_name"),
+    ("concept_instance_data_dir", "concept_instance_prompt"),
+    ("concept_class_prompt", "with_prior_preservation", "num_class_images"),
+    ("max_train_steps", "learning_rate", "resolution", "train_batch_size"),
+    ("save_model_every_n_steps", "n_save_sample", "low_memory"),
 )
-DATASET_FIELDS = (
-    "resolution",
-    "center_crop",
-    "hflip",
-    "use_txt_as_label",
-    "use_filename_as_label",
-    "caption_template",
-    "use_aspect_ratio_bucket",
-    "aspect_buckets",
-    "bucket_min_side",
-    "bucket_max_side",
-    "debug_arb",
-    "augment_probability",
-    "augment_rotation",
-    "augment_brightness",
-    "augment_contrast",
-    "augment_random_crop",
-    "augment_variants",
-)
-PARAMETER_GROUPS = (
-    ("basics", "Basics"),
-    ("optimizer", "Learning rate and optimiser"),
+FIRST_SCREEN = frozenset(name for row in FIRST_SCREEN_ROWS for name in row)
+# Everything else sits in closed accordions, in this order: (section, title).  A field's section is its schema
+# group, except for the fields moved by SECTION_OF; a group not listed here (a new one) lands in "other".
+SECTIONS = (
+    ("concept", "This concept: class images, negative prompt, samples; more concepts"),
+    ("images", "Images and captions"),
+    ("dataset", "Aspect-ratio buckets and augmentation"),
+    ("basics", "Epochs, accumulation and seed"),
+    ("optimizer", "Learning rate schedule and optimiser"),
+    ("prior", "Prior preservation: class images"),
     ("memory", "Memory and speed"),
     ("text_encoder", "Text encoder"),
-    ("prior", "Prior preservation"),
-    ("saving", "Saving"),
-    ("samples", "Samples and tests"),
+    ("saving", "Saving and output format"),
+    ("samples", "Samples and test images"),
     ("logging", "Logging"),
+    ("model", "Separate VAE and resuming"),
+    ("other", "Other settings"),
 )
+SECTION_OF = {
+    "center_crop": "images",
+    "hflip": "images",
+    "use_txt_as_label": "images",
+    "use_filename_as_label": "images",
+    "caption_template": "images",
+}
+ROW_UNITS = 4  # a row holds four numbers / switches / choices, or two text fields
 LIST_FIELDS = ("concepts",)  # edited by the concept editor, not by one widget
 
 
@@ -60,7 +58,7 @@ class FieldSpec:
 
     name: str
     kind: str  # bool, int, float, choice, text
-    label: str
+    label: str  # for people: the schema's ``label``, else the field name
     help: str
     default: Any
     optional: bool  # None allowed (an empty number box)
@@ -71,6 +69,24 @@ class FieldSpec:
     @property
     def elem_id(self) -> str:
         return f"db_{self.name}"
+
+    @property
+    def key(self) -> str:
+        """The settings key (the guide's parameter name), without the concept editor's prefix."""
+        return self.name.removeprefix("concept_")
+
+    @property
+    def info(self) -> str:
+        """The widget's help line: the help text, then the key that config files and the CLI use (unless the label
+        is the key already)."""
+        if self.label == self.key:
+            return self.help
+        return f"{self.help} [{self.key}]" if self.help else f"[{self.key}]"
+
+    @property
+    def is_wide(self) -> bool:
+        """Free text (paths, prompts, names) needs twice the width of a number or a switch."""
+        return self.kind == "text"
 
 
 def _kind(annotation: Any, choices: Any) -> tuple[str, bool]:
@@ -91,7 +107,7 @@ def _spec(field: dataclasses.Field, prefix: str = "") -> FieldSpec:
     return FieldSpec(
         name=prefix + field.name,
         kind=kind,
-        label=field.name,
+        label=meta.get("label") or field.name,
         help=meta.get("help", ""),
         default=default,
         optional=optional,
@@ -115,13 +131,26 @@ def concept_specs() -> list[FieldSpec]:
     return [_spec(f, "concept_") for f in dataclasses.fields(Concept)]
 
 
-def panel_of(spec: FieldSpec) -> str:
-    """``model``, ``dataset`` or a parameter group."""
-    if spec.name in MODEL_FIELDS:
-        return "model"
-    if spec.name in DATASET_FIELDS:
-        return "dataset"
-    return {f.name: f for f in dataclasses.fields(Settings)}[spec.name].metadata["group"]
+def section_of(spec: FieldSpec) -> str:
+    """The accordion of a field that is not on the first screen (see :data:`SECTIONS`)."""
+    if spec.name.startswith("concept_"):
+        return "concept"
+    group = SECTION_OF.get(spec.name) or {f.name: f for f in dataclasses.fields(Settings)}[spec.name].metadata["group"]
+    return group if group in dict(SECTIONS) else "other"
+
+
+def rows(specs: list[FieldSpec]) -> list[list[FieldSpec]]:
+    """``specs`` in declaration order, packed into rows of :data:`ROW_UNITS` (a text field counts twice)."""
+    packed: list[list[FieldSpec]] = []
+    used = ROW_UNITS
+    for spec in specs:
+        units = 2 if spec.is_wide else 1
+        if used + units > ROW_UNITS:
+            packed.append([])
+            used = 0
+        packed[-1].append(spec)
+        used += units
+    return packed
 
 
 def _clean(spec: FieldSpec, value: Any) -> Any:

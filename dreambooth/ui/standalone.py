@@ -1,7 +1,9 @@
 """``python -m dreambooth ui``: the DreamBooth tab as its own Gradio app on 127.0.0.1 (no WebUI needed).
 
 The models folder is laid out like the WebUI's: base models in ``DIR/Stable-diffusion`` (trained checkpoints land
-there too), our runs and saved settings in ``DIR/dreambooth``.  The REST routes are served beside the page.
+there too), our runs and saved settings in ``DIR/dreambooth``.  The REST routes are served beside the page; with
+``auth`` ("user:pass", several separated by commas) the page asks for a login (gradio's) and the routes for HTTP
+basic auth with the same credentials.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..host import Host
+from ..host import Host, default_allowed_roots
 from ..runner import Runner
 
 STYLE = Path(__file__).resolve().parents[2] / "style.css"
@@ -21,12 +23,29 @@ def launch(
     port: int = 7870,
     allowed_roots: list[str] | None = None,
     block: bool = True,
+    write_roots: list[str] | None = None,
+    auth: str | None = None,
 ) -> tuple[Any, Any, Runner]:
-    """Start the app; returns (blocks, tab, runner).  ``block=False`` returns at once (tests, embedding)."""
-    from .api import register_routes
+    """Start the app; returns (blocks, tab, runner).  ``block=False`` returns at once (tests, embedding).
+
+    ``allowed_roots`` are added to the default read roots (home, the current folder, the models folder, or
+    ``$DREAMBOOTH_ALLOWED_ROOTS``); ``write_roots`` to the folders the app may write (the checkpoint folder and
+    ``DIR/dreambooth``, plus ``$DREAMBOOTH_WRITE_ROOTS``).
+    """
+    from ..errors import DreamBoothError
+    from ..host import default_write_roots
+    from .api import parse_credentials, register_routes
     from .tab import build_tab
 
-    host = Host(models_dir, allowed_roots=allowed_roots)
+    credentials = parse_credentials(auth)
+    if credentials is not None and not credentials:
+        raise DreamBoothError(f"--auth '{auth}': give user:password (several separated by commas)")
+    models = Path(models_dir).resolve()
+    host = Host(
+        models,
+        allowed_roots=[*default_allowed_roots(models, Path.cwd()), *(allowed_roots or [])],
+        write_roots=[*default_write_roots(), *(write_roots or [])],
+    )
     host.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(host)
     css = STYLE.read_text(encoding="utf-8") if STYLE.is_file() else None
@@ -39,8 +58,9 @@ def launch(
         show_api=False,
         inbrowser=False,
         quiet=True,
+        auth=list(credentials.items()) if credentials else None,
     )
-    register_routes(app, runner)
+    register_routes(app, runner, credentials=credentials)
     print(f"DreamBooth is at http://127.0.0.1:{port} (models: {host.models_dir})", flush=True)
     if block:
         blocks.block_thread()

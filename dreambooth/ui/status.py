@@ -50,6 +50,12 @@ def status_markdown(snapshot: JobSnapshot) -> str:
     return "  \n".join(lines)
 
 
+def existing_files(paths: tuple[str, ...] | list[str]) -> list[str]:
+    """The paths that are still files: a job's outputs may be deleted while the page shows them (a run folder
+    removed by hand), and a gallery given a missing file fails."""
+    return [path for path in paths if Path(path).is_file()]
+
+
 def loss_points(snapshot: JobSnapshot) -> list[tuple[int, float]]:
     """The loss curve, thinned to at most :data:`MAX_PLOT_POINTS` points (the last one always kept)."""
     losses = list(snapshot.losses)

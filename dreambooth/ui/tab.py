@@ -1,9 +1,13 @@
-"""The DreamBooth tab (gradio 3.41): Model, Concepts, Dataset, Parameters, Run.
+"""The DreamBooth tab (gradio 3.41): Setup, Run and Dataset tools.
 
 The tab edits a settings object and nothing else: one widget per settings field (``elem_id`` ``db_<field>``, built
 from the schema in :mod:`dreambooth.ui.form`), a concept editor over a list kept in the session, and buttons that
 hand a finished :class:`~dreambooth.settings.Settings` to the :class:`~dreambooth.runner.Runner`.  Progress is
 polled from the runner's snapshot once a second, so a reloaded page shows the running job again.
+
+Every handler takes its inputs as one ``{component: value}`` dict (inputs given as a set) and returns one: nothing
+is counted by position, so adding a widget cannot shift the others' values.  The layout is in
+:mod:`dreambooth.ui.layout`.
 """
 
 from __future__ import annotations
@@ -19,53 +23,20 @@ from ..errors import DreamBoothError
 from ..host import Host
 from ..runner import Runner, RunnerBusy
 from ..settings import Settings, SettingsError, concepts_from_list
-from .form import (
-    PARAMETER_GROUPS,
-    FieldSpec,
-    concept_specs,
-    empty_concept,
-    panel_of,
-    settings_from_values,
-    settings_specs,
-    values_from_settings,
-)
-from .status import dataset_markdown, loss_points, status_markdown
+from .form import concept_specs, empty_concept, settings_from_values, settings_specs, values_from_settings
+from .status import dataset_markdown, existing_files, loss_points, status_markdown
 
-POLL_MILLISECONDS = 1000
-POLL_JS = f"""() => {{
-    if (window.dreamboothPoll) return;
-    window.dreamboothPoll = setInterval(() => {{
-        const app = document.querySelector("gradio-app");
-        const root = (app && app.shadowRoot) || document;
-        const status = root.querySelector("#db_status");
-        const button = root.querySelector("#db_poll");
-        if (button && status && status.offsetParent !== null) button.click();
-    }}, {POLL_MILLISECONDS});
-}}"""
 MAX_THUMBNAILS = 24
 PRESET_FIELDS = ("low_memory", "train_batch_size", "cache_latents", "optimizer")
-
-
-def _widget(spec: FieldSpec, value: Any = None) -> Any:
-    value = spec.default if value is None else value
-    common = {"label": spec.label, "info": spec.help, "elem_id": spec.elem_id}
-    if spec.kind == "bool":
-        return gr.Checkbox(value=bool(value), **common)
-    if spec.kind == "choice":
-        return gr.Dropdown(choices=list(spec.choices or ()), value=value, **common)
-    if spec.kind in ("int", "float"):
-        return gr.Number(
-            value=value,
-            precision=0 if spec.kind == "int" else None,
-            minimum=spec.minimum,
-            maximum=spec.maximum,
-            **common,
-        )
-    return gr.Textbox(value=value, lines=1, **common)
+MODEL_FIELD = "pretrained_model_name_or_path"
 
 
 class Tab:
-    """Builds the tab and holds the event handlers (methods, so tests can call them without a browser)."""
+    """Builds the tab and holds the event handlers (methods, so tests can call them without a browser).
+
+    ``widgets`` maps settings fields, ``concept_widgets`` the concept editor's fields (``concept_<field>``) and
+    ``controls`` everything else (buttons, reports, the session's concept list) to their components.
+    """
 
     def __init__(self, host: Host, runner: Runner):
         self.host, self.runner = host, runner
@@ -73,20 +44,38 @@ class Tab:
         self.concept_fields = concept_specs()
         self.widgets: dict[str, Any] = {}
         self.concept_widgets: dict[str, Any] = {}
+        self.controls: dict[str, Any] = {}
+        self._descriptions: dict[tuple[str, int, int], str] = {}
 
-    # -------------------------------------------------------------------------------------- settings
+    # -------------------------------------------------------------------------------------- the form
 
     def _base(self) -> Settings:
         return Settings(output_dir=str(self.host.runs_dir))
 
-    def gather(self, args: tuple[Any, ...]) -> Settings:
-        """Settings from the event inputs: every settings widget, the concept list, the selected index, the editor."""
-        count = len(self.specs)
-        values = dict(zip((s.name for s in self.specs), args[:count]))
-        concepts, index = args[count], args[count + 1]
-        edited = dict(zip((s.name.removeprefix("concept_") for s in self.concept_fields), args[count + 2 :]))
-        concepts = self.store_concept(concepts, index, edited)
-        return settings_from_values(values, concepts, self._base())
+    def form(self) -> set[Any]:
+        """The inputs that make a settings object: every settings widget, the concept list, selector and editor."""
+        return {
+            *self.widgets.values(),
+            *self.concept_widgets.values(),
+            self.controls["concepts"],
+            self.controls["concept_index"],
+        }
+
+    def gather(self, data: dict[Any, Any]) -> Settings:
+        """Settings from the form's values (``{component: value}``, see :meth:`form`)."""
+        values = {name: data[widget] for name, widget in self.widgets.items() if widget in data}
+        if MODEL_FIELD in values:
+            values[MODEL_FIELD] = self.model_path(values[MODEL_FIELD])
+        return settings_from_values(values, self._concepts(data), self._base())
+
+    def _edited(self, data: dict[Any, Any]) -> dict[str, Any]:
+        """The concept editor's values, keyed by concept field."""
+        return {s.key: data[self.concept_widgets[s.name]] for s in self.concept_fields}
+
+    def _concepts(self, data: dict[Any, Any]) -> list[dict[str, Any]]:
+        """The session's concept list with the editor's values stored into the selected concept."""
+        concepts, index = data[self.controls["concepts"]], data[self.controls["concept_index"]]
+        return self.store_concept(concepts, index, self._edited(data))
 
     @staticmethod
     def store_concept(concepts: list[dict[str, Any]], index: Any, edited: dict[str, Any]) -> list[dict[str, Any]]:
@@ -96,176 +85,237 @@ class Tab:
             concepts[position].update(edited)
         return concepts
 
-    def widget_values(self, settings: Settings) -> list[Any]:
-        """Outputs that fill the form: every settings widget, the concept list, the selector, the editor."""
+    def widget_values(self, settings: Settings) -> dict[Any, Any]:
+        """What fills the form for ``settings``: every settings widget, the concept list, selector and editor."""
         values, concepts = values_from_settings(settings)
+        values[MODEL_FIELD] = self.model_title(values[MODEL_FIELD])
         concepts = concepts or [empty_concept()]
-        return [
-            *(values[s.name] for s in self.specs),
-            concepts,
-            gr.update(choices=self._concept_choices(concepts), value="1"),
-            *self._editor_values(concepts[0]),
-        ]
+        return {
+            **{self.widgets[name]: value for name, value in values.items() if name in self.widgets},
+            self.controls["concepts"]: concepts,
+            self.controls["concept_index"]: gr.update(choices=self._concept_choices(concepts), value="1"),
+            **self._editor_values(concepts[0]),
+        }
 
-    def _editor_values(self, concept: dict[str, Any]) -> list[Any]:
-        return [concept.get(s.name.removeprefix("concept_")) for s in self.concept_fields]
+    def _editor_values(self, concept: dict[str, Any]) -> dict[Any, Any]:
+        return {self.concept_widgets[s.name]: concept.get(s.key) for s in self.concept_fields}
 
     @staticmethod
     def _concept_choices(concepts: list[dict[str, Any]]) -> list[str]:
         return [str(i) for i in range(1, len(concepts) + 1)]
 
-    def initial(self) -> list[Any]:
-        """What the form shows when the page (re)loads: the last used settings, else the defaults."""
+    # -------------------------------------------------------------------------------------- base models
+
+    def _listed(self, path: str) -> Any:
+        """The checkpoint list's entry for the file ``path``, or None."""
+        for choice in self.host.list_checkpoints() if path else ():
+            if choice.path == path or Path(choice.path) == Path(path):
+                return choice
+        return None
+
+    def model_title(self, path: str) -> str:
+        """What the model list shows for ``path``: its checkpoint title (the WebUI's ``name [hash]``), else the
+        path itself (a diffusers folder, a file elsewhere)."""
+        listed = self._listed(path)
+        return listed.title if listed else path or ""
+
+    def model_path(self, value: str) -> str:
+        """The file behind a title of the model list; anything else is taken as a path typed by the user."""
+        for choice in self.host.list_checkpoints():
+            if value == choice.title:
+                return choice.path
+        return value or ""
+
+    def default_model(self) -> str | None:
+        """The model loaded for generation now, else the first checkpoint found (a path)."""
+        checkpoints = self.host.list_checkpoints()
+        return self.host.loaded_checkpoint() or (checkpoints[0].path if checkpoints else None)
+
+    def describe(self, path: str) -> str:
+        """The architecture line for a model path (cached per file version: a .ckpt has to be read whole)."""
+        if not path:
+            return "Choose a base model."
+        try:
+            stat = Path(path).stat()
+            key = (path, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = None
+        if key in self._descriptions:
+            return self._descriptions[key]
+        try:
+            from ..models.describe import describe_checkpoint
+
+            refused = self.host.paths.check_read(path, "pretrained_model_name_or_path")
+            if refused:
+                raise DreamBoothError(refused)
+            text = describe_checkpoint(path)
+        except (DreamBoothError, OSError) as error:
+            return f"**Cannot read this model:** {error}"
+        if key is not None:
+            self._descriptions = {key: text}  # one entry: the model on screen
+        return text
+
+    # -------------------------------------------------------------------------------------- handlers
+
+    def initial(self) -> dict[Any, Any]:
+        """What the form shows when the page (re)loads: the last used settings, else the defaults, and what the
+        base model is."""
         settings = self.host.last_used()
         message = "The settings of the last training are back." if settings else "Default settings."
         settings = settings or self._base()
         if not settings.pretrained_model_name_or_path:
             settings.pretrained_model_name_or_path = self.default_model() or ""
-        return [*self.widget_values(settings), message]
+        return {
+            **self.widget_values(settings),
+            self.controls["settings_message"]: message,
+            self.controls["architecture"]: self.describe(settings.pretrained_model_name_or_path),
+        }
 
-    def default_model(self) -> str | None:
-        """The model loaded for generation now, else the first checkpoint found."""
-        checkpoints = self.host.list_checkpoints()
-        return self.host.loaded_checkpoint() or (checkpoints[0].path if checkpoints else None)
-
-    # -------------------------------------------------------------------------------------- handlers
-
-    def train(self, *args: Any) -> str:
+    def train(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        message = self.controls["message"]
         try:
-            settings = self.host.prepare(self.gather(args))
-            self.host.remember_last_used(settings)
+            entered = self.gather(data)
+            settings = self.host.prepare(entered)
+            # What comes back is what was entered: the run folder prepare() picks for an empty class folder would
+            # otherwise be every later run's class folder (another subject's class images).
+            self.host.remember_last_used(entered)
             self.runner.start(settings)
         except SettingsError as error:
-            return "**Cannot start:**\n" + "\n".join(f"- {p}" for p in error.problems)
+            return {message: "**Cannot start:**\n" + "\n".join(f"- {p}" for p in error.problems)}
         except (RunnerBusy, DreamBoothError, ValueError) as error:
-            return f"**Cannot start:** {error}"
-        return f"Started **{settings.model_name}**; checkpoints go to `{settings.checkpoint_dir}`."
+            return {message: f"**Cannot start:** {error}"}
+        return {message: f"Started **{settings.model_name}**; checkpoints go to `{settings.checkpoint_dir}`."}
 
-    def command(self, what: str) -> str:
+    def command(self, what: str) -> dict[Any, Any]:
         done = {"cancel": self.runner.cancel, "save": self.runner.save_now, "sample": self.runner.sample_now}[what]()
-        if not done:
-            return "No training is running."
-        return {
+        text = {
             "cancel": "Cancel requested: the job stops after this step and saves a resumable state.",
             "save": "A checkpoint will be saved after this step.",
             "sample": "Samples will be made after this step.",
         }[what]
+        return {self.controls["message"]: text if done else "No training is running."}
 
-    def save_settings(self, *args: Any) -> tuple[str, Any]:
+    def save_settings(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        message = self.controls["settings_message"]
         try:
-            path = self.host.save_settings(self.host.prepare(self.gather(args)))
+            path = self.host.save_settings(self.gather(data))  # as entered, like the last Train's (see train)
         except (SettingsError, ValueError) as error:
-            return f"**Not saved:** {error}", gr.update()
-        return f"Saved `{path}`.", gr.update(choices=self.host.saved_settings())
+            return {message: f"**Not saved:** {error}"}
+        return {message: f"Saved `{path}`.", self.controls["saved"]: gr.update(choices=self.host.saved_settings())}
 
-    def load_settings(self, name: str) -> list[Any]:
-        unchanged = [gr.update()] * (len(self.specs) + 3 + len(self.concept_fields))  # the form as it is
+    def load_settings(self, name: str) -> dict[Any, Any]:
+        message = self.controls["settings_message"]
         if not name:
-            return [*unchanged, "Choose saved settings."]
+            return {message: "Choose saved settings."}
         try:
             settings = self.host.load_settings(name)
         except (OSError, DreamBoothError) as error:
-            return [*unchanged, f"**Not loaded:** {error}"]
-        return [*self.widget_values(settings), f"Loaded '{name}'."]
+            return {message: f"**Not loaded:** {error}"}  # the form stays as it is
+        return {
+            **self.widget_values(settings),
+            message: f"Loaded '{name}'.",
+            self.controls["architecture"]: self.describe(settings.pretrained_model_name_or_path),
+        }
 
-    def describe_model(self, path: str) -> str:
-        if not path:
-            return "Choose a base model."
-        try:
-            from ..models.describe import describe_checkpoint
+    def describe_model(self, value: str) -> dict[Any, Any]:
+        return {self.controls["architecture"]: self.describe(self.model_path(value))}
 
-            return describe_checkpoint(path)
-        except (DreamBoothError, OSError) as error:
-            return f"**Cannot read this model:** {error}"
-
-    def refresh_models(self, current: str, resume: str) -> tuple[Any, Any]:
+    def refresh_models(self, data: dict[Any, Any]) -> dict[Any, Any]:
         """Re-read the checkpoint list and the resumable training states."""
         self.host.refresh_checkpoints()
-        return (
-            gr.update(choices=[c.path for c in self.host.list_checkpoints()], value=current),
-            gr.update(choices=["", *self.host.saved_states()], value=resume),
-        )
+        model, resume = self.widgets[MODEL_FIELD], self.widgets["resume_from"]
+        return {
+            model: gr.update(choices=[c.title for c in self.host.list_checkpoints()], value=data[model]),
+            resume: gr.update(choices=["", *self.host.saved_states()], value=data[resume]),
+        }
 
     # concept editor
-    def select_concept(self, concepts: list[dict[str, Any]], index: str) -> list[Any]:
-        concepts = concepts or [empty_concept()]
-        position = min(max(int(index or 1), 1), len(concepts)) - 1
+    def select_concept(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        concepts = data[self.controls["concepts"]] or [empty_concept()]
+        position = min(max(int(data[self.controls["concept_index"]] or 1), 1), len(concepts)) - 1
         return self._editor_values(concepts[position])
 
-    def add_concept(self, concepts: list[dict[str, Any]], index: str, *edited: Any) -> list[Any]:
-        concepts = self.store_concept(concepts, index, self._edited(edited))
-        concepts.append(empty_concept())
+    def add_concept(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        concepts = [*self._concepts(data), empty_concept()]
         choices = self._concept_choices(concepts)
-        return [concepts, gr.update(choices=choices, value=choices[-1]), *self._editor_values(concepts[-1])]
+        return {
+            self.controls["concepts"]: concepts,
+            self.controls["concept_index"]: gr.update(choices=choices, value=choices[-1]),
+            **self._editor_values(concepts[-1]),
+        }
 
-    def remove_concept(self, concepts: list[dict[str, Any]], index: str) -> list[Any]:
-        concepts = [dict(c) for c in (concepts or [])]
-        position = int(index or 1) - 1
+    def remove_concept(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        concepts = [dict(c) for c in (data[self.controls["concepts"]] or [])]
+        position = int(data[self.controls["concept_index"]] or 1) - 1
         if 0 <= position < len(concepts):
             del concepts[position]
         concepts = concepts or [empty_concept()]
-        choices = self._concept_choices(concepts)
-        return [concepts, gr.update(choices=choices, value="1"), *self._editor_values(concepts[0])]
+        return {
+            self.controls["concepts"]: concepts,
+            self.controls["concept_index"]: gr.update(choices=self._concept_choices(concepts), value="1"),
+            **self._editor_values(concepts[0]),
+        }
 
-    def _edited(self, edited: tuple[Any, ...]) -> dict[str, Any]:
-        return dict(zip((s.name.removeprefix("concept_") for s in self.concept_fields), edited))
+    def edit_concept(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        return {self.controls["concepts"]: self._concepts(data)}
 
-    def edit_concept(self, concepts: list[dict[str, Any]], index: str, *edited: Any) -> list[dict[str, Any]]:
-        return self.store_concept(concepts, index, self._edited(edited))
-
-    def import_concepts(self, path: str) -> list[Any]:
+    def import_concepts(self, path: str) -> dict[Any, Any]:
+        message = self.controls["concepts_message"]
         try:
+            refused = self.host.paths.check_read(path, "concepts_list.json") if path else ""
+            if refused:
+                raise DreamBoothError(refused)
             if not path or not Path(path).is_file():
                 raise DreamBoothError(f"'{path}': no such concepts_list.json file")
             concepts = [dataclasses.asdict(c) for c in concepts_from_list(path)]
         except (DreamBoothError, OSError, ValueError) as error:
-            return [gr.update(), gr.update(), *[gr.update()] * len(self.concept_fields), f"**Not imported:** {error}"]
-        choices = self._concept_choices(concepts)
-        message = f"Imported {len(concepts)} concept(s) from `{path}`."
-        return [concepts, gr.update(choices=choices, value="1"), *self._editor_values(concepts[0]), message]
+            return {message: f"**Not imported:** {error}"}
+        return {
+            self.controls["concepts"]: concepts,
+            self.controls["concept_index"]: gr.update(choices=self._concept_choices(concepts), value="1"),
+            **self._editor_values(concepts[0]),
+            message: f"Imported {len(concepts)} concept(s) from `{path}`.",
+        }
 
-    def export_concepts(self, concepts: list[dict[str, Any]], index: str, *edited: Any) -> tuple[Any, str]:
-        concepts = self.store_concept(concepts, index, self._edited(edited))
+    def export_concepts(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        concepts = self._concepts(data)
         path = self.host.data_dir / "concepts_list.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         from ..models.files import atomic_path
 
         with atomic_path(path) as temp:
             temp.write_text(json.dumps(concepts, indent=2), encoding="utf-8")
-        return str(path), f"Exported {len(concepts)} concept(s) to `{path}`."
+        return {
+            self.controls["concepts_file"]: str(path),
+            self.controls["concepts_message"]: f"Exported {len(concepts)} concept(s) to `{path}`.",
+        }
 
-    def token_preview(self, instance_prompt: str, class_prompt: str) -> str:
+    def token_preview(self, data: dict[Any, Any]) -> dict[Any, Any]:
         from ..tokens import identifier_report
 
-        return identifier_report(instance_prompt or "", class_prompt or "")
+        instance = data[self.concept_widgets["concept_instance_prompt"]] or ""
+        klass = data[self.concept_widgets["concept_class_prompt"]] or ""
+        return {self.controls["token_preview"]: identifier_report(instance, klass)}
 
-    def check_dataset(
-        self,
-        concepts: list[dict[str, Any]],
-        index: str,
-        resolution: Any,
-        use_buckets: bool,
-        bucket_list: str,
-        min_side: Any,
-        max_side: Any,
-        *edited: Any,
-    ) -> tuple:
+    def check_dataset(self, data: dict[Any, Any]) -> dict[Any, Any]:
         """Per concept: image count and unusable files; thumbnails of the selected concept; with aspect-ratio
         buckets on, how many images go to each bucket."""
         from ..data.buckets import oriented_size
         from ..data.images import check_images, list_images
-        from ..host import is_within
 
-        concepts = self.store_concept(concepts, index, self._edited(edited))
-        roots = [*self.host.allowed_roots, self.host.data_dir, self.host.checkpoint_dir.resolve()]
+        concepts = self._concepts(data)
+        index = data[self.controls["concept_index"]]
+        resolution = data[self.widgets["resolution"]]
+        policy = self.host.paths
         reports, thumbnails, usable = [], [], []
         minimum = int(resolution or 0)
         for number, concept in enumerate(concepts, start=1):
             folder = concept.get("instance_data_dir") or ""
             if not folder:
                 continue
-            if not is_within(folder, roots):
-                reports.append((number, folder, 0, [(Path(folder), "outside the folders this server allows")]))
+            refused = policy.check_read(folder, "instance_data_dir")
+            if refused:
+                reports.append((number, folder, 0, [(Path(folder), refused)]))
                 continue
             try:
                 paths = list_images(folder)
@@ -283,9 +333,13 @@ class Tab:
             if number == int(index or 1):
                 thumbnails = [str(p) for p in paths if p not in bad][:MAX_THUMBNAILS]
         text = dataset_markdown(reports)
-        if use_buckets and usable:
-            text += "\n\n" + self._bucket_table(usable, resolution, bucket_list, min_side, max_side)
-        return text, thumbnails
+        if data[self.widgets["use_aspect_ratio_bucket"]] and usable:
+            sides = [data[self.widgets[n]] for n in ("aspect_buckets", "bucket_min_side", "bucket_max_side")]
+            text += "\n\n" + self._bucket_table(usable, resolution, *sides)
+        return {
+            self.controls["dataset_report"]: text,
+            self.controls["thumbnails"]: gr.update(value=thumbnails, visible=bool(thumbnails)),
+        }
 
     @staticmethod
     def _bucket_table(paths: list[Path], resolution: Any, bucket_list: str, min_side: Any, max_side: Any) -> str:
@@ -302,22 +356,30 @@ class Tab:
         rows = "\n".join(f"| {bucket} | {count} |" for bucket, count in counts.items())
         return f"| bucket | images |\n|---|---|\n{rows}"
 
-    @staticmethod
-    def low_memory_preset() -> list[Any]:
-        """Values for :data:`PRESET_FIELDS`: the switch, batch 1, cached latents, 8-bit Adam when installed."""
+    def low_memory_preset(self) -> dict[Any, Any]:
+        """The switch, batch 1, cached latents, and 8-bit Adam when bitsandbytes is installed."""
         import importlib.util
 
-        has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-        return [True, 1, True, "adamw_8bit" if has_bnb else gr.update()]
+        values = {"low_memory": True, "train_batch_size": 1, "cache_latents": True}
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            values["optimizer"] = "adamw_8bit"
+        return {self.widgets[name]: value for name, value in values.items()}
 
-    def use_checkpoint(self, path: str) -> str:
+    def use_checkpoint(self, path: str) -> dict[Any, Any]:
+        """Switch txt2img to ``path``.  On success the checkpoint's title goes to ``switched``, from where the
+        page's script brings the WebUI's own checkpoint dropdown up to date (:data:`layout.SYNC_CHECKPOINT_JS`)."""
+        message, switched = self.controls["message"], self.controls["switched"]
         if not path:
-            return "No checkpoint yet."
-        done, message = self.host.use_checkpoint(path)
-        return message if done else f"**Not switched:** {message}"
+            return {message: "No checkpoint yet.", switched: ""}
+        done, text = self.host.use_checkpoint(path)
+        if not done:
+            return {message: f"**Not switched:** {text}", switched: ""}
+        listed = self._listed(path)
+        return {message: text, switched: listed.title if listed else ""}
 
-    def poll(self, seen: dict[str, Any]) -> list[Any]:
-        """Progress for the Run panel; outputs that did not change are left alone (no gallery flicker)."""
+    def poll(self, seen: dict[str, Any]) -> dict[Any, Any]:
+        """Progress for the Run panel; outputs that did not change are left out (no gallery flicker).  Files
+        that vanished since the job wrote them (a run folder deleted by hand) are left out too."""
         import pandas as pd
 
         snapshot = self.runner.snapshot()
@@ -329,198 +391,26 @@ class Tab:
             "checkpoints": (job, len(snapshot.checkpoints)),
         }
         changed = {name: (seen or {}).get(name) != value for name, value in now.items()}
-        last = snapshot.checkpoints[-1] if snapshot.checkpoints else None
-        outputs: list[Any] = [
-            status_markdown(snapshot),
-            gr.update(value=pd.DataFrame(loss_points(snapshot) or [(0, 0.0)], columns=["step", "loss"]))
-            if changed["losses"]
-            else gr.update(),
-            gr.update(value=list(reversed(snapshot.samples))) if changed["samples"] else gr.update(),
-            "\n".join(snapshot.log) if changed["log"] else gr.update(),
-            gr.update(choices=list(snapshot.checkpoints), value=last) if changed["checkpoints"] else gr.update(),
-        ]
-        seen = now
-        return [seen, *outputs]
+        c = self.controls
+        outputs: dict[Any, Any] = {c["seen"]: now, c["status"]: status_markdown(snapshot)}
+        if changed["losses"]:
+            points = loss_points(snapshot) or [(0, 0.0)]
+            outputs[c["plot"]] = gr.update(value=pd.DataFrame(points, columns=["step", "loss"]))
+        if changed["samples"]:
+            outputs[c["samples"]] = gr.update(value=list(reversed(existing_files(snapshot.samples))))
+        if changed["log"]:
+            outputs[c["log"]] = "\n".join(snapshot.log)
+        if changed["checkpoints"]:
+            checkpoints = existing_files(snapshot.checkpoints)
+            outputs[c["checkpoints"]] = gr.update(choices=checkpoints, value=checkpoints[-1] if checkpoints else None)
+        return outputs
 
     # -------------------------------------------------------------------------------------- layout
 
     def build(self, css: str | None = None) -> gr.Blocks:
-        with gr.Blocks(analytics_enabled=False, elem_id="dreambooth_tab", css=css, title="DreamBooth") as blocks:
-            notes = self.host.environment_notes()
-            if notes:
-                gr.Markdown("\n".join(f"- {n}" for n in notes), elem_id="db_environment")
-            by_panel: dict[str, list[FieldSpec]] = {}
-            for spec in self.specs:
-                by_panel.setdefault(panel_of(spec), []).append(spec)
-            concepts_state = gr.State([empty_concept()])
+        from .layout import build_layout
 
-            with gr.Tab("Model", elem_id="db_panel_model"):
-                self._model_panel(by_panel["model"])
-            with gr.Tab("Concepts", elem_id="db_panel_concepts"):
-                concept_index = self._concepts_panel(concepts_state)
-            with gr.Tab("Dataset", elem_id="db_panel_dataset"):
-                for spec in by_panel["dataset"]:
-                    self.widgets[spec.name] = _widget(spec)
-                check = gr.Button("Check images", elem_id="db_check_dataset")
-                dataset_report = gr.Markdown(elem_id="db_dataset_report")
-                thumbnails = gr.Gallery(label="Images of the selected concept", columns=6, elem_id="db_thumbnails")
-            with gr.Tab("Dataset tools", elem_id="db_panel_tools"):
-                from .tools import DatasetTools
-
-                DatasetTools(self.host).build()
-            with gr.Tab("Parameters", elem_id="db_panel_parameters"):
-                preset = gr.Button("Low-memory preset", elem_id="db_low_memory_preset")
-                for group, title in PARAMETER_GROUPS:
-                    specs = by_panel.get(group, [])
-                    if not specs:
-                        continue
-                    with gr.Accordion(title, open=group == "basics", elem_id=f"db_group_{group}"):
-                        for spec in specs:
-                            self.widgets[spec.name] = _widget(spec)
-            with gr.Tab("Run", elem_id="db_panel_run"):
-                run = self._run_panel()
-
-            # ---- wiring
-            editor = [self.concept_widgets[s.name] for s in self.concept_fields]
-            form = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
-            fill = [*(self.widgets[s.name] for s in self.specs), concepts_state, concept_index, *editor]
-            blocks.load(self.initial, None, [*fill, self.model_controls["settings_message"]])
-            bucket_inputs = [
-                self.widgets[name]
-                for name in (
-                    "resolution",
-                    "use_aspect_ratio_bucket",
-                    "aspect_buckets",
-                    "bucket_min_side",
-                    "bucket_max_side",
-                )
-            ]
-            check.click(
-                self.check_dataset,
-                [concepts_state, concept_index, *bucket_inputs, *editor],
-                [dataset_report, thumbnails],
-            )
-            preset.click(self.low_memory_preset, None, [self.widgets[n] for n in PRESET_FIELDS])
-            run["train"].click(self.train, form, run["message"])
-            for what in ("cancel", "save", "sample"):
-                run[what].click(lambda w=what: self.command(w), None, run["message"])
-            run["use"].click(self.use_checkpoint, run["checkpoints"], run["message"])
-            self.model_controls["save"].click(
-                self.save_settings, form, [self.model_controls["settings_message"], self.model_controls["saved"]]
-            )
-            self.model_controls["load"].click(
-                self.load_settings, self.model_controls["saved"], [*fill, self.model_controls["settings_message"]]
-            )
-            # Progress: a browser timer clicks a hidden button while the Run panel is visible.  Not gradio's
-            # `every=`: a server-side loop that makes the WebUI's "Reload UI" wait forever in Blocks.close().
-            seen = gr.State({})
-            outputs = [seen, run["status"], run["plot"], run["samples"], run["log"], run["checkpoints"]]
-            run["poll"].click(self.poll, seen, outputs, show_progress="hidden", queue=False)
-            blocks.load(self.poll, seen, outputs, queue=False)
-            blocks.load(None, None, None, _js=POLL_JS)
-        return blocks
-
-    def _model_panel(self, specs: list[FieldSpec]) -> None:
-        checkpoints = [c.path for c in self.host.list_checkpoints()]
-        controls: dict[str, Any] = {}
-        with gr.Row():
-            spec = next(s for s in specs if s.name == "pretrained_model_name_or_path")
-            model = gr.Dropdown(
-                choices=checkpoints,
-                value=self.default_model(),
-                allow_custom_value=True,
-                label=spec.label,
-                info=spec.help,
-                elem_id=spec.elem_id,
-                scale=4,
-            )
-            self.widgets[spec.name] = model
-            refresh = gr.Button("Refresh", elem_id="db_refresh_models", scale=1)
-        architecture = gr.Markdown(elem_id="db_architecture")
-        for spec in specs:
-            if spec.name == "resume_from":
-                self.widgets[spec.name] = gr.Dropdown(
-                    choices=["", *self.host.saved_states()],
-                    value="",
-                    allow_custom_value=True,
-                    label=spec.label,
-                    info=spec.help,
-                    elem_id=spec.elem_id,
-                )
-            elif spec.name != "pretrained_model_name_or_path":
-                self.widgets[spec.name] = _widget(spec)
-        gr.Markdown(
-            f"Checkpoints are written to `{self.host.checkpoint_dir}`; samples, logs and the training state to "
-            f"`{self.host.runs_dir}/NAME`.",
-            elem_id="db_output_note",
-        )
-        with gr.Row():
-            controls["saved"] = gr.Dropdown(
-                choices=self.host.saved_settings(), label="Saved settings", elem_id="db_saved_settings", scale=3
-            )
-            controls["load"] = gr.Button("Load settings", elem_id="db_load_settings", scale=1)
-            controls["save"] = gr.Button("Save settings", elem_id="db_save_settings", scale=1)
-        controls["settings_message"] = gr.Markdown(elem_id="db_settings_message")
-        resume = self.widgets["resume_from"]
-        refresh.click(self.refresh_models, [model, resume], [model, resume])
-        model.change(self.describe_model, model, architecture)
-        self.model_controls = controls
-
-    def _concepts_panel(self, concepts_state: Any) -> Any:
-        with gr.Row():
-            index = gr.Dropdown(choices=["1"], value="1", label="Concept", elem_id="db_concept_index", scale=2)
-            add = gr.Button("Add concept", elem_id="db_add_concept", scale=1)
-            remove = gr.Button("Remove concept", elem_id="db_remove_concept", scale=1)
-        for spec in self.concept_fields:
-            self.concept_widgets[spec.name] = _widget(spec)
-            if spec.name == "concept_instance_prompt":
-                preview = gr.Markdown(elem_id="db_token_preview")
-        with gr.Row():
-            path = gr.Textbox(label="concepts_list.json to import", elem_id="db_concepts_import_path", scale=4)
-            do_import = gr.Button("Import", elem_id="db_import_concepts", scale=1)
-            do_export = gr.Button("Export", elem_id="db_export_concepts", scale=1)
-        exported = gr.File(label="Exported concepts_list.json", interactive=False, elem_id="db_concepts_file")
-        message = gr.Markdown(elem_id="db_concepts_message")
-
-        editor = [self.concept_widgets[s.name] for s in self.concept_fields]
-        index.select(self.select_concept, [concepts_state, index], editor)
-        add.click(self.add_concept, [concepts_state, index, *editor], [concepts_state, index, *editor])
-        remove.click(self.remove_concept, [concepts_state, index], [concepts_state, index, *editor])
-        for widget in editor:
-            widget.change(self.edit_concept, [concepts_state, index, *editor], concepts_state)
-        prompts = [self.concept_widgets["concept_instance_prompt"], self.concept_widgets["concept_class_prompt"]]
-        for widget in prompts:
-            widget.change(self.token_preview, prompts, preview)
-        do_import.click(self.import_concepts, path, [concepts_state, index, *editor, message])
-        do_export.click(self.export_concepts, [concepts_state, index, *editor], [exported, message])
-        return index
-
-    def _run_panel(self) -> dict[str, Any]:
-        run: dict[str, Any] = {}
-        with gr.Row():
-            run["train"] = gr.Button("Train", variant="primary", elem_id="db_train")
-            run["cancel"] = gr.Button("Cancel", elem_id="db_cancel")
-            run["save"] = gr.Button("Save now", elem_id="db_save_now")
-            run["sample"] = gr.Button("Sample now", elem_id="db_sample_now")
-        run["message"] = gr.Markdown(elem_id="db_message")
-        run["status"] = gr.Markdown(elem_id="db_status")
-        with gr.Row():
-            run["plot"] = gr.LinePlot(x="step", y="loss", title="Loss", elem_id="db_loss_plot", width=420, height=240)
-            run["samples"] = gr.Gallery(label="Samples", columns=4, elem_id="db_samples")
-        with gr.Row():
-            run["checkpoints"] = gr.Dropdown(label="Checkpoints of this job", elem_id="db_checkpoints", scale=4)
-            run["use"] = gr.Button("Use in txt2img", elem_id="db_use_checkpoint", scale=1)
-        run["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="db_log")
-        run["poll"] = gr.Button("Refresh progress", elem_id="db_poll")  # hidden by style.css, clicked by POLL_JS
-        with gr.Accordion("Several GPUs", open=False):
-            gr.Markdown(
-                "Training in the tab uses one device. To use several GPUs, save these settings (Model panel: "
-                "Save settings), then run from the extension's folder, with N the number of GPUs:  \n"
-                f"`python -m dreambooth train --config {self.host.settings_dir}/NAME.json --num-processes N`  \n"
-                "(or `accelerate launch --multi_gpu --num_processes N -m dreambooth train --config ...`).",
-                elem_id="db_several_gpus",
-            )
-        return run
+        return build_layout(self, css)
 
 
 def build_tab(host: Host, runner: Runner, css: str | None = None) -> tuple[gr.Blocks, Tab]:

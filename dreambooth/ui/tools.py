@@ -1,35 +1,50 @@
 """The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, and a caption editor.
 
-Each tool works on folders under the allowed roots only (the page may be reachable from other machines) and never
-changes an original image: prepare writes a new folder, captioning and the editor write ``IMAGE.txt`` files.
+Each tool asks the host's path policy (the page may be reachable from other machines): what it reads lies under the
+read roots, what it writes under the write roots.  It never changes an original image: prepare writes a new folder
+(a write), captioning and the editor write ``IMAGE.txt`` files beside the images (writes into that folder).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from ..errors import DreamBoothError
-from ..host import LOCAL_BLIP, Host, is_within
+from ..host import LOCAL_BLIP, Host
 
 MAX_EDITOR_ROWS = 500
 CROPS = ["center", "entropy", "focal"]
+
+
+def _hub_id(text: str) -> bool:
+    """``org/name`` (looked up in the local Hugging Face cache, not a path the policy checks)."""
+    return re.fullmatch(r"[A-Za-z0-9_-][\w.-]*/[A-Za-z0-9_-][\w.-]*", text) is not None
 
 
 class DatasetTools:
     def __init__(self, host: Host):
         self.host = host
 
-    def _check(self, *folders: str) -> str:
-        """'' when every folder is allowed, else the sentence saying which is not."""
-        roots = [*self.host.allowed_roots, self.host.data_dir]
-        for folder in folders:
-            if not folder:
-                return "Give a folder."
-            if not is_within(folder, roots):
-                return f"'{folder}' is outside the folders this server allows ({', '.join(map(str, roots))})."
+    def _check(self, read: dict[str, str] | None = None, write: dict[str, str] | None = None) -> str:
+        """'' when the server may read each of ``read`` and write each of ``write`` ({label: path}), else the
+        sentence saying which it may not."""
+        policy = self.host.paths
+        for label, path in (read or {}).items():
+            if not path:
+                return f"{label}: give a folder."
+            problem = policy.check_read(path, label)
+            if problem:
+                return problem
+        for label, path in (write or {}).items():
+            if not path:
+                return f"{label}: give a folder."
+            problem = policy.check_write(path, label)
+            if problem:
+                return problem
         return ""
 
     # ------------------------------------------------------------------------------------------ prepare
@@ -47,7 +62,10 @@ class DatasetTools:
     ) -> str:
         from ..data.prepare import load_focal_points, parse_colour, prepare_folder
 
-        refused = self._check(src, dst, *([focal_file] if focal_file else []))
+        refused = self._check(
+            read={"Source folder": src, **({"Focal points": focal_file} if focal_file else {})},
+            write={"New folder": dst},
+        )
         if refused:
             return f"**Not prepared:** {refused}"
         try:
@@ -68,7 +86,8 @@ class DatasetTools:
     # ------------------------------------------------------------------------------------------ captioning
 
     def caption(self, folder: str, source: str, model: str, prefix: str, suffix: str, overwrite: bool, dedupe: bool):
-        refused = self._check(folder) or (self._check(model) if source == LOCAL_BLIP and model else "")
+        local_model = {"BLIP model folder": model} if source == LOCAL_BLIP and model and not _hub_id(model) else {}
+        refused = self._check(read=local_model, write={"Image folder (captions are written there)": folder})
         if refused:
             return f"**Not captioned:** {refused}"
         try:
@@ -84,7 +103,7 @@ class DatasetTools:
     def load_captions(self, folder: str) -> tuple[Any, Any, str]:
         from ..data.captions import folder_captions
 
-        refused = self._check(folder)
+        refused = self._check(read={"Image folder": folder})
         if refused:
             return gr.update(), gr.update(), f"**Not loaded:** {refused}"
         try:
@@ -112,7 +131,7 @@ class DatasetTools:
     def save(self, folder: str, table: Any) -> str:
         from ..data.captions import save_captions
 
-        refused = self._check(folder)
+        refused = self._check(write={"Image folder (captions are written there)": folder})
         if refused:
             return f"**Not saved:** {refused}"
         root = Path(folder).resolve()

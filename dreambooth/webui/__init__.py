@@ -1,7 +1,8 @@
 """The WebUI glue: the only place (with ``scripts/``) that imports the WebUI's ``modules``.
 
 :func:`register` is called by the thin script in ``scripts/``: it registers the DreamBooth tab (``on_ui_tabs``) and
-the REST routes (``on_app_started``, behind ``--api-auth`` when set).  One runner per WebUI process.
+the REST routes (``on_app_started``): only when the WebUI serves its API (``--api``, as its own routes), and behind
+HTTP basic auth with the ``--api-auth`` credentials when set.  One runner per WebUI process.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ def on_ui_tabs() -> list[tuple[Any, str, str]]:
 
 
 def on_app_started(demo: Any, app: Any) -> None:
+    """The REST routes, like the WebUI's own API: none without ``--api``; ``--api-auth`` credentials when set."""
     from modules import shared
 
     from ..ui.api import parse_credentials, register_routes
+    from .host import api_enabled
 
+    if not api_enabled(shared.cmd_opts):
+        return
     register_routes(app, runner(), credentials=parse_credentials(getattr(shared.cmd_opts, "api_auth", None)))
 
 

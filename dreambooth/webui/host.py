@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..host import CheckpointChoice, Host, default_allowed_roots
+from ..paths import READ_HINT, WRITE_HINT
 from ..settings import Settings
 
 JOB_NAME = "dreambooth"
@@ -40,8 +41,26 @@ def _same_file(a: str | None, b: str | None) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def listens_beyond_this_machine(cmd_opts: Any) -> str:
+    """The WebUI flag that makes it reachable from other machines ('' when it serves 127.0.0.1 only)."""
+    for flag in ("listen", "share", "ngrok"):
+        if getattr(cmd_opts, flag, None):
+            return f"--{flag}"
+    server_name = getattr(cmd_opts, "server_name", None)
+    if server_name and server_name not in ("127.0.0.1", "localhost", "::1"):
+        return f"--server-name {server_name}"
+    return ""
+
+
+def api_enabled(cmd_opts: Any) -> bool:
+    """Whether the WebUI serves its API (``--api``; ``--nowebui`` serves the API alone)."""
+    return bool(getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False))
+
+
 class WebuiHost(Host):
     kind = "webui"
+    read_hint = READ_HINT
+    write_hint = WRITE_HINT
 
     def __init__(self, data_dir: str | Path, runner_busy: Callable[[], bool] | None = None):
         _, _, paths, _, _ = _modules()
@@ -52,6 +71,27 @@ class WebuiHost(Host):
             allowed_roots=default_allowed_roots(webui_dir),
         )
         self.runner_busy = runner_busy or (lambda: False)
+
+    def security_notes(self) -> list[str]:
+        """A warning line when other machines can reach the tab or the REST routes without a password."""
+        _, _, _, _, shared = _modules()
+        opts = shared.cmd_opts
+        flag = listens_beyond_this_machine(opts)
+        if not flag:
+            return []
+        notes = []
+        if api_enabled(opts) and not getattr(opts, "api_auth", None):
+            notes.append(
+                f"**Warning: the DreamBooth REST routes have no password** (`--api` without `--api-auth`, and "
+                f"`{flag}` makes them reachable from other machines): anyone who reaches this server can start "
+                "training jobs. Start the WebUI with `--api-auth user:password`."
+            )
+        if not (getattr(opts, "gradio_auth", None) or getattr(opts, "gradio_auth_path", None)):
+            notes.append(
+                f"**Warning: this page has no password** (`{flag}` without `--gradio-auth`): anyone who reaches "
+                "this server can use this tab. Start the WebUI with `--gradio-auth user:password`."
+            )
+        return notes
 
     # ------------------------------------------------------------------------------------------ models
 
