@@ -72,7 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    run_demo(Path(args.out), steps=args.steps, vae_steps=args.vae_steps)
     return 0
 
 
@@ -331,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the built-in demo on a tiny model (CPU, offline)")
     demo.add_argument("--out", default="demo-output", help="folder for the demo's files (default: demo-output)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    demo.add_argument(
+        "--vae-steps",
+        type=int,
+        default=400,
+        help="steps teaching the tiny VAE to reconstruct (default: 400)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="train from a settings JSON file")

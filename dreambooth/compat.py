@@ -5,6 +5,8 @@ Tested in both environments: transformers 4.30.2 / diffusers 0.31 (the WebUI's w
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 TEXT_PREFIX = "text_model."
@@ -56,3 +58,37 @@ def fix_legacy_diffusers_keys(model: Any, state_dict: dict[str, Any]) -> None:
         if fix is not None:
             fix(state_dict)
             return
+
+
+# transformers 5 without torchvision: resolving ``CLIPImageProcessor`` (as importing diffusers' Stable Diffusion
+# pipeline module does) logs that it falls back to the PIL processor.  We never use an image processor.
+_TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
+
+
+class _DropTorchvisionFallback:
+    def filter(self, record: Any) -> bool:
+        return _TORCHVISION_FALLBACK not in str(record.msg)
+
+
+@contextlib.contextmanager
+def quiet_library_notices() -> Iterator[None]:
+    """Inside: transformers' image-processor fallback notice is dropped and its progress bars are off.
+
+    Only for the duration of the call: the filter is removed and the progress-bar switch restored on exit, so
+    nothing changes for the rest of the process (the WebUI's own logging included).
+    """
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    drop = _DropTorchvisionFallback()
+    bars = transformers_logging.is_progress_bar_enabled()
+    logger.addFilter(drop)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+        if bars:
+            transformers_logging.enable_progress_bar()

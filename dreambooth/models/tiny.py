@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..compat import quiet_library_notices
 from .architecture import SD_SCALE_FACTOR, Architecture
 from .components import (
     Components,
@@ -135,20 +136,24 @@ def write_tiny_checkpoint(
     suffix: str = ".safetensors",
     seed: int = 0,
     name: str | None = None,
+    components: Components | None = None,
 ) -> Path:
     """Write a tiny single-file checkpoint with its sidecar yaml into ``directory``; returns the checkpoint path.
 
-    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.
+    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.  ``components``
+    (e.g. the demo's, whose VAE was taught to reconstruct) are written instead of new random ones.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arch = tiny_architecture(family, prediction_type, inpainting)
     name = name or f"tiny-{family}{'-inpainting' if inpainting else ''}"
-    components = tiny_components(arch, seed=seed)
+    if components is None:
+        components = tiny_components(tiny_architecture(family, prediction_type, inpainting), seed=seed)
+    arch = components.arch
     if family == "sd1":
         clip_dir = (directory / f"{name}-clip").resolve()
-        components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
-        components.tokenizer.save_pretrained(str(clip_dir))
+        with quiet_library_notices():  # no "Writing model shards" progress bar in the demo's output
+            components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
+            components.tokenizer.save_pretrained(str(clip_dir))
         arch.clip_version = str(clip_dir)
     destination = directory / f"{name}{suffix}"
     save_single_file(components, destination, sidecar=True)

@@ -56,22 +56,35 @@ def find_bpe_file() -> Path:
 
 def vocabulary_files(directory: Path, bpe_file: Path | None = None) -> tuple[Path, Path]:
     """Write transformers' ``vocab.json`` and ``merges.txt`` for CLIP into ``directory``."""
-    with gzip.open(bpe_file or find_bpe_file(), "rt", encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab_text, merges_text = _vocabulary_texts(str(bpe_file or find_bpe_file()))
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges_path = directory / "vocab.json", directory / "merges.txt"
-    vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    vocab.write_text(vocab_text, encoding="utf-8")
+    merges_path.write_text(merges_text, encoding="utf-8")
     return vocab, merges_path
 
 
 @lru_cache(maxsize=2)
-def _tokenizer_dir(family: str, max_length: int) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix=f"dreambooth-clip-{family}-"))
-    vocabulary_files(directory)
+def _vocabulary_texts(bpe_file: str) -> tuple[str, str]:
+    """(vocab.json, merges.txt) contents made from the BPE file; made once per process (about 0.2 s)."""
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : MERGES + 1]]
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    return vocab, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+
+
+def clip_tokenizer(family: str = "sd1", max_length: int = 77) -> Any:
+    """A transformers ``CLIPTokenizer`` with the real CLIP vocabulary, configured as SD ``family`` uses it.
+
+    Built through ``from_pretrained`` on a local folder, the one constructor that transformers 4 and 5 share.  The
+    tokenizer reads its files only while it loads (it saves from memory), so the folder is a temporary one, removed
+    as soon as it has loaded, also when loading fails: nothing of ours stays in the system's temp folder.
+    """
+    from transformers import CLIPTokenizer
+
     config = {
         "bos_token": BOS,
         "eos_token": EOS,
@@ -81,15 +94,8 @@ def _tokenizer_dir(family: str, max_length: int) -> Path:
         "do_lower_case": True,
         "tokenizer_class": "CLIPTokenizer",
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return directory
-
-
-def clip_tokenizer(family: str = "sd1", max_length: int = 77) -> Any:
-    """A transformers ``CLIPTokenizer`` with the real CLIP vocabulary, configured as SD ``family`` uses it.
-
-    Built through ``from_pretrained`` on a local folder, the one constructor that transformers 4 and 5 share.
-    """
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(str(_tokenizer_dir(family, max_length)), local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix=f"dreambooth-clip-{family}-") as temp:
+        directory = Path(temp)
+        vocabulary_files(directory)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..compat import text_final_layer_norm
+from ..compat import quiet_library_notices, text_final_layer_norm
 
 
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str], clip_skip: int = 1) -> Any:
@@ -83,7 +83,9 @@ def generate(
 
     unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
     device = device or next(unet.parameters()).device
-    pipe = pipeline_class(components)(
+    with quiet_library_notices():  # the pipeline module resolves CLIP's image processor, which we never use
+        pipeline = pipeline_class(components)
+    pipe = pipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=components.tokenizer,
