@@ -210,3 +210,31 @@ def test_a_missing_blip_model_says_where_to_put_one(tmp_path, capsys):
     assert cli.main(["caption", str(tmp_path / "imgs"), "--model", str(tmp_path / "nope")]) == 2
     assert "--model FOLDER" in capsys.readouterr().err
     assert not (tmp_path / "imgs" / "img_0.txt").exists()
+
+
+def test_a_blip_folder_with_a_malicious_pickle_is_refused_in_one_line(tmp_path):
+    """transformers' from_pretrained would unpickle pytorch_model.bin with plain torch.load (on torch < 2.6 that runs
+    anything): our safe loader reads it first and refuses it."""
+    import json
+    import os
+
+    import torch
+
+    class Payload:
+        def __init__(self, marker):
+            self.marker = marker
+
+        def __reduce__(self):
+            return (os.system, (f"touch {self.marker}",))
+
+    folder, marker = tmp_path / "blip", tmp_path / "payload-ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    (folder / "preprocessor_config.json").write_text("{}")
+    torch.save({"weight": torch.zeros(1), "x": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(DreamBoothError) as raised:
+        BlipCaptioner(folder)
+    message = str(raised.value)
+    assert "\n" not in message and "pytorch_model.bin" in message and "refused" in message
+    assert "weights_only" not in message
+    assert not marker.exists()

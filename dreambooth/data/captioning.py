@@ -195,6 +195,17 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or "\\" in text or ":" in text or text.count("/") > 1
 
 
+def _refuse_unsafe_weights(folder: Path) -> None:
+    """Read a BLIP folder's pickled weights (``pytorch_model.bin``, sharded too) through our safe loader first.
+
+    transformers' ``from_pretrained`` unpickles them with plain ``torch.load``, which on a torch older than 2.6 runs
+    whatever the pickle asks for; a file our loader refuses is reported in one line and never reaches it.
+    """
+    from ..models.folders import TRANSFORMERS_WEIGHTS, _pickle_weights, _read_pickles
+
+    _read_pickles(_pickle_weights(folder, TRANSFORMERS_WEIGHTS), "BLIP model")
+
+
 class BlipCaptioner:
     """A BLIP captioning model (transformers' ``BlipForConditionalGeneration`` + ``BlipProcessor``) read from disk.
 
@@ -215,6 +226,8 @@ class BlipCaptioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
+        if Path(location).is_dir():
+            _refuse_unsafe_weights(Path(location))
         try:
             self.processor = BlipProcessor.from_pretrained(location, local_files_only=True)
             model = BlipForConditionalGeneration.from_pretrained(location, local_files_only=True)
