@@ -524,3 +524,23 @@ def test_rest_start_remembers_an_empty_class_folder_as_empty(webui, make_setting
     assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
     assert list((runner.host.run_dir("ring") / "class_images_1").glob("*.png"))
     assert runner.host.last_used().concepts[0].class_data_dir == ""
+
+
+def test_the_fake_safe_unpickler_accepts_a_release_shaped_ckpt_as_the_real_one_does(webui, tmp_path):
+    """AUTOMATIC1111 v1.10.1's check_pt accepts the original SD 1.x .ckpt (lightning callbacks, numpy global_step);
+    the fake must too, or tests of that file inside the fake WebUI would prove the wrong thing.  (Legacy format: a zip
+    written by today's torch has ``.format_version``, which the real check refuses as well.)"""
+    from test_real_checkpoints import write_release_ckpt
+
+    webui()
+    from modules import safe
+
+    path = write_release_ckpt(tmp_path / "release.ckpt", {"w": torch.zeros(2)}, zip_format=False)
+    safe.check_pt(str(path), None)
+    with pytest.raises(Exception, match="forbidden"):
+        safe.check_pt(str(_with_forbidden_global(tmp_path / "evil.ckpt")), None)
+
+
+def _with_forbidden_global(path):
+    torch.save({"x": torch.nn.Linear}, path, _use_new_zipfile_serialization=False)
+    return path

@@ -54,6 +54,15 @@ allowed_zip_names_re = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data
 data_pkl_re = re.compile(r"^([^/]+)/data\.pkl$")
 
 
+def _lightning_stand_in() -> Any:
+    """A module with a plain ``ModelCheckpoint`` class: pytorch_lightning is not installed in the tests."""
+    import types
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    module.ModelCheckpoint = type("ModelCheckpoint", (), {})
+    return module
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     extra_handler: Callable[[str, str], Any] | None = None
 
@@ -66,6 +75,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             res = self.extra_handler(module, name)
             if res is not None:
                 return res
+        if module == "pytorch_lightning.callbacks" and name == "model_checkpoint":
+            return _lightning_stand_in()  # the real one imports pytorch_lightning, which the WebUI installs
+        if module == "pytorch_lightning.callbacks.model_checkpoint" and name == "ModelCheckpoint":
+            return _lightning_stand_in().ModelCheckpoint
         if name in _ALLOWED_GLOBALS.get(module, set()):
             if module == "__builtin__":
                 return set
