@@ -350,6 +350,18 @@ def test_sample_batch_size_sets_the_generation_batches(train, monkeypatch, tmp_p
     assert calls == [2, 2]
 
 
+def only_for(monkeypatch, package: str, answer) -> None:
+    """``importlib.util.find_spec`` answers ``answer`` for ``package`` only (it is the process-wide function: a fake
+    that answered for every name broke the CLIP vocabulary lookup, which also asks it)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "dreambooth.validation.importlib.util.find_spec",
+        lambda name, *a, **k: answer if name == package else real(name, *a, **k),
+    )
+
+
 def test_eight_bit_adam_is_asked_of_bitsandbytes(make_settings, monkeypatch):
     """On the CPU the choice is refused before training with a reason; on CUDA it builds bnb's AdamW8bit."""
     from dreambooth.train import optim
@@ -358,13 +370,13 @@ def test_eight_bit_adam_is_asked_of_bitsandbytes(make_settings, monkeypatch):
     fake = types.ModuleType("bitsandbytes")
     fake.optim = types.SimpleNamespace(AdamW8bit=lambda groups, **kwargs: made.append(kwargs) or "bnb-optimizer")
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
-    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: object())
+    only_for(monkeypatch, "bitsandbytes", object())
     settings = make_settings(optimizer="adamw_8bit", adam_beta1=0.8)
     with pytest.raises(DreamBoothError, match="8-bit AdamW needs a CUDA GPU"):
         Trainer(settings).run()
     assert optim.make_optimizer([{"params": [], "lr": 1.0}], settings, "cuda") == "bnb-optimizer"
     assert made[0]["betas"] == (0.8, 0.999)
-    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: None)
+    only_for(monkeypatch, "bitsandbytes", None)
     assert any("bitsandbytes" in p for p in make_settings(optimizer="adamw_8bit").validate())
 
 
@@ -386,12 +398,12 @@ def test_cache_latents_encodes_each_image_once_and_reuses_the_disk_cache(train, 
 
 
 def test_attention_backend_xformers(make_settings, monkeypatch):
-    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: None)
+    only_for(monkeypatch, "xformers", None)
     assert any("xformers" in p for p in make_settings(attention="xformers").validate())
     from diffusers import UNet2DConditionModel
 
     called = []
-    monkeypatch.setattr("dreambooth.validation.importlib.util.find_spec", lambda name: object())
+    only_for(monkeypatch, "xformers", object())
     monkeypatch.setattr(
         UNet2DConditionModel, "enable_xformers_memory_efficient_attention", lambda self: called.append(1)
     )
