@@ -358,7 +358,8 @@ class Trainer(Outputs):
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
             per_sample = per_sample.index_put(where, sample_losses(prediction, target))
-        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, global_counts)
+        counts = global_counts or (is_prior.count(False), is_prior.count(True))  # counted here, not from a tensor
+        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, counts)
 
     # ------------------------------------------------------------------------------------------------ outputs
 
@@ -467,27 +468,16 @@ class Trainer(Outputs):
     def _cache(self, instances: list[list[Example]], classes: list[list[Example]] | None) -> None:
         """Latents (and text embeddings of a frozen encoder) once; with low_memory on a GPU the frozen modules
         encode in the run's half precision (see train/precision.py) and then leave the GPU."""
-        s, dist, components = self.settings, self.dist, self.components
+        s, components = self.settings, self.components
         examples = [e for group in instances + (classes or []) for e in group]
         frozen = [components.vae] + ([] if s.train_text_encoder else [components.text_encoder])
-        with in_dtype(frozen, frozen_dtype(s.low_memory, dist.device.type, s.mixed_precision)):
+        with in_dtype(frozen, frozen_dtype(s.low_memory, self._device_type(), s.mixed_precision)):
             self._fill_caches(examples)
 
     def _fill_caches(self, examples: list[Example]) -> None:
-        from ..data.cache import LatentCache
-
         s, dist, components = self.settings, self.dist, self.components
-        device = dist.device
         if s.cache_latents:
-            self.latent_cache = LatentCache(
-                self.contents,
-                components.vae,
-                s.resolution,
-                s.center_crop,
-                s.seed,
-                Path(s.output_dir) / "cache" / "latents",
-                self.augmentation,
-            )
+            self.latent_cache = self._new_latent_cache()
             flips = (False, True) if s.hflip else (False,)
             variants = range(s.augment_variants) if self.augmentation else range(1)
             if dist.world_size > 1:  # each process encodes its share to the shared disk cache first
@@ -501,12 +491,35 @@ class Trainer(Outputs):
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-            if s.low_memory and device.type == "cuda" and self._inpainting() is None:
-                components.vae.to("cpu")  # not needed again until a sample is made (inpainting: every step)
+            if s.low_memory and self._device_type() == "cuda" and self._inpainting() is None:
+                self._offload(components.vae)  # not needed again until a sample is made (inpainting: every step)
         if not s.train_text_encoder and self.cache_text:
             self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
-            if s.low_memory and device.type == "cuda":
-                components.text_encoder.to("cpu")
+            if s.low_memory and self._device_type() == "cuda":
+                self._offload(components.text_encoder)
+
+    def _new_latent_cache(self) -> Any:
+        from ..data.cache import LatentCache
+
+        s = self.settings
+        return LatentCache(
+            self.contents,
+            self.components.vae,
+            s.resolution,
+            s.center_crop,
+            s.seed,
+            Path(s.output_dir) / "cache" / "latents",
+            self.augmentation,
+        )
+
+    def _device_type(self) -> str:
+        """The training device's type ("cuda", "cpu"), which decides what is done to save its memory.  The memory
+        estimate's dry run (memory/dryrun.py) computes on fake CPU tensors and answers for the GPU it estimates."""
+        return self.dist.device.type
+
+    def _offload(self, module: Any) -> None:
+        """Move a frozen module off the GPU (to the CPU) until samples or saves need it."""
+        module.to("cpu")
 
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
@@ -601,7 +614,7 @@ class Trainer(Outputs):
                 )
                 scaled = loss / s.gradient_accumulation_steps
                 (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-                values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
+                values = self._loss_values(loss, instance_loss, prior_loss)
             self.timings["forward_backward"] += time.perf_counter() - fb_started
             has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
             total_value, instance_value, prior_value = dist.sum_values(values)
@@ -625,6 +638,10 @@ class Trainer(Outputs):
         run.optimizer.zero_grad(set_to_none=True)
         self.timings["optimizer"] += time.perf_counter() - opt_started
         return losses
+
+    def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
+        """The losses as numbers (a device sync; the memory estimate's dry run has no numbers and skips it)."""
+        return [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
 
     def _report(self, run: RunState, losses: list[tuple[float, float, float | None]]) -> None:
         s, step = self.settings, run.step
