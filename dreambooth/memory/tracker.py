@@ -10,11 +10,12 @@ Sizes are rounded up to the CUDA caching allocator's block of 512 bytes, as ``to
 counts them.  What allocations inside an operator do (workspaces) and what the allocator keeps cached are not seen:
 :mod:`.estimate` adds them as constants.
 
-The breakdown at the peak: each counted storage is labelled weights (trained or frozen, by dtype), gradients,
-optimizer states or activations and temporaries.  Labels are worked out from the watched modules and optimizers
-just after a new peak (at the next operator or the next free, whichever comes first: by then autograd has put a new
-gradient into ``.grad``); a label stays with its storage, so a gradient freed by ``zero_grad`` is still counted as a
-gradient in a peak it belonged to.
+The breakdown at the peak: at the first free after a new peak (nothing was allocated or freed since the peak) the
+tracker keeps the list of live storages, a cheap copy.  Labels -- weights (trained or frozen, by dtype), gradients,
+optimizer states, activations and temporaries -- are set on the storages themselves, so a storage labelled later is
+labelled in the kept list too: a gradient as it reaches its parameter (autograd hooks), weights and optimizer states
+when the tracker is left (they live from before the peak to the end).  Everything else is an activation or a
+temporary.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def weights_label(trained: bool, dtype: Any) -> str:
 
 
 class _Entry:
-    __slots__ = ("label", "nbytes", "ref")
+    __slots__ = ("fixed", "label", "nbytes", "ref")
 
-    def __init__(self, ref: Any, nbytes: int, label: str):
-        self.ref, self.nbytes, self.label = ref, nbytes, label
+    def __init__(self, ref: Any, nbytes: int):
+        self.ref, self.nbytes, self.label, self.fixed = ref, nbytes, ACTIVATIONS, False
 
 
 class MemoryTracker(TorchDispatchMode):
     """Counts the bytes of live storages on ``device_type`` ("cpu", "cuda"; None: any device but meta).
 
-    ``.current`` and ``.peak`` are bytes; ``.breakdown`` maps a label to its bytes at the peak (summing to the
-    peak).  Use as a context manager; :meth:`watch` names the modules and optimizers whose tensors are labelled.
+    ``.current`` and ``.peak`` are bytes; ``.breakdown`` (filled when the tracker is left) maps a label to its bytes
+    at the peak, summing to the peak.  Use as a context manager; :meth:`watch` names the modules and optimizers
+    whose tensors are labelled.
     """
 
     def __init__(self, device_type: str | None = None, block_bytes: int = BLOCK_BYTES):
@@ -65,18 +67,18 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = 0
         self.breakdown: dict[str, int] = {}
         self._live: dict[int, _Entry] = {}
-        self._totals: dict[str, int] = {}
-        self._pending = False  # a new peak whose breakdown is not taken yet
+        self._at_peak: list[_Entry] = []  # the live storages at the peak; their labels may be set later
+        self._pending = False  # a new peak not yet copied into _at_peak
         self._parameters: list[Any] = []
         self._buffers: list[Any] = []
         self._optimizers: list[Any] = []
-        self._fixed: set[int] = set()  # storages registered with a label of their own
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------------------------------- counting
 
     def watch(self, modules: list[Any] = (), optimizers: list[Any] = ()) -> MemoryTracker:
-        """Label the parameters and buffers of ``modules`` (and their ``.grad``) and the states of ``optimizers``."""
-        for module in modules:  # listed once: walking a UNet's submodules at every new peak would be slow
+        """Label the parameters and buffers of ``modules`` (and their gradients) and the states of ``optimizers``."""
+        for module in modules:  # listed once: walking a UNet's submodules again would be slow
             self._parameters += list(module.parameters())
             self._buffers += list(module.buffers())
         self._optimizers += list(optimizers)
@@ -88,9 +90,8 @@ class MemoryTracker(TorchDispatchMode):
         for tensor in tensors:
             key = self._add(tensor)
             if key is not None and label is not None:
-                self._relabel(key, label)
-                self._fixed.add(key)
-        self._take_breakdown_if_pending()
+                entry = self._live[key]
+                entry.label, entry.fixed = label, True
 
     def _counts(self, tensor: Any) -> bool:
         device = tensor.device.type
@@ -104,8 +105,7 @@ class MemoryTracker(TorchDispatchMode):
         if key in self._live:
             return key
         nbytes = -(-storage.nbytes() // self.block_bytes) * self.block_bytes
-        self._live[key] = _Entry(weakref.ref(storage, lambda _ref, key=key: self._free(key)), nbytes, ACTIVATIONS)
-        self._totals[ACTIVATIONS] = self._totals.get(ACTIVATIONS, 0) + nbytes
+        self._live[key] = _Entry(weakref.ref(storage, lambda _ref, key=key: self._free(key)), nbytes)
         self.current += nbytes
         if self.current > self.peak:
             self.peak = self.current
@@ -113,57 +113,73 @@ class MemoryTracker(TorchDispatchMode):
         return key
 
     def _free(self, key: int) -> None:
-        self._take_breakdown_if_pending()  # the state at the peak, before anything of it goes
+        if self._pending:  # the first free after a new peak: until now nothing came or went since the peak
+            self._at_peak = list(self._live.values())
+            self._pending = False
         entry = self._live.pop(key, None)
-        if entry is None:
-            return
-        self._totals[entry.label] -= entry.nbytes
-        self.current -= entry.nbytes
-        self._fixed.discard(key)
+        if entry is not None:
+            self.current -= entry.nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         import torch
         from torch.utils._pytree import tree_leaves
 
-        self._take_breakdown_if_pending()  # autograd has stored the last op's gradient by now
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._add(leaf)
         return out
 
+    def __enter__(self) -> MemoryTracker:
+        # A gradient is labelled as it reaches its parameter (before a fused optimizer step may free it) and once
+        # it is stored in .grad (when autograd stored a copy of it).
+        for parameter in self._parameters:
+            if parameter.requires_grad:
+                self._hooks.append(parameter.register_hook(self._label_gradient))
+                self._hooks.append(parameter.register_post_accumulate_grad_hook(self._label_stored_gradient))
+        return super().__enter__()
+
     def __exit__(self, *exc: Any) -> Any:
-        self._take_breakdown_if_pending()
-        return super().__exit__(*exc)
+        result = super().__exit__(*exc)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._pending:
+            self._at_peak = list(self._live.values())
+            self._pending = False
+        self._label_watched()
+        breakdown: dict[str, int] = {}
+        for entry in self._at_peak:
+            breakdown[entry.label] = breakdown.get(entry.label, 0) + entry.nbytes
+        self.breakdown = dict(sorted(breakdown.items(), key=lambda item: -item[1]))
+        return result
 
     # ------------------------------------------------------------------------------------------- labels
 
-    def _relabel(self, key: int, label: str) -> None:
-        entry = self._live.get(key)
-        if entry is None or entry.label == label or key in self._fixed:
-            return
-        self._totals[entry.label] -= entry.nbytes
-        self._totals[label] = self._totals.get(label, 0) + entry.nbytes
-        entry.label = label
+    def _label(self, tensor: Any, label: str) -> None:
+        entry = self._live.get(id(tensor.untyped_storage()))
+        if entry is not None and not entry.fixed:
+            entry.label = label
+
+    def _label_gradient(self, gradient: Any) -> None:
+        self._label(gradient, GRADIENTS)
+
+    def _label_stored_gradient(self, parameter: Any) -> None:
+        if parameter.grad is not None:
+            self._label(parameter.grad, GRADIENTS)
 
     def _label_watched(self) -> None:
+        """Weights and optimizer states live from before the peak to the end: they are labelled once, at the end."""
         import torch
 
         for parameter in self._parameters:
-            self._relabel(id(parameter.untyped_storage()), weights_label(parameter.requires_grad, parameter.dtype))
+            self._label(parameter, weights_label(parameter.requires_grad, parameter.dtype))
             if parameter.grad is not None:
-                self._relabel(id(parameter.grad.untyped_storage()), GRADIENTS)
+                self._label(parameter.grad, GRADIENTS)
         for buffer in self._buffers:
-            self._relabel(id(buffer.untyped_storage()), weights_label(False, buffer.dtype))
+            self._label(buffer, weights_label(False, buffer.dtype))
         for optimizer in self._optimizers:
             for state in optimizer.state.values():
                 for value in state.values():
                     if isinstance(value, torch.Tensor):
-                        self._relabel(id(value.untyped_storage()), OPTIMIZER_STATES)
-
-    def _take_breakdown_if_pending(self) -> None:
-        if not self._pending:
-            return
-        self._pending = False
-        self._label_watched()
-        self.breakdown = {label: n for label, n in self._totals.items() if n}
+                        self._label(value, OPTIMIZER_STATES)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+BUCKET_BYTES = 25 * 2**20
+
 
 class Single:
     """The one-process case: every collective is a no-op."""
