@@ -328,3 +328,34 @@ def test_a_full_size_checkpoint_estimates_in_seconds_without_reading_its_tensors
         assert measured["read"] < 64 * 2**20, measured
         assert measured["seconds"] < 120, measured  # about 7 s on a busy 2-core machine
         assert measured["peak"] > 10 * 2**30  # fp32 AdamW: weights, gradients, two states of 0.86 G parameters
+
+
+def test_the_8bit_adamw_stand_in_holds_the_states_bitsandbytes_creates():
+    """bitsandbytes' kernels cannot run on fake tensors: the dry run's stand-in allocates what the real optimizer
+    allocates, for a large (8-bit) and a small (fp32) parameter."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from dreambooth.memory.dryrun import EightBitAdamWStates
+
+    def state_bytes(make):
+        params = [torch.nn.Parameter(torch.ones(40_000)), torch.nn.Parameter(torch.ones(1000))]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer = make([{"params": params, "lr": 1e-3}])
+        tracker = MemoryTracker("cpu").watch([], [optimizer])
+        with tracker:
+            optimizer.step()
+        return tracker.breakdown[OPTIMIZER_STATES]
+
+    real = state_bytes(lambda groups: bnb.optim.AdamW8bit(groups))
+    stand_in = state_bytes(EightBitAdamWStates)
+    assert abs(real - stand_in) <= 2 * 1024 + 1024  # the shared quantisation maps (2 x 1 KiB) and block rounding
+
+
+def test_the_estimate_covers_8bit_adamw():
+    arch = bench_architecture("bench-tiny")
+    base = Settings(pretrained_model_name_or_path="x", resolution=64)
+    adamw = estimate(base, arch)
+    eight_bit = estimate(dataclasses.replace(base, optimizer="adamw_8bit"), arch)
+    assert adamw.breakdown[OPTIMIZER_STATES] >= 2 * adamw.breakdown["weights, trained (fp32)"]  # 2 x fp32
+    # two bytes per weight, but fp32 for the many small tensors of this tiny model
+    assert eight_bit.breakdown[OPTIMIZER_STATES] < 0.4 * adamw.breakdown[OPTIMIZER_STATES]
