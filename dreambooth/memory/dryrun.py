@@ -35,12 +35,12 @@ DRY_RUN_STEPS = 2
 TEXT_CACHE_LABEL = "cached text embeddings"
 
 
-def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_device: list[Any] = ()) -> Any:
+def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_device: set[str] = frozenset()) -> Any:
     """Run ``steps`` of ``trainer._step`` inside a :class:`MemoryTracker` that counts what is on the training
-    device: the modules' weights (but those in ``off_device``), the cached text embeddings and all that the steps
-    allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
+    device: the modules' weights (but those named in ``off_device``: "vae", "text_encoder"), the cached text
+    embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
-    modules = [m for m in (components.unet, components.text_encoder, components.vae) if m not in off_device]
+    modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
@@ -116,7 +116,7 @@ class DryRun(Trainer):
         self.arch = arch
         self.target_device_type = device_type
         self.processes = processes
-        self.off_device: list[Any] = []
+        self.off_device: set[str] = set()  # the components the trainer moved off the (estimated) GPU
 
     # ---------------------------------------------------------------------------------------- placement
 
@@ -124,7 +124,8 @@ class DryRun(Trainer):
         return self.target_device_type
 
     def _offload(self, module: Any) -> None:
-        self.off_device.append(module)  # stays a fake CPU module, no longer counted as on the device
+        # It stays a fake CPU module, no longer counted as on the device.
+        self.off_device.update(n for n in ("vae", "text_encoder") if getattr(self.components, n) is module)
 
     # ---------------------------------------------------------------------------------------- data
 
