@@ -138,3 +138,24 @@ def test_an_fp16_decode_that_overflows_is_done_again_in_fp32(tiny_checkpoint):
         expected = half_copy(half, "cpu", torch.float32).decode(latents / half.config.scaling_factor).sample
     assert torch.isfinite(images).all() and torch.equal(images, expected)
     assert {p.dtype for p in half.parameters()} == {torch.float16}  # the same fp16 weights again
+
+
+def test_a_failure_while_placing_leaves_the_given_modules_in_the_components(tiny_checkpoint, monkeypatch):
+    from dreambooth.train import precision
+
+    components = load_components(tiny_checkpoint("sd1"))
+    given = (components.vae, components.text_encoder)
+    made = []
+
+    def failing_copy(module, device, dtype):
+        if made:
+            raise RuntimeError("CUDA out of memory")  # the second copy fails
+        made.append(half_copy(module, device, dtype))
+        return made[-1]
+
+    monkeypatch.setattr(precision, "half_copy", failing_copy)
+    bf16 = precision.Placement(CPU, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        precision.FrozenModules(components, {"vae": bf16, "text_encoder": bf16}, CPU)
+    assert (components.vae, components.text_encoder) == given
+    assert {p.dtype for p in components.vae.parameters()} == {torch.float32}

@@ -110,14 +110,19 @@ class FrozenModules:
 
         self.placement = placement
         self.originals: dict[str, Any] = {}  # name -> the fp32 module given to the trainer, on the CPU
-        for name, (_, dtype) in placement.items():
-            module = getattr(components, name)
-            if dtype == torch.float32:
-                move(module, device, torch.float32)
-                continue
-            move(module, "cpu", torch.float32)  # fp32 as loaded; off the GPU
-            self.originals[name] = module
-            setattr(components, name, half_copy(module, device, dtype))
+        try:
+            for name, (_, dtype) in placement.items():
+                module = getattr(components, name)
+                if dtype == torch.float32:
+                    move(module, device, torch.float32)
+                    continue
+                move(module, "cpu", torch.float32)  # fp32 as loaded; off the GPU
+                setattr(components, name, half_copy(module, device, dtype))
+                self.originals[name] = module
+        except BaseException:  # e.g. out of memory: the components keep the modules they were given
+            for name, module in self.originals.items():
+                setattr(components, name, module)
+            raise
 
     def park(self, components: Any) -> None:
         """Each frozen module to its place during the steps (the CPU when its outputs are cached)."""
