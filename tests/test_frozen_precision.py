@@ -62,7 +62,7 @@ def test_frozen_modules_in_the_steps_and_the_exact_base_weights_in_checkpoints_a
     make_settings, precision, train_text
 ):
     """The WebUI's way: the trainer gets components in memory; it must hand them back unchanged."""
-    settings = make_settings(mixed_precision=precision, train_text_encoder=train_text, max_train_steps=2)
+    settings = make_settings(mixed_precision=precision, train_text_encoder=train_text, max_train_steps=1)
     base = load_components(settings.pretrained_model_name_or_path)
     given = load_components(settings.pretrained_model_name_or_path)
     given_vae, given_text = given.vae, given.text_encoder
@@ -91,6 +91,7 @@ def test_frozen_modules_in_the_steps_and_the_exact_base_weights_in_checkpoints_a
         assert same_weights(given_text, base.text_encoder)
 
 
+@pytest.mark.slow
 def test_samples_and_an_inpainting_model_in_bf16(make_settings, tiny_checkpoint):
     """Inpainting encodes masked images every step, so its VAE stays on the device in bf16; samples decode in bf16."""
     settings = make_settings(
