@@ -16,13 +16,15 @@ So the operators run with the CPU's choices: autocast's CPU op lists (which ops 
 CPU's attention kernel.  For a CUDA GPU that means the same weights, gradients and optimizer states to the byte,
 activations as the CPU kernels keep them (CUDA's fp16 lists are close; its flash attention keeps less at high
 resolutions than the CPU's), and nothing of what a kernel allocates inside (cuBLAS / cuDNN workspaces): the
-estimate adds those as a constant (:mod:`.estimate`).  What is placed where (the VAE or a frozen text encoder off
-the GPU under ``low_memory``) is decided by the trainer for ``device_type`` ("cuda" unless told otherwise).
+estimate adds those as a constant (:mod:`.estimate`).  What is placed where, in which dtype (the VAE or a frozen text
+encoder off the GPU when their outputs are cached; in the mixed-precision dtype) is decided by the trainer's own
+``frozen_placement`` for ``device_type`` ("cuda" unless told otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,12 +122,18 @@ class DryRun(Trainer):
 
     # ---------------------------------------------------------------------------------------- placement
 
-    def _device_type(self) -> str:
-        return self.target_device_type
+    def frozen_placement(self, components: Any, device: Any) -> dict[str, Any]:
+        """The trainer's placement for the estimated device; a module placed elsewhere (the CPU) stays a fake CPU
+        module here but is no longer counted."""
+        import torch
 
-    def _offload(self, module: Any) -> None:
-        # It stays a fake CPU module, no longer counted as on the device.
-        self.off_device.update(n for n in ("vae", "text_encoder") if getattr(self.components, n) is module)
+        from ..train.precision import Placement
+
+        placement = super().frozen_placement(components, torch.device(self.target_device_type))
+        for name, (where, _) in placement.items():
+            if where.type != self.target_device_type:
+                self.off_device.add(name)
+        return {name: Placement(device, dtype) for name, (_, dtype) in placement.items()}
 
     # ---------------------------------------------------------------------------------------- data
 
@@ -234,6 +242,7 @@ class DryRun(Trainer):
         with FakeTensorMode(allow_non_fake_inputs=True):
             for module in (components.unet, components.vae, components.text_encoder):
                 module.to_empty(device="cpu")
+                _convert_by_replacing(module)
             self.components = components
             run = self._setup()
             if run.scaler is not None:
@@ -284,6 +293,32 @@ class EightBitAdamWStates:
         for group in self.param_groups:
             for parameter in group["params"]:
                 parameter.grad = None
+
+
+def _convert_by_replacing(module: Any) -> None:
+    """Let the trainer's ``module.to(...)`` / ``.bfloat16()`` work on this fake module: torch's ``Module._apply``
+    swaps fake parameters in place, which fails (``FakeTensorMode`` keeps a weak reference to them); these modules,
+    the dry run's own, get new parameters instead (an attribute of each instance: nothing else changes)."""
+    for submodule in module.modules():
+        submodule._apply = functools.partial(_replacing_apply, submodule)
+
+
+def _replacing_apply(module: Any, fn: Any, recurse: bool = True) -> Any:
+    import torch
+
+    if recurse:
+        for child in module.children():
+            child._apply(fn)
+    for key, parameter in module._parameters.items():
+        if parameter is not None:
+            with torch.no_grad():
+                converted = fn(parameter)
+            if converted is not parameter:
+                module._parameters[key] = torch.nn.Parameter(converted, requires_grad=parameter.requires_grad)
+    for key, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[key] = fn(buffer)
+    return module
 
 
 def _always_stepping(scaler: Any) -> Any:
