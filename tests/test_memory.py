@@ -97,6 +97,15 @@ AGREEMENT_CONFIGURATIONS = {
         "mixed_precision": "bf16",
     },
     "text-frozen-uncached": {"cache_latents": False},
+    "fused-backward": {"fused_backward": True},
+    "full-bf16": {"full_bf16": True, "mixed_precision": "bf16"},
+    "fused-full-bf16-text-trained-checkpointing": {
+        "fused_backward": True,
+        "full_bf16": True,
+        "mixed_precision": "bf16",
+        "train_text_encoder": True,
+        "gradient_checkpointing": True,
+    },
 }
 SCALES = {"bench-tiny": 64, "bench-small": 128}
 
@@ -140,6 +149,9 @@ def agreement_settings(work: Path, resolution: int, **changes) -> Settings:
 def check_agreement(scale: str, changes: dict, work: Path) -> None:
     from dreambooth.models.tiny import tiny_components
 
+    missing = [name for name in changes if name not in Settings.__dataclass_fields__]
+    if missing:  # a trainer option not merged yet: the configuration runs once it is
+        pytest.skip(f"no setting {', '.join(missing)} in this tree")
     settings = agreement_settings(work, SCALES[scale], **changes)
     estimated = estimate(settings, bench_architecture(scale), device_type="cpu")
     torch.manual_seed(0)
@@ -158,7 +170,9 @@ def test_the_estimate_agrees_with_a_real_cpu_run_at_bench_tiny(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["default", "prior-off", "text-trained-checkpointing-bf16"])
+@pytest.mark.parametrize(
+    "name", ["default", "prior-off", "text-trained-checkpointing-bf16", "fused-full-bf16-text-trained-checkpointing"]
+)
 def test_the_estimate_agrees_with_a_real_cpu_run_at_bench_small(name, tmp_path):
     check_agreement("bench-small", AGREEMENT_CONFIGURATIONS[name], tmp_path)
 
