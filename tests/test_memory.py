@@ -375,3 +375,21 @@ def test_the_estimate_covers_8bit_adamw():
     assert adamw.breakdown[OPTIMIZER_STATES] >= 2 * adamw.breakdown["weights, trained (fp32)"]  # 2 x fp32
     # two bytes per weight, but fp32 for the many small tensors of this tiny model
     assert eight_bit.breakdown[OPTIMIZER_STATES] < 0.4 * adamw.breakdown[OPTIMIZER_STATES]
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2-v", "sd1-inpainting"])
+def test_the_architecture_is_read_without_the_tensors_as_loading_reads_it(tiny_checkpoint, tmp_path, variant):
+    """From a single file (header and sidecar yaml only) and from a diffusers folder (its configs)."""
+    from dreambooth.models.components import load_components, save_diffusers_folder
+
+    path = tiny_checkpoint(variant)
+    loaded = load_components(path)
+    read = architecture_of(path)
+    assert (read.unet, read.vae, read.text, read.prediction_type) == (
+        loaded.arch.unet,
+        loaded.arch.vae,
+        loaded.arch.text,
+        loaded.arch.prediction_type,
+    )
+    folder = save_diffusers_folder(loaded, tmp_path / "folder")
+    assert architecture_of(folder).unet == loaded.arch.unet
