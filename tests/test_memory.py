@@ -393,3 +393,11 @@ def test_the_architecture_is_read_without_the_tensors_as_loading_reads_it(tiny_c
     )
     folder = save_diffusers_folder(loaded, tmp_path / "folder")
     assert architecture_of(folder).unet == loaded.arch.unet
+
+
+def test_an_inpainting_model_is_refused_with_a_sentence():
+    from dreambooth.errors import DreamBoothError
+    from dreambooth.models.tiny import tiny_architecture
+
+    with pytest.raises(DreamBoothError, match="does not cover inpainting models"):
+        estimate(Settings(pretrained_model_name_or_path="x", resolution=64), tiny_architecture("sd1", inpainting=True))

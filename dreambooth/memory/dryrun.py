@@ -102,7 +102,8 @@ class _LatentCacheStandIn:
 class DryRun(Trainer):
     """The trainer on fake tensors of ``arch``; :meth:`measure` returns the tracker of two steps."""
 
-    def __init__(self, settings: Settings, arch: Any, device_type: str = "cuda", processes: int = 1):
+    def __init__(self, settings: Settings, arch: Any, device_type: str = "cuda"):
+        """One process's share: with several processes each takes ``train_batch_size`` samples of a step, as here."""
         # Nothing may be read from disk or written: no resume, no separate VAE file (the same structure is assumed),
         # no logger; xformers does not run on the CPU (SDPA stands in for it).
         settings = dataclasses.replace(
@@ -117,7 +118,6 @@ class DryRun(Trainer):
         super().__init__(settings, final_save=False, check_model_path=False)
         self.arch = arch
         self.target_device_type = device_type
-        self.processes = processes
         self.off_device: set[str] = set()  # the components the trainer moved off the (estimated) GPU
 
     # ---------------------------------------------------------------------------------------- placement
@@ -236,6 +236,13 @@ class DryRun(Trainer):
         from ..compat import quiet_library_notices
         from ..train.distributed import Single
 
+        if self.arch.is_inpainting:  # its masks decide per sample whether the VAE runs: data a dry run has not
+            from ..errors import DreamBoothError
+
+            raise DreamBoothError(
+                "the memory estimate does not cover inpainting models yet (whether the VAE encodes a masked image "
+                "depends on each random mask); estimate the same model's non-inpainting version for a lower bound"
+            )
         self.dist = Single(torch.device("cpu"))
         with quiet_library_notices():
             components = self._fake_components()  # on meta: built in seconds, nothing initialised

@@ -123,10 +123,8 @@ def standard_architecture(family: str, v_prediction: bool = False, inpainting: b
 
 ARCH_SHORTCUTS: dict[str, Architecture] = {
     "sd15": standard_architecture("sd1"),
-    "sd15-inpainting": standard_architecture("sd1", inpainting=True),
     "sd21": standard_architecture("sd2", v_prediction=True),
     "sd21-512": standard_architecture("sd2"),
-    "sd2-inpainting": standard_architecture("sd2", inpainting=True),
 }
 
 
@@ -216,7 +214,7 @@ def estimate(
     if arch is None:
         arch = architecture_of(settings.pretrained_model_name_or_path)
     arch = copy.deepcopy(arch)
-    tracker = DryRun(settings, arch, device_type=device_type, processes=processes).measure()
+    tracker = DryRun(settings, arch, device_type=device_type).measure()
     constants = {}
     if device_type == "cuda":
         constants["CUDA context"] = CUDA_CONTEXT_BYTES
