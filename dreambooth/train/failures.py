@@ -56,10 +56,10 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def tensor_bytes(tensors: Iterable[Any], half: bool = False) -> int:
-    """Bytes of ``tensors`` as saved: floating tensors in fp16 when ``half``."""
+    """Bytes of ``tensors`` as saved: floating tensors in fp16 when ``half``, else fp32 (also bf16 weights)."""
     total = 0
     for tensor in tensors:
-        size = 2 if half and tensor.is_floating_point() else tensor.element_size()
+        size = (2 if half else 4) if tensor.is_floating_point() else tensor.element_size()
         total += tensor.numel() * size
     return total
 
