@@ -34,8 +34,9 @@ def stochastic_round_bf16(value: Any, generator: Any = None) -> Any:
     ``value`` itself, where round-to-nearest would lose every update smaller than half a bf16 step.
     """
     bits = value.detach().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000
+    rounded = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    rounded.add_(bits).bitwise_and_(-65536)  # -65536: 0xFFFF0000, the bits bf16 keeps (in place: one temporary)
+    return rounded.view(torch.float32).to(torch.bfloat16)
 
 
 class ParamwiseOptimizer(torch.optim.Optimizer):
@@ -57,7 +58,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         round_seed: int | None = None,
     ):
         super().__init__(param_groups, build(param_groups).defaults)
-        self.fused = fused
+        self.fused_backward = fused
         self.max_grad_norm = max_grad_norm if fused else 0.0
         self.round_seed = round_seed
         self.step_number = 0  # the training step being made (seeds the rounding); the trainer sets it
