@@ -307,3 +307,15 @@ def test_importing_bitsandbytes_prints_nothing_and_leaves_its_loggers_as_they_we
     with caplog.at_level(logging.WARNING):
         child.warning("after the block")
     assert [r.getMessage() for r in caplog.records] == ["after the block"]
+
+
+def test_out_of_memory_advice_offers_fused_backward_and_bf16_weights_until_they_are_on(make_settings):
+    from dreambooth.train.failures import out_of_memory_message
+
+    def advice(**changes):
+        return out_of_memory_message(make_settings(**changes), peak_bytes=None, total_bytes=None, model_bytes=2**30)
+
+    assert "fused_backward on" in advice() and "full_bf16 on (with mixed_precision bf16)" in advice()
+    on = advice(fused_backward=True, full_bf16=True, mixed_precision="bf16")
+    assert "fused_backward" not in on and "full_bf16" not in on
+    assert "fused_backward" not in advice(mixed_precision="fp16")  # refused with fp16: not offered
