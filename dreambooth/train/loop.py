@@ -676,8 +676,9 @@ class Trainer(Outputs):
         if run is not None:
             if self.settings.fused_backward:
                 run.optimizer.close()  # the modules outlive the run (the WebUI's model): no hooks left on them
-            for module in run.modules.values():
-                module.float()  # full_bf16: the trained modules back in fp32 (exact: bf16 values are fp32 values)
+            if self.settings.full_bf16:  # the trained modules back in fp32 (exact: bf16 values are fp32 values)
+                for module in run.modules.values():
+                    module.float()
         components = self.components
         if components is None or self.dist is None or not hasattr(components, "unet"):
             return
