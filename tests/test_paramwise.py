@@ -76,10 +76,16 @@ def test_stochastic_rounding_is_exact_for_bf16_values_and_seeded():
 # ------------------------------------------------------------------------------------------- fused backward
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
-def test_fused_backward_reaches_the_ordinary_optimizers_weights(make_settings, tmp_path, optimizer):
-    """3 steps of 2 micro-batches each, UNet and text encoder trained (two groups with their own learning rates)."""
+@pytest.mark.parametrize(
+    ("optimizer", "checkpointing"),
+    [("adamw", False), ("adamw_8bit", False), ("adamw", True)],
+    ids=["adamw", "adamw_8bit", "adamw-checkpointing"],
+)
+def test_fused_backward_reaches_the_ordinary_optimizers_weights(make_settings, tmp_path, optimizer, checkpointing):
+    """3 steps of 2 micro-batches each, UNet and text encoder trained (two groups with their own learning rates);
+    with gradient checkpointing the recomputation in the backward pass must see the weights not yet updated."""
     common = {
+        "gradient_checkpointing": checkpointing,
         "max_train_steps": 3,
         "gradient_accumulation_steps": 2,
         "train_text_encoder": True,
