@@ -393,7 +393,8 @@ class Settings:
     # --- memory and speed
     mixed_precision: str = setting(
         "no",
-        "Compute in fp16 or bf16 (weights stay fp32).",
+        "Compute in fp16 or bf16: trained weights stay fp32; the VAE and a frozen text encoder are held in that dtype "
+        "(checkpoints keep their exact fp32 weights).",
         "memory",
         choices=("no", "fp16", "bf16"),
         label="Mixed precision",
@@ -419,10 +420,8 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on; on a GPU the VAE and a frozen text encoder "
-        "compute the cached latents and text embeddings in the mixed-precision dtype (fp16/bf16; their fp32 weights "
-        "are restored after) and then wait on the CPU until samples or saves need them (with cache_latents off the "
-        "VAE stays on the GPU in fp32).",
+        "One switch for less GPU memory: gradient checkpointing on.  (Whatever this says, the VAE and a frozen text "
+        "encoder wait on the CPU during the steps once their outputs are cached.)",
         "memory",
         label="Low memory",
     )
