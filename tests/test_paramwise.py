@@ -90,6 +90,8 @@ def test_fused_backward_reaches_the_ordinary_optimizers_weights(make_settings, t
         "gradient_accumulation_steps": 2,
         "train_text_encoder": True,
         "text_encoder_learning_rate": 5e-4,
+        "lr_scheduler": "linear",  # the schedule's learning rate reaches every parameter's optimizer
+        "lr_warmup_steps": 1,
         "max_grad_norm": 0.0,  # global clipping and per-parameter clipping differ by design
         "optimizer": optimizer,
     }
