@@ -107,6 +107,13 @@ AGREEMENT_CONFIGURATIONS = {
         "train_text_encoder": True,
         "gradient_checkpointing": True,
     },
+    "fit-preset-8bit-fused-full-bf16": {  # what Fit my GPU picks for SD 1.5 on a small card
+        "optimizer": "adamw_8bit",
+        "fused_backward": True,
+        "full_bf16": True,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+    },
 }
 SCALES = {"bench-tiny": 64, "bench-small": 128}
 
@@ -163,8 +170,8 @@ def check_agreement(scale: str, changes: dict, work: Path) -> None:
     assert abs(estimated.peak_bytes - real.peak) <= 0.03 * real.peak, (estimated.breakdown, real.breakdown)
     for label in ("weights, trained (fp32)", GRADIENTS):
         assert estimated.breakdown.get(label) == real.breakdown.get(label), label
-    # bitsandbytes' two shared 1 KiB quantisation maps are left out of its stand-in (EightBitAdamWStates)
-    assert 0 <= real.breakdown.get(OPTIMIZER_STATES, 0) - estimated.breakdown.get(OPTIMIZER_STATES, 0) <= 2048
+    # bitsandbytes' two shared 1 KiB quantisation maps are made outside the tracked steps in both
+    assert abs(real.breakdown.get(OPTIMIZER_STATES, 0) - estimated.breakdown.get(OPTIMIZER_STATES, 0)) <= 2048
 
 
 @pytest.mark.parametrize("name", list(AGREEMENT_CONFIGURATIONS))
@@ -174,7 +181,14 @@ def test_the_estimate_agrees_with_a_real_cpu_run_at_bench_tiny(name, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["default", "prior-off", "text-trained-checkpointing-bf16", "fused-full-bf16-text-trained-checkpointing"]
+    "name",
+    [
+        "default",
+        "prior-off",
+        "text-trained-checkpointing-bf16",
+        "fused-full-bf16-text-trained-checkpointing",
+        "fit-preset-8bit-fused-full-bf16",
+    ],
 )
 def test_the_estimate_agrees_with_a_real_cpu_run_at_bench_small(name, tmp_path):
     check_agreement("bench-small", AGREEMENT_CONFIGURATIONS[name], tmp_path)
@@ -347,27 +361,6 @@ def test_a_full_size_checkpoint_estimates_in_seconds_without_reading_its_tensors
         assert measured["read"] < 64 * 2**20, measured
         assert measured["seconds"] < 120, measured  # about 7 s on a busy 2-core machine
         assert measured["peak"] > 10 * 2**30  # fp32 AdamW: weights, gradients, two states of 0.86 G parameters
-
-
-def test_the_8bit_adamw_stand_in_holds_the_states_bitsandbytes_creates():
-    """bitsandbytes' kernels cannot run on fake tensors: the dry run's stand-in allocates what the real optimizer
-    allocates, for a large (8-bit) and a small (fp32) parameter."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from dreambooth.memory.dryrun import EightBitAdamWStates
-
-    def state_bytes(make):
-        params = [torch.nn.Parameter(torch.ones(40_000)), torch.nn.Parameter(torch.ones(1000))]
-        for p in params:
-            p.grad = torch.ones_like(p)
-        optimizer = make([{"params": params, "lr": 1e-3}])
-        tracker = MemoryTracker("cpu").watch([], [optimizer])
-        with tracker:
-            optimizer.step()
-        return tracker.breakdown[OPTIMIZER_STATES]
-
-    real = state_bytes(lambda groups: bnb.optim.AdamW8bit(groups))
-    stand_in = state_bytes(EightBitAdamWStates)
-    assert abs(real - stand_in) <= 2 * 1024 + 1024  # the shared quantisation maps (2 x 1 KiB) and block rounding
 
 
 def test_the_estimate_covers_8bit_adamw():

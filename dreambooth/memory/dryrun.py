@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -183,25 +182,12 @@ class DryRun(Trainer):
     def _logger(self, out: Path) -> Any:
         return None
 
-    def _optimization(self, plan: Any, global_batch: int, total: int) -> Any:
-        """The trainer's; for 8-bit AdamW, whose kernels cannot run on fake tensors, its states' stand-in."""
-        s = self.settings
-        if s.optimizer != "adamw_8bit":
-            return super()._optimization(plan, global_batch, total)
-        if getattr(s, "fused_backward", False) or getattr(s, "full_bf16", False):
-            from ..errors import DreamBoothError
+    def _optimizer_construction(self) -> Any:
+        """Optimizers are built outside the fake-tensor mode: bitsandbytes computes its quantisation maps from real
+        numbers when it is built (its update itself runs on fake tensors)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-            raise DreamBoothError(
-                "the memory estimate does not cover optimizer adamw_8bit with fused_backward or full_bf16 yet; "
-                "estimate with optimizer adamw for the rest of the configuration"
-            )
-        self.settings = dataclasses.replace(s, optimizer="adamw")
-        try:
-            run = super()._optimization(plan, global_batch, total)
-        finally:
-            self.settings = s
-        run.optimizer = EightBitAdamWStates(run.groups)  # the schedule keeps setting the unused AdamW's rates
-        return run
+        return unset_fake_temporarily()
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -254,52 +240,8 @@ class DryRun(Trainer):
             run = self._setup()
             if run.scaler is not None:
                 run.scaler = _always_stepping(run.scaler)
-            with warnings.catch_warnings():  # the 8-bit stand-in steps, the schedule's unused AdamW does not
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                tracker = tracked_steps(self, run, DRY_RUN_STEPS, "cpu", self.off_device)
+            tracker = tracked_steps(self, run, DRY_RUN_STEPS, "cpu", self.off_device)
         return tracker
-
-
-class EightBitAdamWStates:
-    """The states bitsandbytes' ``AdamW8bit`` (0.45+) creates, without its kernels (they cannot run on fake
-    tensors): per parameter of at least 4096 values two uint8 states and two fp32 absolute maxima per block of 256;
-    smaller parameters two fp32 states.  Its update runs in place, allocating nothing; here the weights stay as they
-    are.  (The 1 KiB quantisation maps it shares between parameters are left out.)"""
-
-    MIN_8BIT_SIZE = 4096
-    BLOCK = 256
-
-    def __init__(self, param_groups: list[dict[str, Any]]):
-        import torch
-
-        self.param_groups = param_groups
-        self.state: dict[Any, dict[str, Any]] = {}
-        self._torch = torch
-
-    def step(self, closure: Any = None) -> None:
-        torch = self._torch
-        for group in self.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is None or parameter in self.state:
-                    continue
-                if parameter.numel() >= self.MIN_8BIT_SIZE:
-                    blocks = -(-parameter.numel() // self.BLOCK)
-                    self.state[parameter] = {
-                        "state1": torch.zeros_like(parameter, dtype=torch.uint8),
-                        "state2": torch.zeros_like(parameter, dtype=torch.uint8),
-                        "absmax1": torch.zeros(blocks, dtype=torch.float32, device=parameter.device),
-                        "absmax2": torch.zeros(blocks, dtype=torch.float32, device=parameter.device),
-                    }
-                else:
-                    self.state[parameter] = {
-                        "state1": torch.zeros_like(parameter, dtype=torch.float32),
-                        "state2": torch.zeros_like(parameter, dtype=torch.float32),
-                    }
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for group in self.param_groups:
-            for parameter in group["params"]:
-                parameter.grad = None
 
 
 def _convert_by_replacing(module: Any) -> None:

@@ -513,6 +513,10 @@ class Trainer(Outputs):
             self.augmentation,
         )
 
+    def _optimizer_construction(self) -> Any:
+        """The context optimizer objects are built in (the memory dry run's differs)."""
+        return contextlib.nullcontext()
+
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
 
@@ -539,7 +543,7 @@ class Trainer(Outputs):
                 text_encoder.gradient_checkpointing_enable()
             groups.append({"params": list(text_encoder.parameters()), "lr": s.text_encoder_lr() * scale})
             modules["text_encoder"] = text_encoder
-        optimizer = make_optimizer(groups, s, device)
+        optimizer = make_optimizer(groups, s, device, self._optimizer_construction)
         scaler = torch.amp.GradScaler(device.type) if s.mixed_precision == "fp16" else None
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
         run = RunState(

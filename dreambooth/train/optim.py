@@ -8,6 +8,8 @@ steps parameter by parameter (train/paramwise.py).  Schedules come from ``diffus
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from ..compat import quiet_bitsandbytes
@@ -28,8 +30,17 @@ def supports_fused_adamw(device: Any) -> bool:
         return False
 
 
-def make_optimizer(param_groups: list[dict[str, Any]], settings: Any, device: Any) -> Any:
-    """The optimizer the settings ask for, over ``param_groups`` (each with its own ``lr``)."""
+def make_optimizer(
+    param_groups: list[dict[str, Any]],
+    settings: Any,
+    device: Any,
+    construct: Callable[[], Any] = contextlib.nullcontext,
+) -> Any:
+    """The optimizer the settings ask for, over ``param_groups`` (each with its own ``lr``).
+
+    ``construct``: a context in which optimizer objects are built and bitsandbytes is probed (the memory dry run
+    builds them outside its fake-tensor mode: bitsandbytes computes its quantisation maps from real numbers).
+    """
     import torch
 
     common = {
@@ -38,10 +49,12 @@ def make_optimizer(param_groups: list[dict[str, Any]], settings: Any, device: An
         "weight_decay": settings.adam_weight_decay,
     }
     if settings.optimizer == "adamw_8bit":
-        eight_bit = _adamw_8bit_class(device)
+        with construct():
+            eight_bit = _adamw_8bit_class(device)
 
         def build(groups: list[dict[str, Any]]) -> Any:
-            return eight_bit(groups, **common)
+            with construct():
+                return eight_bit(groups, **common)
 
     else:
         fused = {"fused": True} if supports_fused_adamw(device) else {}
