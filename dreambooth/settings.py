@@ -418,12 +418,22 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on; on a GPU the VAE and a frozen text encoder "
-        "compute the cached latents and text embeddings in the mixed-precision dtype (fp16/bf16; their fp32 weights "
-        "are restored after) and then wait on the CPU until samples or saves need them (with cache_latents off the "
-        "VAE stays on the GPU in fp32).",
+        "Fit my GPU: at start the trainer picks the fastest combination of the memory switches that keep what is "
+        "trained (cache_latents, mixed_precision, 8-bit AdamW, bf16 weights, fused backward, gradient checkpointing, "
+        "in that order of cost) that the memory estimate says fits gpu_memory_gb, and logs it with the estimate; "
+        "GPU size not known: all of them. Batch, resolution and text-encoder training stay as set. On a GPU the VAE "
+        "and a frozen text encoder leave it once the caches are filled.",
         "memory",
-        label="Low memory",
+        label="Fit my GPU",
+    )
+    gpu_memory_gb: float = setting(
+        0.0,
+        "GPU memory to fit, in GB as cards are sold (8 = an 8 GB card); 0: the GPU's own size when there is one. "
+        "Used by Fit my GPU and the memory estimate.",
+        "memory",
+        minimum=0.0,
+        maximum=4096.0,
+        label="GPU memory (GB)",
     )
     device: str = setting(
         "auto",
@@ -576,11 +586,9 @@ class Settings:
         return self.num_class_images if concept.num_class_images is None else concept.num_class_images
 
     def effective(self) -> Settings:
-        """A copy with the low-memory switch applied to the options it stands for."""
-        copy = dataclasses.replace(self, concepts=[dataclasses.replace(c) for c in self.concepts])
-        if copy.low_memory:
-            copy.gradient_checkpointing = True
-        return copy
+        """A copy the trainer may change.  The low-memory switch is applied by the trainer at start
+        (:func:`dreambooth.memory.fit.apply_low_memory`): its choice needs the GPU and the memory estimate."""
+        return dataclasses.replace(self, concepts=[dataclasses.replace(c) for c in self.concepts])
 
     # ---------------------------------------------------------------------------------------------- validate
 

@@ -1,0 +1,71 @@
+"""An estimate and what would fit, as text for the CLI and the log and as Markdown for the tab.
+
+Reads only an estimate's fields (``total_bytes``, ``breakdown``, ``constants``, ``arch_name``, ``seconds``): no
+gradio, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .fit import GIB, changes_text
+
+if TYPE_CHECKING:
+    from .estimate import Estimate
+    from .fit import Suggestion
+
+
+def gib(size: float) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+def estimate_text(estimate: Estimate) -> str:
+    """One line: the total, then each part of the breakdown and each constant."""
+    parts = {**estimate.breakdown, **estimate.constants}
+    return f"peak {gib(estimate.total_bytes)}: " + ", ".join(f"{name} {gib(size)}" for name, size in parts.items())
+
+
+def verdict(estimate: Estimate, gpu_bytes: int | None) -> str:
+    if gpu_bytes is None:
+        return "GPU size not known (set gpu_memory_gb, or run where the GPU is): no fit check."
+    if estimate.total_bytes <= gpu_bytes:
+        return f"Fits a {gpu_bytes / GIB:.1f} GiB GPU ({gib(gpu_bytes - estimate.total_bytes)} to spare)."
+    return f"Does not fit a {gpu_bytes / GIB:.1f} GiB GPU: {gib(estimate.total_bytes - gpu_bytes)} too much."
+
+
+def suggestions_text(found: list[Suggestion], gpu_bytes: int) -> str:
+    """The "what would fit" list, numbered, cheapest first."""
+    if not found:
+        return f"Nothing this tool knows makes it fit {gpu_bytes / GIB:.1f} GiB."
+    lines = [f"What would fit {gpu_bytes / GIB:.1f} GiB (cheapest first):"]
+    for number, suggestion in enumerate(found, start=1):
+        lines.append(f"  {number}. {changes_text(suggestion.changes)}: {gib(suggestion.estimate.total_bytes)}")
+        lines.append(f"     cost: {suggestion.cost}")
+    return "\n".join(lines)
+
+
+def estimate_markdown(
+    estimate: Estimate,
+    gpu_bytes: int | None,
+    found: list[Suggestion] | None = None,
+    preset: dict[str, Any] | None = None,
+) -> str:
+    """The tab's panel: total, breakdown table, the verdict for the GPU and, when it does not fit, the list.
+
+    ``preset``: the changes ``low_memory`` makes (the estimate is of the settings with them)."""
+    lines = [f"**Estimated peak GPU memory: {gib(estimate.total_bytes)}** ({estimate.arch_name}, one training step)"]
+    if preset is not None:
+        lines.append(f"With *Fit my GPU* (low_memory): {changes_text(preset)}.")
+    lines += ["", "| part | GiB |", "|---|---:|"]
+    lines += [f"| {name} | {size / GIB:.2f} |" for name, size in estimate.breakdown.items()]
+    lines += [f"| {name} (constant) | {size / GIB:.2f} |" for name, size in estimate.constants.items()]
+    lines += ["", verdict(estimate, gpu_bytes)]
+    if found and gpu_bytes is not None:
+        lines += ["", f"**What would fit {gpu_bytes / GIB:.1f} GiB** (cheapest first):", ""]
+        for suggestion in found:
+            lines.append(
+                f"- `{changes_text(suggestion.changes)}`: {gib(suggestion.estimate.total_bytes)}; {suggestion.cost}"
+            )
+    elif found is not None and gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
+        lines += ["", "Nothing in the list of memory switches makes it fit."]
+    return "\n".join(lines)
