@@ -77,7 +77,7 @@ class Scripted:
     def __call__(self, settings, arch=None, processes=1):
         base = MemorySettings()
         changed = [name for name in SAVES if getattr(settings, name) != getattr(base, name)]
-        self.calls.append(tuple(changed))
+        self.calls.append(tuple((name, getattr(settings, name)) for name in changed))
         total = BASE_GIB - sum(SAVES[name] for name in changed)
         return FakeEstimate(int((total - 0.5) * GIB), {"weights": int((total - 0.5) * GIB)}, {"cuda": GIB // 2})
 

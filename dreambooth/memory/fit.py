@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 RESOLUTION_STEPS = (1024, 768, 640, 512, 448, 384, 320, 256)  # "a lower resolution": the next of these below
+MORE_STEPS = 3  # a switch with steps (batch, resolution) tries this many more before giving up
 COSTLY = 0.1  # a switch slowing a step by this fraction or more is worth trying to do without
 
 
@@ -51,6 +52,17 @@ class Switch:
 
     def describe(self, settings: Settings, value: Any) -> str:
         return self.cost.format(old=getattr(settings, self.name), new=value)
+
+    def further(self, settings: Settings, value: Any) -> list[Any]:
+        """The next values after ``value`` for a switch with steps (batch, resolution), most modest first, at most
+        :data:`MORE_STEPS`; for the others none."""
+        values = []
+        while len(values) < MORE_STEPS:
+            value = self.value(dataclasses.replace(settings, **{self.name: value}))
+            if value is None or self.keeps_training:
+                break
+            values.append(value)
+        return values
 
 
 def _half_precision(settings: Settings) -> str:
@@ -249,10 +261,8 @@ class Fitter:
             return []
         found = []
         for switch, value in self.switches():
-            changes = {switch.name: value}
-            estimate = self.estimate(changes)
-            if estimate.total_bytes <= gpu_bytes:
-                found.append(Suggestion(changes, estimate, self.cost(changes)))
+            if (suggestion := self._first_fit({}, switch, value, gpu_bytes)) is not None:
+                found.append(suggestion)
         if found:
             return found
         preset, estimate = self.fit_preset(gpu_bytes)
@@ -262,15 +272,24 @@ class Fitter:
         for switch, value in self.switches():
             if switch.keeps_training:
                 continue
-            changes = {**preset, switch.name: value}
-            if self.usable(changes):
+            if self.usable({**preset, switch.name: value}):
                 everything[switch.name] = value
-                estimate = self.estimate(changes)
-                if estimate.total_bytes <= gpu_bytes:
-                    found.append(Suggestion(changes, estimate, self.cost(changes)))
+                if (suggestion := self._first_fit(preset, switch, value, gpu_bytes)) is not None:
+                    found.append(suggestion)
         if not found and self.usable(everything) and (estimate := self.estimate(everything)).total_bytes <= gpu_bytes:
             found.append(Suggestion(everything, estimate, self.cost(everything)))
         return found
+
+    def _first_fit(self, base: dict[str, Any], switch: Switch, value: Any, gpu_bytes: int) -> Suggestion | None:
+        """``base`` plus the switch at ``value`` (for batch and resolution: or the next steps) when that fits."""
+        for step in [value, *switch.further(self.settings, value)]:
+            changes = {**base, switch.name: step}
+            if not self.usable(changes):
+                break
+            estimate = self.estimate(changes)
+            if estimate.total_bytes <= gpu_bytes:
+                return Suggestion(changes, estimate, self.cost(changes))
+        return None
 
 
 def suggestions(
