@@ -1,22 +1,27 @@
 """An estimate and what would fit, as text for the CLI and the log and as Markdown for the tab.
 
-Reads only an estimate's fields (``total_bytes``, ``breakdown``, ``constants``, ``arch_name``, ``seconds``): no
-gradio, no torch.
+Reads only an estimate's fields (``total_bytes``, ``breakdown``, ``constants``, ``arch_name``): no gradio.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .fit import GIB, changes_text
 
 if TYPE_CHECKING:
+    from ..settings import Settings
     from .estimate import Estimate
     from .fit import Suggestion
 
 
 def gib(size: float) -> str:
     return f"{size / GIB:.2f} GiB"
+
+
+def mib(size: float) -> str:
+    return f"{size / 2**20:,.0f} MiB"
 
 
 def estimate_text(estimate: Estimate) -> str:
@@ -53,12 +58,13 @@ def estimate_markdown(
     """The tab's panel: total, breakdown table, the verdict for the GPU and, when it does not fit, the list.
 
     ``preset``: the changes ``low_memory`` makes (the estimate is of the settings with them)."""
-    lines = [f"**Estimated peak GPU memory: {gib(estimate.total_bytes)}** ({estimate.arch_name}, one training step)"]
+    total = estimate.total_bytes
+    lines = [f"**Estimated peak GPU memory: {gib(total)}** ({mib(total)}; {estimate.arch_name}, one training step)"]
     if preset is not None:
         lines.append(f"With *Fit my GPU* (low_memory): {changes_text(preset)}.")
-    lines += ["", "| part | GiB |", "|---|---:|"]
-    lines += [f"| {name} | {size / GIB:.2f} |" for name, size in estimate.breakdown.items()]
-    lines += [f"| {name} (constant) | {size / GIB:.2f} |" for name, size in estimate.constants.items()]
+    lines += ["", "| part | MiB |", "|---|---:|"]
+    lines += [f"| {name} | {size / 2**20:,.0f} |" for name, size in estimate.breakdown.items()]
+    lines += [f"| {name} (constant) | {size / 2**20:,.0f} |" for name, size in estimate.constants.items()]
     lines += ["", verdict(estimate, gpu_bytes)]
     if found and gpu_bytes is not None:
         lines += ["", f"**What would fit {gpu_bytes / GIB:.1f} GiB** (cheapest first):", ""]
@@ -69,3 +75,28 @@ def estimate_markdown(
     elif found is not None and gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
         lines += ["", "Nothing in the list of memory switches makes it fit."]
     return "\n".join(lines)
+
+
+def fit_markdown(settings: Settings, estimate_fn: Callable[..., Estimate] | None = None) -> str:
+    """The estimate of ``settings`` as the trainer would run them (with ``low_memory``: the fit preset applied)
+    and, when the GPU's size is known and they do not fit, what would."""
+    from ..errors import DreamBoothError
+    from .fit import Fitter, gpu_bytes_for
+
+    if not settings.pretrained_model_name_or_path:
+        return "Choose a base model to see the memory estimate."
+    fitter = Fitter(settings, estimate_fn=estimate_fn)
+    gpu_bytes = gpu_bytes_for(settings)
+    try:
+        if settings.low_memory:
+            if gpu_bytes is None:
+                preset = fitter.every_switch()
+                estimate = fitter.estimate(preset)
+            else:
+                preset, estimate = fitter.fit_preset(gpu_bytes)
+            return estimate_markdown(estimate, gpu_bytes, preset=preset)
+        estimate = fitter.estimate()
+        found = fitter.suggestions(gpu_bytes) if gpu_bytes is not None and estimate.total_bytes > gpu_bytes else None
+    except (DreamBoothError, OSError, ValueError) as error:
+        return f"**No memory estimate:** {error}"
+    return estimate_markdown(estimate, gpu_bytes, found)

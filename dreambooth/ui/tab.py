@@ -24,6 +24,7 @@ from ..host import Host
 from ..runner import Runner, RunnerBusy
 from ..settings import Settings, SettingsError, concepts_from_list
 from .form import concept_specs, empty_concept, settings_from_values, settings_specs, values_from_settings
+from .memory import MemoryPanel
 from .status import dataset_markdown, existing_files, loss_points, status_markdown
 
 MAX_THUMBNAILS = 24
@@ -46,6 +47,7 @@ class Tab:
         self.concept_widgets: dict[str, Any] = {}
         self.controls: dict[str, Any] = {}
         self._descriptions: dict[tuple[str, int, int], str] = {}
+        self.memory = MemoryPanel()
 
     # -------------------------------------------------------------------------------------- the form
 
@@ -364,6 +366,23 @@ class Tab:
         if importlib.util.find_spec("bitsandbytes") is not None:
             values["optimizer"] = "adamw_8bit"
         return {self.widgets[name]: value for name, value in values.items()}
+
+    def memory_estimate(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        """The memory estimate beside Train for the form's settings (:mod:`dreambooth.ui.memory`); nothing when a
+        newer edit has superseded this one."""
+        panel = self.controls["memory_estimate"]
+        try:
+            settings = self.gather(data)
+        except SettingsError as error:
+            return {
+                panel: "**No memory estimate** until this is fixed:\n" + "\n".join(f"- {p}" for p in error.problems)
+            }
+        path = settings.pretrained_model_name_or_path
+        refused = self.host.paths.check_read(path, MODEL_FIELD) if path else ""
+        if refused:
+            return {panel: f"**No memory estimate:** {refused}"}
+        text = self.memory.markdown(settings)
+        return {panel: gr.update() if text is None else text}
 
     def use_checkpoint(self, path: str) -> dict[Any, Any]:
         """Switch txt2img to ``path``.  On success the checkpoint's title goes to ``switched``, from where the
