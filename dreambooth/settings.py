@@ -418,11 +418,13 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "Fit my GPU: at start the trainer picks the fastest combination of the memory switches that keep what is "
-        "trained (cache_latents, mixed_precision, 8-bit AdamW, bf16 weights, fused backward, gradient checkpointing, "
-        "in that order of cost) that the memory estimate says fits gpu_memory_gb, and logs it with the estimate; "
-        "GPU size not known: all of them. Batch, resolution and text-encoder training stay as set. On a GPU the VAE "
-        "and a frozen text encoder leave it once the caches are filled.",
+        "Fit my GPU: at start the trainer turns on the fastest combination of the memory switches that keep what "
+        "is trained (cache_latents, mixed_precision, 8-bit AdamW, bf16 weights, fused backward, gradient "
+        "checkpointing, in that order of cost) that the memory estimate says fits gpu_memory_gb, and logs it with "
+        "the estimate (GPU size not known: all of them); batch, resolution and text-encoder training stay as set. "
+        "On a GPU the VAE and a frozen text encoder also compute the cached latents and text embeddings in the "
+        "mixed-precision dtype (fp16/bf16; their fp32 weights are restored after) and then wait on the CPU until "
+        "samples or saves need them (with cache_latents off the VAE stays on the GPU in fp32).",
         "memory",
         label="Fit my GPU",
     )

@@ -81,7 +81,8 @@ def test_low_memory_moves_the_vae_and_frozen_text_encoder_off_the_gpu_while_trai
     trainer = Trainer(make_settings(device="cuda", max_train_steps=2, low_memory=True))
     trainer.run()
     assert seen == {"vae": "cpu", "text": "cpu"}
-    assert trainer.components.unet.is_gradient_checkpointing
+    # the tiny model fits the GPU as it is: Fit my GPU has nothing to turn on (tests/test_fields.py: what it chooses)
+    assert not trainer.components.unet.is_gradient_checkpointing and trainer.settings.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
