@@ -97,6 +97,8 @@ def fit_markdown(settings: Settings, estimate_fn: Callable[..., Estimate] | None
             return estimate_markdown(estimate, gpu_bytes, preset=preset)
         estimate = fitter.estimate()
         found = fitter.suggestions(gpu_bytes) if gpu_bytes is not None and estimate.total_bytes > gpu_bytes else None
-    except (DreamBoothError, OSError, ValueError) as error:
+    except DreamBoothError as error:
         return f"**No memory estimate:** {error}"
+    except Exception as error:  # the panel advises: a failed estimate must not break the page
+        return f"**No memory estimate:** {type(error).__name__}: {str(error)[:300]}"
     return estimate_markdown(estimate, gpu_bytes, found)
