@@ -49,10 +49,13 @@ class MemorySettings:
     gpu_memory_gb: float = 0.0
 
     def validate(self, check_files: bool = True) -> list[str]:
-        # the kind of rule another setting may impose on a switch
+        # rules of the kind the settings' validation has for the switches
+        problems = []
         if self.fused_backward and self.gradient_accumulation_steps > 1:
-            return ["fused_backward cannot accumulate gradients: set gradient_accumulation_steps 1"]
-        return []
+            problems.append("fused_backward cannot accumulate gradients: set gradient_accumulation_steps 1")
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            problems.append("full_bf16 needs mixed_precision bf16")
+        return problems
 
 
 @dataclasses.dataclass
@@ -197,3 +200,17 @@ def test_mixed_precision_is_fp16_on_a_gpu_without_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert fit._half_precision(MemorySettings(device="auto")) == "fp16"
     assert fit._half_precision(MemorySettings(device="cpu")) == "bf16"
+
+
+def test_bf16_weights_need_the_rung_of_bf16_mixed_precision_before_them():
+    fitter = Fitter(MemorySettings(), estimate_fn=Scripted())
+    assert "full_bf16" not in [switch.name for switch, _ in fitter.switches()]  # not a single change on its own
+    assert fitter.every_switch()["full_bf16"] is True  # but a rung after mixed precision bf16
+    fp16 = Fitter(MemorySettings(mixed_precision="fp16"), estimate_fn=Scripted())
+    assert "full_bf16" not in fp16.every_switch()
+
+
+def test_fused_backward_is_left_out_for_several_processes():
+    changes, _ = fit_preset(MemorySettings(), 9 * GIB, estimate_fn=Scripted(), processes=2)
+    assert "fused_backward" not in changes
+    assert "fused_backward" in Fitter(MemorySettings(), estimate_fn=Scripted()).every_switch()

@@ -49,6 +49,7 @@ class Switch:
     cost: str
     slowdown: float
     keeps_training: bool = True
+    one_process: bool = False  # refused with several processes
 
     def describe(self, settings: Settings, value: Any) -> str:
         return self.cost.format(old=getattr(settings, self.name), new=value)
@@ -114,6 +115,7 @@ SWITCHES = (
         "a few % slower: each parameter is stepped as soon as its gradient is complete; gradient clipping per "
         "parameter instead of by the global norm",
         0.05,
+        one_process=True,
     ),
     Switch(
         "gradient_checkpointing",
@@ -185,16 +187,17 @@ class Fitter:
 
     # ---------------------------------------------------------------------------------------------- pieces
 
-    def switches(self, keeps_training_only: bool = False) -> list[tuple[Switch, Any]]:
+    def switches(self, keeps_training_only: bool = False, alone: bool = True) -> list[tuple[Switch, Any]]:
         """The switches that would change these settings (fields this version has), with their values, in cost
-        order."""
+        order.  ``alone``: only those the settings accept on their own (the ladder checks each rung instead: bf16
+        weights need mixed precision bf16, the rung before)."""
         names = {f.name for f in dataclasses.fields(self.settings)}
         found = []
         for switch in SWITCHES:
             if switch.name not in names or (keeps_training_only and not switch.keeps_training):
                 continue
             value = switch.value(self.settings)
-            if value is not None and self.usable({switch.name: value}):
+            if value is not None and (not alone or self.usable({switch.name: value})):
                 found.append((switch, value))
         return found
 
@@ -203,6 +206,8 @@ class Fitter:
 
     def usable(self, changes: dict[str, Any]) -> bool:
         """No problem that the settings without the changes did not have already."""
+        if self.processes > 1 and any(changes.get(s.name) for s in SWITCHES if s.one_process):
+            return False  # validation counts the processes launched, not those this estimate is for
         return set(self.variant(changes).validate(check_files=False)) <= self._known_problems
 
     def estimate(self, changes: dict[str, Any] | None = None) -> Estimate:
@@ -222,7 +227,7 @@ class Fitter:
         """Every switch that keeps what is trained at once (what ``low_memory`` does when the GPU's size is not
         known): the ladder's last rung."""
         changes: dict[str, Any] = {}
-        for switch, value in self.switches(keeps_training_only=True):
+        for switch, value in self.switches(keeps_training_only=True, alone=False):
             if self.usable({**changes, switch.name: value}):
                 changes[switch.name] = value
         return changes
@@ -235,7 +240,7 @@ class Fitter:
             return {}, estimate
         changes: dict[str, Any] = {}
         last = None
-        for switch, value in self.switches(keeps_training_only=True):
+        for switch, value in self.switches(keeps_training_only=True, alone=False):
             trial = {**changes, switch.name: value}
             if not self.usable(trial):
                 continue
