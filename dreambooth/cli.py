@@ -230,11 +230,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if args.gpu_memory is not None:
         settings = dataclasses.replace(settings, gpu_memory_gb=args.gpu_memory)
-    from .memory.estimate import format_estimate
+    from .memory.estimate import ARCH_SHORTCUTS, format_estimate
     from .memory.fit import Fitter, changes_text, gpu_bytes_for
     from .memory.report import gib, suggestions_text, verdict
 
-    fitter = Fitter(settings, arch=args.arch, processes=args.processes)
+    if args.arch and args.arch not in ARCH_SHORTCUTS:
+        raise DreamBoothError(f"--arch {args.arch}: not a known architecture; one of {', '.join(ARCH_SHORTCUTS)}.")
+    fitter = Fitter(settings, arch=ARCH_SHORTCUTS[args.arch] if args.arch else None, processes=args.processes)
     gpu_bytes = gpu_bytes_for(settings)
     estimate = fitter.estimate()
     print(format_estimate(estimate))

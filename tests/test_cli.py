@@ -121,6 +121,7 @@ def scripted_estimate_module(monkeypatch, seen: list):
 
     module = types.ModuleType("dreambooth.memory.estimate")
     module.estimate = estimate
+    module.ARCH_SHORTCUTS = {"sd15": "the SD 1.5 architecture", "sd21": "the SD 2.1 architecture"}
     module.format_estimate = lambda e: f"FORMATTED peak {e.total_bytes / 2**30:.2f} GiB"
     monkeypatch.setitem(sys.modules, "dreambooth.memory.estimate", module)
     monkeypatch.setattr(fit, "_default_estimate", estimate)
@@ -145,7 +146,7 @@ def test_estimate_prints_the_estimate_and_what_would_fit(make_settings, tmp_path
     assert main(["estimate", "--arch", "sd15", "--gpu-memory", "12"]) == 0  # default settings: 512 px, 8 GiB
     out = capsys.readouterr().out
     assert "Fits a 12.0 GiB GPU (4.00 GiB to spare)" in out and "What would fit" not in out
-    assert seen[0][1] == "sd15" and len(seen) == 1
+    assert seen[0][1] == "the SD 1.5 architecture" and len(seen) == 1
 
     assert main(["estimate", "--arch", "sd15", "--gpu-memory", "6", "--set", "low_memory=true"]) == 0
     assert (
@@ -162,6 +163,7 @@ def test_estimate_prints_the_estimate_and_what_would_fit(make_settings, tmp_path
         (["estimate", "--arch", "sd15", "--processes", "0"], "--processes 0"),
         (["estimate", "--arch", "sd15", "--set", "resolution=big"], "'resolution' must be a whole number"),
         (["estimate", "--config", "missing.json"], "missing.json: cannot read the settings file"),
+        (["estimate", "--arch", "sd99"], "--arch sd99: not a known architecture; one of sd15, sd21."),
     ],
 )
 def test_estimate_bad_input_is_one_sentence(argv, words, monkeypatch, capsys):
