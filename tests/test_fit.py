@@ -214,3 +214,49 @@ def test_fused_backward_is_left_out_for_several_processes():
     changes, _ = fit_preset(MemorySettings(), 9 * GIB, estimate_fn=Scripted(), processes=2)
     assert "fused_backward" not in changes
     assert "fused_backward" in Fitter(MemorySettings(), estimate_fn=Scripted()).every_switch()
+
+
+def test_a_switch_whose_dry_run_fails_is_left_out_and_the_reason_kept():
+    """bitsandbytes' 8-bit AdamW cannot run on fake tensors in some versions: the search goes on without it."""
+    from dreambooth.errors import DreamBoothError
+
+    script = Scripted()
+
+    def failing(settings, arch=None, processes=1):
+        if settings.optimizer == "adamw_8bit":
+            raise DreamBoothError("optimizer adamw_8bit: cannot run on fake tensors")
+        return script(settings, arch, processes)
+
+    fitter = Fitter(MemorySettings(), estimate_fn=failing)
+    changes, estimate = fitter.fit_preset(13 * GIB)
+    # 19.5, 18.5, (8-bit fails), 16.5 (bf16 weights), 13.5 (fused), 11.0 (checkpointing) fits; without fused 14.0
+    # does not, without bf16 weights 13.0 does
+    assert changes == {
+        "cache_latents": True,
+        "mixed_precision": "bf16",
+        "fused_backward": True,
+        "gradient_checkpointing": True,
+    }
+    assert gib(estimate) == pytest.approx(13.0)
+    assert (
+        "cannot run on fake tensors" in fitter.failures["cache_latents on, mixed_precision bf16, optimizer adamw_8bit"]
+    )
+    assert [s.changes for s in Fitter(MemorySettings(), estimate_fn=failing).suggestions(17 * GIB)] == [
+        {"fused_backward": True},
+        {"resolution": 448},
+    ]
+
+
+def test_at_most_three_single_changes_are_listed():
+    found = suggestions(MemorySettings(), int(19.5 * GIB), estimate_fn=Scripted())
+    assert [list(s.changes) for s in found] == [["cache_latents"], ["mixed_precision"], ["optimizer"]]
+
+
+def test_a_search_stops_before_its_next_dry_run_when_told():
+    from dreambooth.memory.fit import Superseded
+
+    script = Scripted()
+    fitter = Fitter(MemorySettings(), estimate_fn=script, should_stop=lambda: len(script.calls) >= 2)
+    with pytest.raises(Superseded):
+        fitter.fit_preset(9 * GIB)
+    assert len(script.calls) == 2

@@ -512,13 +512,19 @@ def test_the_memory_estimate_follows_the_settings_it_depends_on(make_settings, t
     triggers = {tab.blocks.blocks[d["targets"][0]].elem_id for _, _, d in dependencies if d["trigger"] == "change"}
     assert triggers == {f"db_{name}" for name in MEMORY_FIELDS if name in tab.widgets}
     assert {d["trigger"] for _, _, d in dependencies} == {"change", "then"}  # and once the page is filled
-    assert all(not d["queue"] for _, _, d in dependencies)  # never held up behind (or holding up) other events
-    index, _, dependency = dependencies[0]
+    searches = list(_dependencies(tab, tab.memory_fit))  # then, after each: what would fit
+    assert len(searches) == len(dependencies) and {d["trigger"] for _, _, d in searches} == {"then"}
+    assert all(not d["queue"] for _, _, d in dependencies + searches)  # never held up behind other events
 
-    def shown(**changes) -> str:
-        answer = tab.memory_estimate(form_args(tab, make_settings(**changes)))
+    def shown(quick=False, **changes) -> str:
+        handler, (index, _, dependency) = (
+            (tab.memory_estimate, dependencies[0]) if quick else (tab.memory_fit, searches[0])
+        )
+        answer = handler(form_args(tab, make_settings(**changes)))
         return _outputs(tab, index, dependency, answer)["db_memory_estimate"]
 
+    first = shown(quick=True, resolution=128, gpu_memory_gb=2.0)
+    assert "**Estimated peak GPU memory: 4.00 GiB**" in first and first.endswith("*Working out what would fit...*")
     text = shown(resolution=128, gpu_memory_gb=2.0)
     assert "**Estimated peak GPU memory: 4.00 GiB**" in text and "| activations | 4,096 |" in text
     assert "Does not fit a 2.0 GiB GPU: 2.00 GiB too much." in text
@@ -544,7 +550,7 @@ def test_the_memory_estimate_answers_only_the_newest_request(monkeypatch):
     started, release, answers = threading.Event(), threading.Event(), {}
     panel = memory.MemoryPanel()
 
-    def slow(settings):
+    def slow(settings, **_):
         started.set()
         release.wait(WAIT_SECONDS)
         return f"estimate of {settings.resolution}"

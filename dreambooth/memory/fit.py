@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 RESOLUTION_STEPS = (1024, 768, 640, 512, 448, 384, 320, 256)  # "a lower resolution": the next of these below
+MAX_SUGGESTIONS = 3  # single changes listed at most (the cheapest; each costs a dry run)
 MORE_STEPS = 3  # a switch with steps (batch, resolution) tries this many more before giving up
 COSTLY = 0.1  # a switch slowing a step by this fraction or more is worth trying to do without
 
@@ -147,6 +148,10 @@ SWITCHES = (
 )
 
 
+class Superseded(Exception):
+    """A search stopped because its answer is no longer wanted (``Fitter.should_stop``)."""
+
+
 @dataclass(frozen=True)
 class Suggestion:
     """Changes (settings field -> value) that make a configuration fit, their estimate and their cost."""
@@ -167,7 +172,9 @@ class Fitter:
 
     ``estimate_fn(settings, arch=None, processes=1) -> Estimate`` (default: the dry run of
     :mod:`dreambooth.memory.estimate`); ``arch``: passed on (e.g. an ``--arch`` shortcut); ``processes``: the
-    data-parallel processes the estimate covers.
+    data-parallel processes the estimate covers; ``memo``: a dict of estimates to share between fitters (the
+    tab keeps one), keyed by the whole settings; ``should_stop``: asked before each dry run, True ends the search
+    with :class:`Superseded` (the tab: a newer edit came).
     """
 
     def __init__(
@@ -176,13 +183,17 @@ class Fitter:
         arch: Any = None,
         estimate_fn: Callable[..., Estimate] | None = None,
         processes: int = 1,
+        memo: dict[Any, Estimate] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.settings = settings
         self.arch = arch
         self.estimate_fn = estimate_fn or _default_estimate
         self.processes = processes
         self.calls = 0  # dry runs made (the memo answers the rest)
-        self._memo: dict[tuple[tuple[str, Any], ...], Estimate] = {}
+        self.failures: dict[str, str] = {}  # changes -> why their dry run failed (the search goes on without them)
+        self._memo: dict[Any, Estimate] = {} if memo is None else memo
+        self.should_stop = should_stop
         self._known_problems = set(settings.validate(check_files=False))
 
     # ---------------------------------------------------------------------------------------------- pieces
@@ -211,11 +222,27 @@ class Fitter:
         return set(self.variant(changes).validate(check_files=False)) <= self._known_problems
 
     def estimate(self, changes: dict[str, Any] | None = None) -> Estimate:
-        key = tuple(sorted((changes or {}).items()))
+        """The estimate of the settings with ``changes`` (a dry run, or the memo's answer)."""
+        variant = self.variant(dict(changes or {}))
+        key = (repr(variant), repr(self.arch), self.processes, self.estimate_fn)
         if key not in self._memo:
+            if self.should_stop is not None and self.should_stop():
+                raise Superseded
             self.calls += 1
-            self._memo[key] = self.estimate_fn(self.variant(dict(key)), arch=self.arch, processes=self.processes)
+            self._memo[key] = self.estimate_fn(variant, arch=self.arch, processes=self.processes)
         return self._memo[key]
+
+    def _fits(self, changes: dict[str, Any], gpu_bytes: int) -> Estimate | None:
+        """The estimate with ``changes`` when it fits; None when not, or when its dry run fails (noted in
+        :attr:`failures`: a switch the estimate cannot follow is left out, not the whole search)."""
+        from ..errors import DreamBoothError
+
+        try:
+            estimate = self.estimate(changes)
+        except DreamBoothError as error:
+            self.failures[changes_text(changes)] = str(error)
+            return None
+        return estimate if estimate.total_bytes <= gpu_bytes else None
 
     def cost(self, changes: dict[str, Any]) -> str:
         by_name = {s.name: s for s in SWITCHES}
@@ -234,7 +261,8 @@ class Fitter:
 
     def fit_preset(self, gpu_bytes: int) -> tuple[dict[str, Any], Estimate]:
         """The fastest combination of the switches that keep what is trained that fits ``gpu_bytes``, and its
-        estimate.  Nothing fits: every switch (the least memory there is), whose estimate says by how much not."""
+        estimate.  Nothing fits: every switch (the least memory there is), whose estimate says by how much not.
+        A rung whose dry run fails is skipped (see :attr:`failures`)."""
         estimate = self.estimate()
         if estimate.total_bytes <= gpu_bytes:
             return {}, estimate
@@ -244,30 +272,34 @@ class Fitter:
             trial = {**changes, switch.name: value}
             if not self.usable(trial):
                 continue
-            changes, last = trial, switch
-            estimate = self.estimate(changes)
-            if estimate.total_bytes <= gpu_bytes:
+            fitting = self._fits(trial, gpu_bytes)
+            if trial and changes_text(trial) in self.failures:
+                continue
+            changes, last, estimate = trial, switch, fitting or self.estimate(trial)
+            if fitting is not None:
                 break
         else:
             return changes, estimate
-        if last is not None and last.slowdown >= COSTLY:  # the cheaper switches taken before may not be needed
+        if last.slowdown >= COSTLY:  # the cheaper switches taken before may not be needed
             taken = [s for s in SWITCHES if s.name in changes and s is not last and s.slowdown > 0]
             for switch in sorted(taken, key=lambda s: -s.slowdown):
                 trial = {k: v for k, v in changes.items() if k != switch.name}
-                if self.usable(trial) and (smaller := self.estimate(trial)).total_bytes <= gpu_bytes:
+                if self.usable(trial) and (smaller := self._fits(trial, gpu_bytes)) is not None:
                     changes, estimate = trial, smaller
         return changes, estimate
 
     def suggestions(self, gpu_bytes: int) -> list[Suggestion]:
-        """Empty when the settings fit ``gpu_bytes``; else the single changes that fit, cheapest first, or where
-        none does, combinations: the fit preset, else the preset with one change of what is trained (each
-        cheapest first), else everything at once when even that fits."""
+        """Empty when the settings fit ``gpu_bytes``; else the single changes that fit, cheapest first (at most
+        :data:`MAX_SUGGESTIONS`: each is a dry run), or where none does, combinations: the fit preset, else the
+        preset with one change of what is trained (each cheapest first), else everything at once when that fits."""
         if self.estimate().total_bytes <= gpu_bytes:
             return []
         found = []
         for switch, value in self.switches():
             if (suggestion := self._first_fit({}, switch, value, gpu_bytes)) is not None:
                 found.append(suggestion)
+                if len(found) == MAX_SUGGESTIONS:
+                    break
         if found:
             return found
         preset, estimate = self.fit_preset(gpu_bytes)
@@ -281,7 +313,7 @@ class Fitter:
                 everything[switch.name] = value
                 if (suggestion := self._first_fit(preset, switch, value, gpu_bytes)) is not None:
                     found.append(suggestion)
-        if not found and self.usable(everything) and (estimate := self.estimate(everything)).total_bytes <= gpu_bytes:
+        if not found and self.usable(everything) and (estimate := self._fits(everything, gpu_bytes)) is not None:
             found.append(Suggestion(everything, estimate, self.cost(everything)))
         return found
 
@@ -291,8 +323,7 @@ class Fitter:
             changes = {**base, switch.name: step}
             if not self.usable(changes):
                 break
-            estimate = self.estimate(changes)
-            if estimate.total_bytes <= gpu_bytes:
+            if (estimate := self._fits(changes, gpu_bytes)) is not None:
                 return Suggestion(changes, estimate, self.cost(changes))
         return None
 

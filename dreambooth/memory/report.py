@@ -77,17 +77,34 @@ def estimate_markdown(
     return "\n".join(lines)
 
 
-def fit_markdown(settings: Settings, estimate_fn: Callable[..., Estimate] | None = None) -> str:
+def fit_markdown(
+    settings: Settings,
+    estimate_fn: Callable[..., Estimate] | None = None,
+    memo: dict[Any, Estimate] | None = None,
+    quick: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
     """The estimate of ``settings`` as the trainer would run them (with ``low_memory``: the fit preset applied)
-    and, when the GPU's size is known and they do not fit, what would."""
+    and, when the GPU's size is known and they do not fit, what would.
+
+    ``quick``: only the estimate of the settings as they are (one dry run), with a line saying that the rest is on
+    its way.  ``memo`` / ``should_stop``: see :class:`~dreambooth.memory.fit.Fitter` (``Superseded`` passes)."""
     from ..errors import DreamBoothError
-    from .fit import Fitter, gpu_bytes_for
+    from .fit import Fitter, Superseded, gpu_bytes_for
 
     if not settings.pretrained_model_name_or_path:
         return "Choose a base model to see the memory estimate."
-    fitter = Fitter(settings, estimate_fn=estimate_fn)
+    fitter = Fitter(settings, estimate_fn=estimate_fn, memo=memo, should_stop=should_stop)
     gpu_bytes = gpu_bytes_for(settings)
     try:
+        estimate = fitter.estimate()
+        if quick:
+            text = estimate_markdown(estimate, gpu_bytes)
+            if settings.low_memory:
+                return text + "\n\n*Working out what Fit my GPU turns on...*"
+            if gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
+                return text + "\n\n*Working out what would fit...*"
+            return text
         if settings.low_memory:
             if gpu_bytes is None:
                 preset = fitter.every_switch()
@@ -95,8 +112,9 @@ def fit_markdown(settings: Settings, estimate_fn: Callable[..., Estimate] | None
             else:
                 preset, estimate = fitter.fit_preset(gpu_bytes)
             return estimate_markdown(estimate, gpu_bytes, preset=preset)
-        estimate = fitter.estimate()
         found = fitter.suggestions(gpu_bytes) if gpu_bytes is not None and estimate.total_bytes > gpu_bytes else None
+    except Superseded:
+        raise
     except DreamBoothError as error:
         return f"**No memory estimate:** {error}"
     except Exception as error:  # the panel advises: a failed estimate must not break the page

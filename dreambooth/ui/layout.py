@@ -239,10 +239,14 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     form, estimate = tab.form(), c["memory_estimate"]
     # The memory estimate: when a setting it depends on changes, and once the page is filled.  Outside the queue
     # too (seconds each, in a thread of their own): queued, it would hold up every other event.
-    blocks.load(tab.initial, None, fill, **quick).then(tab.memory_estimate, form, estimate, **quick)
+    # First the estimate alone (one dry run), then what would fit (several).
+    hidden = {"show_progress": "hidden", **quick}
+    loaded = blocks.load(tab.initial, None, fill, **quick).then(tab.memory_estimate, form, estimate, **hidden)
+    loaded.then(tab.memory_fit, form, estimate, **hidden)
     for name in MEMORY_FIELDS:
         if name in widgets:
-            widgets[name].change(tab.memory_estimate, form, estimate, show_progress="hidden", **quick)
+            changed = widgets[name].change(tab.memory_estimate, form, estimate, **hidden)
+            changed.then(tab.memory_fit, form, estimate, **hidden)
     c["load"].click(tab.load_settings, c["saved"], fill, **quick)
     c["save"].click(tab.save_settings, tab.form(), [c["settings_message"], c["saved"]], **quick)
     c["refresh_models"].click(tab.refresh_models, {model, resume}, [model, resume])

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..memory.fit import Superseded
 from ..memory.report import fit_markdown
 from ..settings import Settings
 
@@ -36,12 +37,14 @@ KEEP = 32  # answers remembered
 
 
 class MemoryPanel:
-    """``markdown(settings)``: the panel's text for ``settings``, or None when a newer request superseded it."""
+    """``markdown(settings, quick)``: the panel's text for ``settings``, or None when a newer request superseded it
+    (also while it ran: the search stops before its next dry run).  ``quick``: the estimate alone, first."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._newest: Any = None
         self._answers: OrderedDict[Any, str] = OrderedDict()
+        self._estimates: dict[Any, Any] = {}  # shared by every search: a configuration is estimated once
 
     @staticmethod
     def _key(settings: Settings) -> Any:
@@ -52,17 +55,25 @@ class MemoryPanel:
             version = None
         return settings.to_json(), version
 
-    def markdown(self, settings: Settings) -> str | None:
+    def markdown(self, settings: Settings, quick: bool = False) -> str | None:
         key = self._key(settings)
         self._newest = key
         with self._lock:
-            if key in self._answers:
-                self._answers.move_to_end(key)
-                return self._answers[key]
+            if (key, quick) in self._answers:
+                self._answers.move_to_end((key, quick))
+                return self._answers[(key, quick)]
             if key != self._newest:
                 return None
-            text = fit_markdown(settings)
-            self._answers[key] = text
+            if len(self._estimates) > KEEP * 8 or key[1] != getattr(self, "_version", key[1]):
+                self._estimates.clear()  # bounded, and none of another version of the model file
+            self._version = key[1]
+            try:
+                text = fit_markdown(
+                    settings, memo=self._estimates, quick=quick, should_stop=lambda: self._newest != key
+                )
+            except Superseded:
+                return None
+            self._answers[(key, quick)] = text
             while len(self._answers) > KEEP:
                 self._answers.popitem(last=False)
             return text

@@ -368,20 +368,25 @@ class Tab:
         return {self.widgets[name]: value for name, value in values.items()}
 
     def memory_estimate(self, data: dict[Any, Any]) -> dict[Any, Any]:
-        """The memory estimate beside Train for the form's settings (:mod:`dreambooth.ui.memory`); nothing when a
-        newer edit has superseded this one."""
+        """The memory estimate beside Train for the form's settings, alone (:mod:`dreambooth.ui.memory`)."""
+        return self._memory(data, quick=True)
+
+    def memory_fit(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        """Then with what would fit the GPU, or what Fit my GPU turns on (a search of several dry runs)."""
+        return self._memory(data, quick=False)
+
+    def _memory(self, data: dict[Any, Any], quick: bool) -> dict[Any, Any]:
         panel = self.controls["memory_estimate"]
         try:
             settings = self.gather(data)
         except SettingsError as error:
-            return {
-                panel: "**No memory estimate** until this is fixed:\n" + "\n".join(f"- {p}" for p in error.problems)
-            }
+            problems = "\n".join(f"- {p}" for p in error.problems)
+            return {panel: f"**No memory estimate** until this is fixed:\n{problems}"}
         path = settings.pretrained_model_name_or_path
         refused = self.host.paths.check_read(path, MODEL_FIELD) if path else ""
         if refused:
             return {panel: f"**No memory estimate:** {refused}"}
-        text = self.memory.markdown(settings)
+        text = self.memory.markdown(settings, quick=quick)  # None: a newer edit superseded this one
         return {panel: gr.update() if text is None else text}
 
     def use_checkpoint(self, path: str) -> dict[Any, Any]:
