@@ -239,8 +239,13 @@ class Fitter:
 
         try:
             estimate = self.estimate(changes)
+        except Superseded:
+            raise
         except DreamBoothError as error:
             self.failures[changes_text(changes)] = str(error)
+            return None
+        except Exception as error:  # a dry run the estimate cannot do for this switch: not the search's end
+            self.failures[changes_text(changes)] = f"{type(error).__name__}: {str(error)[:300]}"
             return None
         return estimate if estimate.total_bytes <= gpu_bytes else None
 
