@@ -249,6 +249,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"low_memory (fit my GPU) chooses: {changes_text(changes)}: {gib(preset.total_bytes)}")
     elif gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
         print(suggestions_text(fitter.suggestions(gpu_bytes), gpu_bytes))
+    for changes, why in fitter.failures.items():
+        print(f"left out, the estimate cannot follow it: {changes}: {why}")
     return 0
 
 

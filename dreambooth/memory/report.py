@@ -54,10 +54,12 @@ def estimate_markdown(
     gpu_bytes: int | None,
     found: list[Suggestion] | None = None,
     preset: dict[str, Any] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> str:
     """The tab's panel: total, breakdown table, the verdict for the GPU and, when it does not fit, the list.
 
-    ``preset``: the changes ``low_memory`` makes (the estimate is of the settings with them)."""
+    ``preset``: the changes ``low_memory`` makes (the estimate is of the settings with them); ``failures``: the
+    changes whose dry run failed and were left out, with why."""
     total = estimate.total_bytes
     lines = [f"**Estimated peak GPU memory: {gib(total)}** ({mib(total)}; {estimate.arch_name}, one training step)"]
     if preset is not None:
@@ -74,6 +76,9 @@ def estimate_markdown(
             )
     elif found is not None and gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
         lines += ["", "Nothing in the list of memory switches makes it fit."]
+    if failures:
+        lines += ["", "Left out, the estimate cannot follow them:"]
+        lines += [f"- `{changes}`: {why}" for changes, why in failures.items()]
     return "\n".join(lines)
 
 
@@ -111,7 +116,7 @@ def fit_markdown(
                 estimate = fitter.estimate(preset)
             else:
                 preset, estimate = fitter.fit_preset(gpu_bytes)
-            return estimate_markdown(estimate, gpu_bytes, preset=preset)
+            return estimate_markdown(estimate, gpu_bytes, preset=preset, failures=fitter.failures)
         found = fitter.suggestions(gpu_bytes) if gpu_bytes is not None and estimate.total_bytes > gpu_bytes else None
     except Superseded:
         raise
@@ -119,4 +124,4 @@ def fit_markdown(
         return f"**No memory estimate:** {error}"
     except Exception as error:  # the panel advises: a failed estimate must not break the page
         return f"**No memory estimate:** {type(error).__name__}: {str(error)[:300]}"
-    return estimate_markdown(estimate, gpu_bytes, found)
+    return estimate_markdown(estimate, gpu_bytes, found, failures=fitter.failures)
