@@ -241,10 +241,10 @@ def test_a_switch_whose_dry_run_fails_is_left_out_and_the_reason_kept():
     assert (
         "cannot run on fake tensors" in fitter.failures["cache_latents on, mixed_precision bf16, optimizer adamw_8bit"]
     )
-    assert [s.changes for s in Fitter(MemorySettings(), estimate_fn=failing).suggestions(17 * GIB)] == [
-        {"fused_backward": True},
-        {"resolution": 448},
-    ]
+    both = Fitter(MemorySettings(), estimate_fn=failing)
+    assert [s.changes for s in both.suggestions(17 * GIB)] == [{"fused_backward": True}, {"resolution": 448}]
+    assert both.fit_preset(13 * GIB)[0] == changes  # the single and the rung fail alike: said once
+    assert list(both.failures) == ["optimizer adamw_8bit"]
 
 
 def test_at_most_three_single_changes_are_listed():

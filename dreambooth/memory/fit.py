@@ -232,22 +232,25 @@ class Fitter:
             self._memo[key] = self.estimate_fn(variant, arch=self.arch, processes=self.processes)
         return self._memo[key]
 
-    def _fits(self, changes: dict[str, Any], gpu_bytes: int) -> Estimate | None:
-        """The estimate with ``changes`` when it fits; None when not, or when its dry run fails (noted in
-        :attr:`failures`: a switch the estimate cannot follow is left out, not the whole search)."""
+    def _try(self, changes: dict[str, Any]) -> Estimate | None:
+        """The estimate with ``changes``, or None when its dry run fails (the reason goes to :attr:`failures`: a
+        switch the estimate cannot follow is left out, not the whole search)."""
         from ..errors import DreamBoothError
 
         try:
-            estimate = self.estimate(changes)
+            return self.estimate(changes)
         except Superseded:
             raise
-        except DreamBoothError as error:
-            self.failures[changes_text(changes)] = str(error)
-            return None
         except Exception as error:  # a dry run the estimate cannot do for this switch: not the search's end
-            self.failures[changes_text(changes)] = f"{type(error).__name__}: {str(error)[:300]}"
+            why = str(error) if isinstance(error, DreamBoothError) else f"{type(error).__name__}: {str(error)[:300]}"
+            if why not in self.failures.values():  # the same reason for the next rung says nothing new
+                self.failures[changes_text(changes)] = why
             return None
-        return estimate if estimate.total_bytes <= gpu_bytes else None
+
+    def _fits(self, changes: dict[str, Any], gpu_bytes: int) -> Estimate | None:
+        """The estimate with ``changes`` when it was made and fits ``gpu_bytes``, else None."""
+        estimate = self._try(changes)
+        return estimate if estimate is not None and estimate.total_bytes <= gpu_bytes else None
 
     def cost(self, changes: dict[str, Any]) -> str:
         by_name = {s.name: s for s in SWITCHES}
@@ -277,11 +280,11 @@ class Fitter:
             trial = {**changes, switch.name: value}
             if not self.usable(trial):
                 continue
-            fitting = self._fits(trial, gpu_bytes)
-            if trial and changes_text(trial) in self.failures:
+            tried = self._try(trial)
+            if tried is None:
                 continue
-            changes, last, estimate = trial, switch, fitting or self.estimate(trial)
-            if fitting is not None:
+            changes, last, estimate = trial, switch, tried
+            if tried.total_bytes <= gpu_bytes:
                 break
         else:
             return changes, estimate
