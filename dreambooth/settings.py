@@ -392,7 +392,8 @@ class Settings:
     # --- memory and speed
     mixed_precision: str = setting(
         "no",
-        "Compute in fp16 or bf16 (weights stay fp32).",
+        "Compute in fp16 or bf16: trained weights stay fp32; the VAE and a frozen text encoder are held in that dtype "
+        "(checkpoints keep their exact fp32 weights).",
         "memory",
         choices=("no", "fp16", "bf16"),
         label="Mixed precision",
@@ -422,9 +423,8 @@ class Settings:
         "is trained (cache_latents, mixed_precision, 8-bit AdamW, bf16 weights, fused backward, gradient "
         "checkpointing, in that order of cost) that the memory estimate says fits gpu_memory_gb, and logs it with "
         "the estimate (GPU size not known: all of them); batch, resolution and text-encoder training stay as set. "
-        "On a GPU the VAE and a frozen text encoder also compute the cached latents and text embeddings in the "
-        "mixed-precision dtype (fp16/bf16; their fp32 weights are restored after) and then wait on the CPU until "
-        "samples or saves need them (with cache_latents off the VAE stays on the GPU in fp32).",
+        "(Whatever this says, the VAE and a frozen text encoder wait on the CPU during the steps once their outputs "
+        "are cached.)",
         "memory",
         label="Fit my GPU",
     )

@@ -2,8 +2,8 @@
 
 The CPU suite checks the calls these options make (tests/test_fields.py); here their effect is checked: fp16 mixed
 precision trains with a gradient scaler and keeps fp32 weights, 8-bit AdamW keeps 8-bit optimizer states, xformers
-replaces the attention processors, low_memory moves the VAE and the frozen text encoder off the GPU (after filling the
-caches in half precision), and every
+replaces the attention processors, the VAE and a frozen text encoder work in the mixed-precision dtype and wait off the
+GPU once their outputs are cached (train/precision.py), low_memory turns gradient checkpointing on, and every
 component is back on the GPU in its dtype after samples and saves.
 """
 
@@ -68,54 +68,63 @@ def test_xformers_replaces_the_attention_processors(make_settings):
     assert names and all("XFormers" in n for n in names)
 
 
-def test_low_memory_moves_the_vae_and_frozen_text_encoder_off_the_gpu_while_training(make_settings, monkeypatch):
-    seen = {}
-    original = Trainer._loss
-
-    def spy(self, *args, **kwargs):
-        seen["vae"] = next(self.components.vae.parameters()).device.type
-        seen["text"] = next(self.components.text_encoder.parameters()).device.type
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_loss", spy)
-    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, low_memory=True))
+def test_low_memory_on_a_gpu_the_model_fits_turns_nothing_on(make_settings):
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=1, low_memory=True))
     trainer.run()
-    assert seen == {"vae": "cpu", "text": "cpu"}
     # the tiny model fits the GPU as it is: Fit my GPU has nothing to turn on (tests/test_fields.py: what it chooses)
     assert not trainer.components.unet.is_gradient_checkpointing and trainer.settings.mixed_precision == "no"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_low_memory_caches_with_the_frozen_modules_in_half_precision_and_restores_fp32(
-    make_settings, monkeypatch, precision
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+@pytest.mark.parametrize("train_text", [False, True], ids=["frozen-text", "trained-text"])
+def test_frozen_modules_cache_in_half_precision_wait_on_the_cpu_and_checkpoints_keep_fp32(
+    make_settings, monkeypatch, precision, train_text
 ):
-    """While the caches fill, the VAE and the frozen text encoder run on the GPU in the run's dtype; afterwards they
-    wait on the CPU with their exact fp32 weights, and the checkpoint holds those."""
+    """The caches fill with the VAE (and a frozen text encoder) on the GPU in the run's dtype; during the steps they
+    wait on the CPU (a trained text encoder: on the GPU in fp32); the checkpoint and the modules after the run hold
+    the base model's exact fp32 weights."""
     from dreambooth.data import cache
+    from dreambooth.events import Callbacks
+    from dreambooth.models.components import load_components
 
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    seen = set()
+    half = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    caching, steps = set(), {"vae": set(), "text_encoder": set()}
     original = cache.latent_distribution
 
     def spy(vae, image):
-        seen.add((next(vae.parameters()).device.type, next(vae.parameters()).dtype))
+        caching.add((next(vae.parameters()).device.type, next(vae.parameters()).dtype))
         return original(vae, image)
 
-    monkeypatch.setattr(cache, "latent_distribution", spy)
-    trainer = Trainer(make_settings(device="cuda", max_train_steps=2, low_memory=True, mixed_precision=precision))
-    result = trainer.run()
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    assert seen == {("cuda", half)}
-    from dreambooth.models.components import load_components
+    class During(Callbacks):
+        def on_progress(self, progress):
+            if progress.phase == "training":
+                for name in steps:
+                    parameter = next(getattr(trainer.components, name).parameters())
+                    steps[name].add((parameter.device.type, parameter.dtype))
 
+    monkeypatch.setattr(cache, "latent_distribution", spy)
+    settings = make_settings(device="cuda", max_train_steps=2, mixed_precision=precision, train_text_encoder=train_text)
+    trainer = Trainer(settings, callbacks=During())
+    result = trainer.run()
+    assert caching == {("cuda", half)}
+    assert steps["vae"] == {("cpu", half)}
+    assert steps["text_encoder"] == ({("cuda", torch.float32)} if train_text else {("cpu", half)})
     base = load_components(trainer.settings.pretrained_model_name_or_path)
     saved = load_components(result.checkpoints[-1])
-    for name in ("vae", "text_encoder"):
+    for name in ("vae",) if train_text else ("vae", "text_encoder"):
         module = getattr(trainer.components, name)
-        assert {p.dtype for p in module.parameters()} == {torch.float32}
-        a, b = getattr(base, name).state_dict(), getattr(saved, name).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert {(p.device.type, p.dtype) for p in module.parameters()} == {("cuda", torch.float32)}
+        for other in (getattr(saved, name), module):
+            a, b = getattr(base, name).state_dict(), other.state_dict()
+            assert all(torch.equal(a[k], b[k].cpu()) for k in a), name
+
+
+def test_samples_in_fp16_with_the_vae_in_fp16(make_settings):
+    trainer = Trainer(make_settings(device="cuda", max_train_steps=1, mixed_precision="fp16", n_save_sample=2))
+    result = trainer.run()
+    assert len(result.samples) == 2
 
 
 def test_components_are_back_on_the_gpu_after_samples_and_saves(make_settings):

@@ -330,35 +330,13 @@ def test_progress_epoch_counts_global_batches(make_settings, monkeypatch):
     assert epochs == [0, 0, 1, 2]
 
 
-# ------------------------------------------------------------------------------------- low_memory precision
-
-
-def test_frozen_modules_take_the_mixed_precision_dtype_only_with_low_memory_on_a_gpu():
-    from dreambooth.train.precision import frozen_dtype
-
-    assert frozen_dtype(True, "cuda", "fp16") == "fp16"
-    assert frozen_dtype(True, "cuda", "bf16") == "bf16"
-    assert frozen_dtype(True, "cuda", "no") is None  # no half dtype chosen for the run
-    assert frozen_dtype(False, "cuda", "fp16") is None
-    assert frozen_dtype(True, "cpu", "bf16") is None
-
-
-def test_in_dtype_runs_modules_in_half_and_gives_back_their_exact_fp32_weights():
-    from dreambooth.train.precision import in_dtype
-
-    module = torch.nn.Linear(4, 4)
-    module.weight.data += 1e-4 * torch.arange(16.0).reshape(4, 4)  # values bf16 cannot hold exactly
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    with in_dtype([module], "bf16"):
-        assert module.weight.dtype == torch.bfloat16
-    assert module.weight.dtype == torch.float32
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+# ------------------------------------------------------------------------------------- low_memory
 
 
 def test_low_memory_help_says_what_it_does():
     from dreambooth.settings import fields
 
     help_text = next(f for f in fields() if f.name == "low_memory").metadata["help"]
-    assert "once cached" not in help_text
-    for part in ("gradient checkpointing", "fp16/bf16", "fp32 weights are restored", "CPU", "cache_latents off"):
-        assert part in help_text
+    assert "fits gpu_memory_gb" in help_text and "memory estimate" in help_text  # Fit my GPU (tests/test_fit.py)
+    for claim in ("fp16/bf16", "fp32 weights are restored"):  # the frozen modules' precision no longer depends on it
+        assert claim not in help_text

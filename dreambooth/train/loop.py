@@ -28,7 +28,7 @@ from .distributed import launched_processes
 from .distributed import make as make_distributed
 from .loss import combine_losses, sample_losses, training_target
 from .outputs import Outputs, RunState, TrainResult
-from .precision import frozen_dtype, in_dtype
+from .precision import FrozenModules, Placement, frozen_placement, move
 from .sampling import encode_prompts, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
@@ -94,6 +94,7 @@ class Trainer(Outputs):
         self.latent_cache = None
         self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
+        self.frozen: FrozenModules | None = None  # the VAE / frozen text encoder in the run's dtype (precision.py)
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
@@ -135,10 +136,17 @@ class Trainer(Outputs):
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
         for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
             self.log(f"warning: {warning}")
-        components.to(device=device, dtype=torch.float32)
+        move(components.unet, device, torch.float32)
+        self.frozen = FrozenModules(components, self.frozen_placement(components, device), device)
         if s.attention == "xformers":
             components.unet.enable_xformers_memory_efficient_attention()
         return components
+
+    def frozen_placement(self, components: Any, device: Any) -> dict[str, Placement]:
+        """Where the VAE and text encoder are during the steps, and their dtype (train/precision.py)."""
+        from ..models.inpainting import is_inpainting
+
+        return frozen_placement(self.settings, device, inpainting=is_inpainting(components), cache_text=self.cache_text)
 
     def _class_images(self, components: Any) -> None:
         from ..data.class_images import generate_class_images, usable_class_images
@@ -468,19 +476,15 @@ class Trainer(Outputs):
         return self._optimization(plan, global_batch, total)
 
     def _cache(self, instances: list[list[Example]], classes: list[list[Example]] | None) -> None:
-        """Latents (and text embeddings of a frozen encoder) once; with low_memory on a GPU the frozen modules
-        encode in the run's half precision (see train/precision.py) and then leave the GPU."""
-        s, dist, components = self.settings, self.dist, self.components
-        examples = [e for group in instances + (classes or []) for e in group]
-        frozen = [components.vae] + ([] if s.train_text_encoder else [components.text_encoder])
-        with in_dtype(frozen, frozen_dtype(s.low_memory, dist.device.type, s.mixed_precision)):
-            self._fill_caches(examples)
+        """Latents (and text embeddings of a frozen encoder) once; then the modules whose outputs are cached leave
+        the training device (train/precision.py)."""
+        self._fill_caches([e for group in instances + (classes or []) for e in group])
+        self.frozen.park(self.components)
 
     def _fill_caches(self, examples: list[Example]) -> None:
         from ..data.cache import LatentCache
 
         s, dist, components = self.settings, self.dist, self.components
-        device = dist.device
         if s.cache_latents:
             self.latent_cache = LatentCache(
                 self.contents,
@@ -504,12 +508,8 @@ class Trainer(Outputs):
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-            if s.low_memory and device.type == "cuda" and self._inpainting() is None:
-                components.vae.to("cpu")  # not needed again until a sample is made (inpainting: every step)
         if not s.train_text_encoder and self.cache_text:
             self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
-            if s.low_memory and device.type == "cuda":
-                components.text_encoder.to("cpu")
 
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
@@ -672,6 +672,8 @@ class Trainer(Outputs):
             return
         components.unet.requires_grad_(False).eval()
         components.text_encoder.requires_grad_(False).eval()
+        if self.frozen is not None:  # the exact fp32 modules, not their half-precision copies
+            self.frozen.restore(components, self.dist.device)
         components.vae.to(self.dist.device)
         components.text_encoder.to(self.dist.device)
 

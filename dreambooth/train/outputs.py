@@ -88,7 +88,7 @@ class Outputs:
         destination = self._checkpoint_folder() / f"{s.model_name}_{step}.{s.save_format}"
         checkpoint_bytes = tensor_bytes(self._component_tensors(), half=s.save_half)
         with self._disk_full_message(f"the checkpoint of step {step}", destination.parent, checkpoint_bytes):
-            paths = save_single_file(self.components, destination, half=s.save_half, metadata=metadata)
+            paths = save_single_file(self._saved_components(), destination, half=s.save_half, metadata=metadata)
         run.result.checkpoints.append(paths[0])
         if s.save_training_state:
             self._save_state(run, paths[0])
@@ -124,8 +124,14 @@ class Outputs:
     def _checkpoint_folder(self) -> Path:
         return Path(self.settings.output_dir) / self.settings.checkpoint_dir
 
+    def _saved_components(self) -> Any:
+        """The components as checkpoints hold them: the frozen modules' exact fp32 weights, not their copies in the
+        run's half precision (train/precision.py)."""
+        frozen = getattr(self, "frozen", None)
+        return self.components if frozen is None else frozen.exact(self.components)
+
     def _component_tensors(self) -> list[Any]:
-        c = self.components
+        c = self._saved_components()
         return [t for module in (c.unet, c.vae, c.text_encoder) for t in module.state_dict().values()]
 
     @contextlib.contextmanager

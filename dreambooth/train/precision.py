@@ -1,44 +1,141 @@
-"""The precision of the frozen modules (the VAE, a frozen text encoder) while they fill the caches under low_memory.
+"""The frozen modules of a run (the VAE, a text encoder that is not trained): their dtype and where they are.
 
-Decision: with ``low_memory`` on a CUDA device and mixed precision fp16 or bf16, the frozen modules encode the
-latents and the text embeddings in that dtype (half their weights' memory, faster).  The VAE takes fp16 too: the
-SD 1.x / 2.x VAE *encoder* stays in fp16's range at training resolutions (what overflows in fp16 is the SDXL VAE and
-decoding at high resolution; a future SDXL family keeps its VAE in fp32).  Cached latents and embeddings are stored in
-fp32.  Afterwards the modules get their exact fp32 weights back (kept in CPU memory meanwhile), so checkpoints and
-samples are unchanged; they then wait on the CPU until samples or saves need them.  Without mixed precision, on the
-CPU, or with ``cache_latents`` off (the VAE then encodes every step, in fp32), nothing changes.
+Decision (:func:`frozen_placement`, the one place it is made; the trainer and the memory estimate both call it):
+
+- **dtype**: with mixed precision fp16 or bf16 they work in that dtype for the whole run (half their weights'
+  memory, faster): they fill the caches, make the class images and samples, and run in every step when their outputs
+  are not cached (``cache_latents`` off; the masked-image latents of inpainting models).  The VAE takes fp16 too: the
+  SD 1.x / 2.x VAE *encoder* stays in fp16's range at training resolutions; decoding a sample in fp16 that overflows
+  is done again in fp32 (train/sampling.py), as the WebUI does.  A future SDXL family keeps its VAE in fp32.  Cached
+  latents and embeddings are stored in fp32.
+- **exact weights**: the modules given to the trainer keep their fp32 weights, untouched, in CPU memory; the run
+  works with half-precision copies (:class:`FrozenModules`).  Checkpoints are written from the fp32 modules, and at the
+  end of the run (or a failure) they are back in the components, on the training device: the checkpoint's VAE and
+  text encoder are bit for bit the base model's, and the WebUI gets its modules back unchanged.
+- **place during the steps**: a module whose outputs are all cached is not needed by the steps and waits on the CPU
+  (the VAE with ``cache_latents`` on, except for inpainting models, which encode the masked image each step; a frozen
+  text encoder with cached embeddings), whatever the precision; it comes back to the training device for samples and
+  tests (train/sampling.py moves it there and back).
+- **the CPU**: bf16 applies on the CPU too, so the CPU runs the very code path a GPU does (the tests and the CPU proof
+  of the memory estimate measure it); there it costs memory instead of saving it (the fp32 modules and their bf16
+  copies share one memory: 1.5x the frozen modules' fp32 size), which matters little for the tiny models the CPU
+  trains.  fp16 does not: fp16 convolutions on the CPU work in the torch we test with but are missing from older
+  releases ("not implemented for 'Half'"), and validation refuses fp16 on the CPU anyway; the frozen modules then
+  stay fp32.
+
+``low_memory`` no longer changes any of this (it turns gradient checkpointing on).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
+import copy
+import dataclasses
+import itertools
+from typing import Any, NamedTuple
+
+FROZEN = ("vae", "text_encoder")
 
 
-def frozen_dtype(low_memory: bool, device_type: str, mixed_precision: str) -> str | None:
-    """``"fp16"`` / ``"bf16"`` when the frozen modules fill the caches in half precision, else None (fp32)."""
-    if low_memory and device_type == "cuda" and mixed_precision in ("fp16", "bf16"):
-        return mixed_precision
-    return None
+class Placement(NamedTuple):
+    """A module's place during the training steps (a ``torch.device``) and its dtype for the run."""
+
+    device: Any
+    dtype: Any
 
 
-@contextlib.contextmanager
-def in_dtype(modules: list[Any], dtype_name: str | None) -> Iterator[None]:
-    """Run ``modules`` in ``dtype_name`` (None: as they are); afterwards they hold their exact fp32 weights again,
-    wherever they were moved meanwhile."""
-    if dtype_name is None or not modules:
-        yield
-        return
+def frozen_dtype(settings: Any, device_type: str) -> Any:
+    """The dtype the frozen modules work in: the mixed-precision dtype (bf16 anywhere, fp16 on a GPU), else fp32."""
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    saved = [{k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} for m in modules]
-    for module in modules:
-        module.to(dtype)
-    try:
-        yield
-    finally:
-        for module, state in zip(modules, saved):
-            module.to(torch.float32)
-            module.load_state_dict(state)
+    if settings.mixed_precision == "bf16" or (settings.mixed_precision == "fp16" and device_type != "cpu"):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[settings.mixed_precision]
+    return torch.float32
+
+
+def frozen_placement(
+    settings: Any, device: Any, *, inpainting: bool = False, cache_text: bool = True
+) -> dict[str, Placement]:
+    """``{"vae": Placement, "text_encoder": Placement}`` for a run of ``settings`` on ``device`` (see the module's
+    docstring).  A trained text encoder: the training device, fp32 (it is not frozen; it stays fp32 after
+    ``stop_text_encoder`` too).  ``inpainting``: the model encodes masked images every step (its VAE stays);
+    ``cache_text`` False: the text embeddings are not cached (the benchmark's naive mode).  The fp32 weights kept
+    for saving are in CPU memory in every case."""
+    import torch
+
+    device = torch.device(device)
+    cpu = torch.device("cpu")
+    dtype = frozen_dtype(settings, device.type)
+    vae_cached = settings.cache_latents and not inpainting
+    placement = {"vae": Placement(cpu if vae_cached else device, dtype)}
+    if settings.train_text_encoder:
+        placement["text_encoder"] = Placement(device, torch.float32)
+    else:
+        placement["text_encoder"] = Placement(cpu if cache_text else device, dtype)
+    return placement
+
+
+def half_copy(module: Any, device: Any, dtype: Any) -> Any:
+    """A copy of ``module`` on ``device`` with its floating-point tensors in ``dtype``, made without a second
+    full-precision copy (each tensor is converted on its own)."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        converted = tensor.detach().to(device, dtype if tensor.is_floating_point() else None, copy=True)
+        if isinstance(tensor, torch.nn.Parameter):
+            converted = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = converted
+    return copy.deepcopy(module, memo)
+
+
+def move(module: Any, device: Any, dtype: Any) -> None:
+    """``module`` to ``device`` and ``dtype``, converting only what differs (diffusers warns at every dtype cast)."""
+    import torch
+
+    current = next(module.parameters())
+    if current.dtype != dtype:
+        module.to(dtype=dtype)
+    if current.device != torch.device(device):
+        module.to(device=device)
+
+
+class FrozenModules:
+    """The components' frozen modules placed for a run: half-precision copies where the placement says so, the
+    given fp32 modules kept on the CPU, untouched, for saving and for the end of the run."""
+
+    def __init__(self, components: Any, placement: dict[str, Placement], device: Any):
+        """Puts every frozen module on ``device`` in its run dtype (the placement's steps device comes later:
+        :meth:`park`)."""
+        import torch
+
+        self.placement = placement
+        self.originals: dict[str, Any] = {}  # name -> the fp32 module given to the trainer, on the CPU
+        try:
+            for name, (_, dtype) in placement.items():
+                module = getattr(components, name)
+                if dtype == torch.float32:
+                    move(module, device, torch.float32)
+                    continue
+                move(module, "cpu", torch.float32)  # fp32 as loaded; off the GPU
+                setattr(components, name, half_copy(module, device, dtype))
+                self.originals[name] = module
+        except BaseException:  # e.g. out of memory: the components keep the modules they were given
+            for name, module in self.originals.items():
+                setattr(components, name, module)
+            raise
+
+    def park(self, components: Any) -> None:
+        """Each frozen module to its place during the steps (the CPU when its outputs are cached)."""
+        for name, (device, _) in self.placement.items():
+            getattr(components, name).to(device)
+
+    def exact(self, components: Any) -> Any:
+        """The components with the fp32 modules in place of the half-precision copies (for writing checkpoints)."""
+        return dataclasses.replace(components, **self.originals) if self.originals else components
+
+    def restore(self, components: Any, device: Any) -> None:
+        """The fp32 modules back in ``components``, on ``device``; the copies are dropped."""
+        for name in self.placement:
+            setattr(components, name, self.originals.get(name, getattr(components, name)))
+            getattr(components, name).to(device)
+        self.originals = {}

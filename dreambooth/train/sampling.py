@@ -74,8 +74,8 @@ def generate(
     the next is started) and ``should_stop`` is asked before each batch (True: return what was made).
 
     ``autocast_dtype`` (torch.float16 / bfloat16): the text encoder and UNet run under autocast in that dtype (the
-    run's mixed precision); the VAE decodes in fp32 (SD VAEs overflow in fp16: the WebUI's --no-half-vae).  An
-    inpainting model gets a full mask over a blank image (its txt2img, as in the WebUI).
+    run's mixed precision); the VAE decodes in its own dtype (see :func:`decode`).  An inpainting model gets a full
+    mask over a blank image (its txt2img, as in the WebUI).
     """
     import torch
 
@@ -138,7 +138,7 @@ def generate(
                         output_type="latent",
                         **extra,
                     ).images
-                decoded = vae.decode(denoised.to(dtype) / vae.config.scaling_factor).sample
+                decoded = decode(vae, denoised)
                 batch = pipe.image_processor.postprocess(decoded.float(), output_type="pil")
                 images.extend(batch)
                 if on_batch is not None:
@@ -147,6 +147,24 @@ def generate(
             vae.to(vae_device)
             text_encoder.to(text_device)
     return images
+
+
+def decode(vae: Any, latents: Any) -> Any:
+    """Images in [-1, 1] from ``latents``, decoded in the VAE's dtype (the trainer holds a frozen VAE in the run's
+    mixed precision: train/precision.py).  An fp16 decode that overflows (inf / NaN: some SD VAEs do, the reason for
+    the WebUI's --no-half-vae) is done again with the VAE in fp32, as the WebUI does by default; fp16 -> fp32 -> fp16
+    gives the same weights back."""
+    import torch
+
+    dtype = next(vae.parameters()).dtype
+    decoded = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+    if dtype == torch.float16 and not bool(torch.isfinite(decoded).all()):
+        vae.to(torch.float32)
+        try:
+            decoded = vae.decode(latents.float() / vae.config.scaling_factor).sample
+        finally:
+            vae.to(dtype)
+    return decoded
 
 
 def _sampling_scheduler(components: Any) -> Any:
