@@ -400,6 +400,7 @@ def apply_low_memory(
         changes = fitter.every_switch()
         log(f"low_memory (fit my GPU): the GPU's size is not known, so every memory switch: {changes_text(changes)}")
         return dataclasses.replace(settings, **changes)
+    log(f"low_memory (fit my GPU): estimating what fits {gpu_bytes / GIB:.1f} GiB (a dry run per switch tried)")
     try:
         changes, estimate = fitter.fit_preset(gpu_bytes)
     except Exception as error:  # the estimate advises; a run does not fail for want of it (the log says why)
@@ -413,4 +414,6 @@ def apply_low_memory(
         f"low_memory (fit my GPU, {gpu_bytes / GIB:.1f} GiB): {changes_text(changes)}; estimated peak "
         f"{estimate.total_bytes / GIB:.2f} GiB, {verdict} ({estimate_text(estimate)})"
     )
+    for tried, why in fitter.failures.items():
+        log(f"low_memory (fit my GPU): left out {tried}, the estimate cannot follow it: {why}")
     return dataclasses.replace(settings, **changes)
