@@ -260,3 +260,29 @@ def test_a_search_stops_before_its_next_dry_run_when_told():
     with pytest.raises(Superseded):
         fitter.fit_preset(9 * GIB)
     assert len(script.calls) == 2
+
+
+def test_a_switch_that_blocks_later_rungs_is_tried_without_when_nothing_fits():
+    """The estimate could not follow 8-bit AdamW together with bf16 weights or fused backward: the ladder with 8-bit
+    ends at 12.0 GiB; without it, bf16 weights, fused backward and checkpointing reach 11.0 GiB, and that is taken."""
+    from dreambooth.errors import DreamBoothError
+
+    script = Scripted()
+
+    def partial(settings, arch=None, processes=1):
+        if settings.optimizer == "adamw_8bit" and (settings.full_bf16 or settings.fused_backward):
+            raise DreamBoothError("the estimate does not cover adamw_8bit with full_bf16 or fused_backward yet")
+        return script(settings, arch, processes)
+
+    fitter = Fitter(MemorySettings(), estimate_fn=partial)
+    changes, estimate = fitter.fit_preset(10 * GIB)
+    assert changes == {
+        "cache_latents": True,
+        "mixed_precision": "bf16",
+        "full_bf16": True,
+        "fused_backward": True,
+        "gradient_checkpointing": True,
+    }
+    assert gib(estimate) == pytest.approx(11.0)
+    changes, estimate = Fitter(MemorySettings(), estimate_fn=partial).fit_preset(12 * GIB)
+    assert gib(estimate) == pytest.approx(12.0) and changes["optimizer"] == "adamw_8bit"  # it fits: no second climb

@@ -270,18 +270,33 @@ class Fitter:
     def fit_preset(self, gpu_bytes: int) -> tuple[dict[str, Any], Estimate]:
         """The fastest combination of the switches that keep what is trained that fits ``gpu_bytes``, and its
         estimate.  Nothing fits: every switch (the least memory there is), whose estimate says by how much not.
-        A rung whose dry run fails is skipped (see :attr:`failures`)."""
+
+        A rung whose dry run fails is skipped (see :attr:`failures`).  When nothing fits and a rung failed only in
+        combination with a costed switch taken before (the estimate may not follow 8-bit AdamW with bf16 weights),
+        the ladder is climbed once more without that switch, and the better of the two is taken."""
         estimate = self.estimate()
         if estimate.total_bytes <= gpu_bytes:
             return {}, estimate
+        blockers: set[str] = set()
+        changes, estimate = self._ladder(gpu_bytes, set(), blockers)
+        if estimate.total_bytes > gpu_bytes and blockers:
+            other, other_estimate = self._ladder(gpu_bytes, blockers, set())
+            if other_estimate.total_bytes < estimate.total_bytes:
+                changes, estimate = other, other_estimate
+        return changes, estimate
+
+    def _ladder(self, gpu_bytes: int, without: set[str], blockers: set[str]) -> tuple[dict[str, Any], Estimate]:
+        """Climb the ladder (switches in ``without`` left out) to the first rung that fits, then drop the costed
+        switches not needed.  ``blockers`` receives the costed switches taken before a rung whose dry run failed."""
         changes: dict[str, Any] = {}
-        last = None
+        estimate, last = self.estimate(), None
         for switch, value in self.switches(keeps_training_only=True, alone=False):
             trial = {**changes, switch.name: value}
-            if not self.usable(trial):
+            if switch.name in without or not self.usable(trial):
                 continue
             tried = self._try(trial)
             if tried is None:
+                blockers.update(s.name for s in SWITCHES if s.name in changes and s.slowdown > 0)
                 continue
             changes, last, estimate = trial, switch, tried
             if tried.total_bytes <= gpu_bytes:
