@@ -173,3 +173,15 @@ def test_estimate_bad_input_is_one_sentence(argv, words, monkeypatch, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # about a minute: several dry runs
+def test_estimate_with_the_real_dry_run_of_a_tiny_model(make_settings, tmp_path):
+    """End to end: the dry run of dreambooth/memory/estimate.py on the tiny model's file, a GPU too small for it."""
+    config = make_settings(with_prior_preservation=True).save(tmp_path / "settings.json")
+    result = run_cli("estimate", "--config", str(config), "--gpu-memory", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "Estimated GPU memory (SD 1.x" in result.stdout and "Does not fit a 0.5 GiB GPU" in result.stdout
+    assert "What would fit 0.5 GiB" in result.stdout or "Nothing this tool knows makes it fit" in result.stdout
+    fitted = run_cli("estimate", "--config", str(config), "--gpu-memory", "0.5", "--set", "low_memory=true")
+    assert "low_memory (fit my GPU) chooses:" in fitted.stdout, fitted.stderr
