@@ -12,6 +12,26 @@ from typing import Any
 TEXT_PREFIX = "text_model."
 
 
+@contextlib.contextmanager
+def quiet_bitsandbytes() -> Iterator[None]:
+    """Imports inside this block do not print bitsandbytes' import-time warnings.
+
+    bitsandbytes 0.50 logs a warning about an optional CPU kernel package (4-bit matmul, which we never use) when it
+    is imported on a machine without it; diffusers imports bitsandbytes whenever it is installed (its quantizers), and
+    8-bit AdamW imports it.  Its loggers are raised to ERROR for the block and restored after (nothing global stays
+    changed).
+    """
+    import logging
+
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def text_encoder_state_dict(model: Any) -> dict[str, Any]:
     """The text encoder's weights with transformers-4 names (``text_model.`` prefix), without ``position_ids``.
 

@@ -369,7 +369,7 @@ class Settings:
     )
     optimizer: str = setting(
         "adamw",
-        "AdamW, or 8-bit AdamW from bitsandbytes (less memory, CUDA).",
+        "AdamW, or 8-bit AdamW from bitsandbytes (optimizer states in 8 bits: less memory).",
         "optimizer",
         choices=("adamw", "adamw_8bit"),
         label="Optimizer",
@@ -382,7 +382,8 @@ class Settings:
     adam_epsilon: float = setting(1e-8, "Adam epsilon.", "optimizer", minimum=0.0, maximum=1.0, label="Adam epsilon")
     max_grad_norm: float = setting(
         1.0,
-        "Clip the gradient norm to this value (0: no clipping).",
+        "Clip the gradient norm to this value (0: no clipping). With fused_backward each parameter's gradient norm "
+        "is clipped on its own (the global norm would need every gradient at once).",
         "optimizer",
         minimum=0.0,
         maximum=1e6,
@@ -436,6 +437,22 @@ class Settings:
         minimum=0.0,
         maximum=4096.0,
         label="GPU memory (GB)",
+    )
+    fused_backward: bool = setting(
+        False,
+        "Update each weight as soon as its gradient is complete in the backward pass and free that gradient at once, "
+        "so the gradients of the whole model never exist together (less memory). max_grad_norm then clips each "
+        "parameter's gradient on its own. Not with mixed_precision fp16 or several processes.",
+        "memory",
+        label="Fused backward pass",
+    )
+    full_bf16: bool = setting(
+        False,
+        "Keep the trained weights in bf16 (half the memory of fp32): each update is computed in fp32 and written back "
+        "with stochastic rounding, so small updates are not lost. Needs mixed_precision bf16. Checkpoints and "
+        "training states hold the weights upcast to fp32.",
+        "memory",
+        label="bf16 weights",
     )
     device: str = setting(
         "auto",

@@ -137,6 +137,30 @@ def _output_problems(s: Settings) -> list[str]:
     return problems
 
 
+def _memory_problems(s: Settings) -> list[str]:
+    """fused_backward and full_bf16 against the options they cannot work with."""
+    from .train.distributed import launched_processes
+
+    problems = []
+    if s.fused_backward and s.mixed_precision == "fp16":
+        problems.append(
+            "fused_backward cannot be used with mixed_precision fp16: the fp16 gradient scaler must see every "
+            "gradient before any weight changes; use mixed_precision bf16 or no, or turn fused_backward off"
+        )
+    processes = launched_processes()
+    if s.fused_backward and processes > 1:
+        problems.append(
+            f"fused_backward cannot be used with several processes ({processes} were launched): the gradients are "
+            "summed across processes after the backward pass; train in one process or turn fused_backward off"
+        )
+    if s.full_bf16 and s.mixed_precision != "bf16":
+        problems.append(
+            "full_bf16 needs mixed_precision bf16 (the bf16 weights compute under bf16 autocast); set "
+            "mixed_precision bf16 or turn full_bf16 off"
+        )
+    return problems
+
+
 def validate_settings(settings: Settings, check_files: bool = True, model_in_memory: bool = False) -> list[str]:
     s = settings
     text_problems = _text_problems(s)
@@ -165,6 +189,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
             )
     if s.mixed_precision == "fp16" and s.device == "cpu":
         problems.append("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    problems.extend(_memory_problems(s))
     if s.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(
             "optimizer adamw_8bit needs the bitsandbytes package, which is not installed: "

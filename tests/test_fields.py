@@ -111,6 +111,11 @@ def count(folder, expected):
     return check
 
 
+def bf16_values(module) -> bool:
+    """Every weight of ``module`` is a bf16 value (trained with full_bf16; saved and kept as fp32 after the run)."""
+    return all(torch.equal(v, v.bfloat16().float()) for v in module.state_dict().values())
+
+
 # field -> (base changes, variant changes, check); "concept." rows change the concept.
 ROWS = {
     "pretrained_vae_name_or_path": None,  # its own test below
@@ -216,6 +221,14 @@ ROWS = {
     "attention": None,
     "low_memory": None,  # test_low_memory_without_a_gpu_size_turns_every_memory_switch_on
     "gpu_memory_gb": None,  # test_low_memory_applies_the_fit_preset_chosen_for_gpu_memory_gb
+    # the same weights as without it, in less memory: tests/test_paramwise.py shows each effect (the update in the
+    # backward pass with one gradient at a time, the same weights, per-parameter clipping, exact resume)
+    "fused_backward": None,
+    "full_bf16": (
+        {"mixed_precision": "bf16"},
+        {"mixed_precision": "bf16", "full_bf16": True},
+        lambda b, v: bf16_values(v.trainer.components.unet) and not bf16_values(b.trainer.components.unet),
+    ),
     "device": None,
     "train_text_encoder": ({}, TEXT, differs("text")),
     "text_encoder_learning_rate": (TEXT, {**TEXT, "text_encoder_learning_rate": 1e-2}, differs("text")),
@@ -364,19 +377,34 @@ def only_for(monkeypatch, package: str, answer) -> None:
 
 
 def test_eight_bit_adam_is_asked_of_bitsandbytes(make_settings, monkeypatch):
-    """On the CPU the choice is refused before training with a reason; on CUDA it builds bnb's AdamW8bit."""
+    """bitsandbytes' AdamW8bit with the settings' hyper-parameters, tried on the device first: a device it cannot run
+    on is refused before training with a reason (tests/test_paramwise.py trains with the real one on the CPU)."""
     from dreambooth.train import optim
 
     made = []
+
+    class Refusing:
+        def __init__(self, groups, **kwargs):
+            made.append(kwargs)
+
+        def step(self):
+            raise RuntimeError("no kernel for this device")
+
     fake = types.ModuleType("bitsandbytes")
-    fake.optim = types.SimpleNamespace(AdamW8bit=lambda groups, **kwargs: made.append(kwargs) or "bnb-optimizer")
+    fake.__version__ = "0.0-test"
+    fake.optim = types.SimpleNamespace(AdamW8bit=Refusing)
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     only_for(monkeypatch, "bitsandbytes", object())
     settings = make_settings(optimizer="adamw_8bit", adam_beta1=0.8)
-    with pytest.raises(DreamBoothError, match="8-bit AdamW needs a CUDA GPU"):
+    with pytest.raises(
+        DreamBoothError,
+        match=r"optimizer adamw_8bit: bitsandbytes 0.0-test cannot run 8-bit AdamW on the cpu device "
+        r"\(RuntimeError: no kernel for this device\). Update bitsandbytes, or choose optimizer adamw.",
+    ):
         Trainer(settings).run()
-    assert optim.make_optimizer([{"params": [], "lr": 1.0}], settings, "cuda") == "bnb-optimizer"
-    assert made[0]["betas"] == (0.8, 0.999)
+    fake.optim.AdamW8bit = type("Working", (Refusing,), {"step": lambda self: None})
+    assert isinstance(optim.make_optimizer([{"params": [], "lr": 1.0}], settings, "cpu"), fake.optim.AdamW8bit)
+    assert made[-1]["betas"] == (0.8, 0.999)
     only_for(monkeypatch, "bitsandbytes", None)
     assert any("bitsandbytes" in p for p in make_settings(optimizer="adamw_8bit").validate())
 

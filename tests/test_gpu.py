@@ -3,7 +3,8 @@
 The CPU suite checks the calls these options make (tests/test_fields.py); here their effect is checked: fp16 mixed
 precision trains with a gradient scaler and keeps fp32 weights, 8-bit AdamW keeps 8-bit optimizer states, xformers
 replaces the attention processors, the VAE and a frozen text encoder work in the mixed-precision dtype and wait off the
-GPU once their outputs are cached (train/precision.py), low_memory turns gradient checkpointing on, and every
+GPU once their outputs are cached (train/precision.py), low_memory turns gradient checkpointing on, fused_backward
+with full_bf16 trains bf16 weights in a lower peak, and every
 component is back on the GPU in its dtype after samples and saves.
 """
 
@@ -136,3 +137,35 @@ def test_components_are_back_on_the_gpu_after_samples_and_saves(make_settings):
     for name in ("unet", "vae", "text_encoder"):
         parameter = next(getattr(trainer.components, name).parameters())
         assert parameter.device.type == "cuda" and parameter.dtype == torch.float32, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_fused_backward_and_bf16_weights_train_on_the_gpu_in_less_memory(make_settings, monkeypatch):
+    """fused_backward + full_bf16 + 8-bit AdamW: bf16 weights on the GPU while training, 8-bit states, finite losses;
+    the peak of the step is lower than the ordinary run's (the gradients never all exist at once)."""
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+
+    from dreambooth.events import Callbacks
+
+    class Peak(Callbacks):
+        def __init__(self):
+            self.dtypes, self.peaks = set(), []
+
+        def on_progress(self, progress):
+            if progress.phase == "training":
+                self.dtypes.update(p.dtype for p in trainer.components.unet.parameters())
+                self.peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    common = {"device": "cuda", "max_train_steps": 3, "mixed_precision": "bf16", "optimizer": "adamw_8bit"}
+    ordinary = Peak()
+    trainer = Trainer(make_settings(model_name="ordinary", **common), callbacks=ordinary)
+    trainer.run()
+    fused = Peak()
+    trainer = Trainer(make_settings(model_name="fused", fused_backward=True, full_bf16=True, **common), callbacks=fused)
+    outcome = trainer.run()
+    assert outcome.step == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in outcome.losses)
+    assert fused.dtypes == {torch.bfloat16} and ordinary.dtypes == {torch.float32}
+    # steps 2 and 3 (the first step's peak also holds the optimizer states being created)
+    assert max(fused.peaks[1:]) < max(ordinary.peaks[1:])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..compat import load_text_encoder_state_dict, text_encoder_state_dict
+from ..compat import load_text_encoder_state_dict, quiet_bitsandbytes, text_encoder_state_dict
 from ..errors import ModelFileError, one_line
 from . import files
 from .architecture import CLIP_L, METADATA_KEY, Architecture, detect_architecture
@@ -91,13 +91,15 @@ def _materialize_buffers(module: Any, what: str, source: str) -> None:
 
 
 def build_unet(arch: Architecture) -> Any:
-    from diffusers import UNet2DConditionModel
+    with quiet_bitsandbytes():  # diffusers' models import bitsandbytes when it is installed
+        from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**arch.unet)
 
 
 def build_vae(arch: Architecture) -> Any:
-    from diffusers import AutoencoderKL
+    with quiet_bitsandbytes():
+        from diffusers import AutoencoderKL
 
     return AutoencoderKL(**arch.vae)
 
@@ -212,7 +214,8 @@ def load_vae(path: str | os.PathLike, arch: Architecture) -> tuple[Any, Architec
 
     source = Path(path)
     if source.is_dir():
-        from diffusers import AutoencoderKL
+        with quiet_bitsandbytes():
+            from diffusers import AutoencoderKL
 
         from .folders import load_diffusers_model
 
@@ -297,8 +300,10 @@ def arch_from_diffusers_configs(folder: Path) -> Architecture:
 def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype: Any = None) -> Components:
     """Components from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
+
+    with quiet_bitsandbytes():
+        from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from .folders import check_family, load_diffusers_model, load_text_encoder
 
@@ -353,9 +358,8 @@ def to_original_state_dict(components: Components, half: bool = False) -> dict[s
         arch,
         extras,
     )
-    if half:
-        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
-    return state_dict
+    dtype = torch.float16 if half else torch.float32  # fp32 also for weights trained in bf16 (full_bf16): exact
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def _cpu(state_dict: dict[str, Any]) -> dict[str, Any]:

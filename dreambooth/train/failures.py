@@ -56,10 +56,10 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def tensor_bytes(tensors: Iterable[Any], half: bool = False) -> int:
-    """Bytes of ``tensors`` as saved: floating tensors in fp16 when ``half``."""
+    """Bytes of ``tensors`` as saved: floating tensors in fp16 when ``half``, else fp32 (also bf16 weights)."""
     total = 0
     for tensor in tensors:
-        size = 2 if half and tensor.is_floating_point() else tensor.element_size()
+        size = (2 if half else 4) if tensor.is_floating_point() else tensor.element_size()
         total += tensor.numel() * size
     return total
 
@@ -100,6 +100,9 @@ MEMORY_SETTINGS = (
     ("mixed_precision", lambda s: s.mixed_precision != "no", "mixed_precision fp16 or bf16"),
     ("optimizer", lambda s: s.optimizer == "adamw_8bit", "optimizer adamw_8bit (use_8bit_adam; needs bitsandbytes)"),
     ("train_text_encoder", lambda s: not s.train_text_encoder, "train_text_encoder off"),
+    # not offered where validation refuses it (fp16 gradient scaling)
+    ("fused_backward", lambda s: s.fused_backward or s.mixed_precision == "fp16", "fused_backward on"),
+    ("full_bf16", lambda s: s.full_bf16 or s.mixed_precision == "fp16", "full_bf16 on (with mixed_precision bf16)"),
 )
 
 

@@ -522,12 +522,16 @@ class Trainer(Outputs):
         unet, text_encoder = self.components.unet, self.components.text_encoder
         if s.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if s.full_bf16:  # the trained weights in bf16 (see train/paramwise.py)
+            unet.bfloat16()
         per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
         scale = per_step if s.scale_lr else 1
         groups = [{"params": list(unet.parameters()), "lr": s.learning_rate * scale}]
         modules = {"unet": unet}
         unet.requires_grad_(True).train()
         if s.train_text_encoder:
+            if s.full_bf16:
+                text_encoder.bfloat16()
             text_encoder.requires_grad_(True).train()
             if s.gradient_checkpointing:
                 text_encoder.gradient_checkpointing_enable()
@@ -588,6 +592,8 @@ class Trainer(Outputs):
             text_encoder.requires_grad_(False).eval()
             self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
         losses = []
+        if s.fused_backward or s.full_bf16:  # a ParamwiseOptimizer: the step seeds full_bf16's stochastic rounding
+            run.optimizer.step_number = step
         for micro in range(s.gradient_accumulation_steps):
             batch_index = step * s.gradient_accumulation_steps + micro
             samples = run.plan.batch(batch_index, run.global_batch)
@@ -603,6 +609,9 @@ class Trainer(Outputs):
                     samples, epoch, train_text, run.device, run.autocast, counts
                 )
                 scaled = loss / s.gradient_accumulation_steps
+                if s.fused_backward and micro == s.gradient_accumulation_steps - 1:
+                    run.updating = True  # this backward pass updates each weight as soon as its gradient is complete
+                    run.optimizer.arm()
                 (run.scaler.scale(scaled) if run.scaler else scaled).backward()
                 values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
             self.timings["forward_backward"] += time.perf_counter() - fb_started
@@ -614,7 +623,7 @@ class Trainer(Outputs):
         dist.sum_gradients(params)
         if run.scaler:
             run.scaler.unscale_(run.optimizer)
-        if s.max_grad_norm > 0:
+        if s.max_grad_norm > 0 and not s.fused_backward:  # fused: each parameter's gradient was clipped alone
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], s.max_grad_norm)
         run.updating = True  # from here until the step is counted, an exception leaves the weights half-updated
         if run.scaler:
@@ -667,6 +676,12 @@ class Trainer(Outputs):
         """Whatever happened: the log closed, the modules frozen and back on the training device."""
         if run is not None and run.writer is not None:
             run.writer.close()
+        if run is not None:
+            if self.settings.fused_backward:
+                run.optimizer.close()  # the modules outlive the run (the WebUI's model): no hooks left on them
+            if self.settings.full_bf16:  # the trained modules back in fp32 (exact: bf16 values are fp32 values)
+                for module in run.modules.values():
+                    module.float()
         components = self.components
         if components is None or self.dist is None or not hasattr(components, "unet"):
             return
