@@ -156,10 +156,11 @@ def _refusal_reason(error: BaseException) -> str:
     return "it holds objects other than tensors and plain containers"
 
 
-def load_pickle(path: str | os.PathLike, what: str = "file") -> Any:
+def load_pickle(path: str | os.PathLike, what: str = "file", mmap: bool = False) -> Any:
     """Read a pickled file onto the CPU with torch's restricted unpickler and the WebUI's allow-list.
 
-    ``what`` names the file for people in messages (e.g. "checkpoint", "training state file").  Raises
+    ``what`` names the file for people in messages (e.g. "checkpoint", "training state file").  ``mmap``: map the
+    tensors' bytes instead of reading them (torch's zip format only; others raise :class:`ModelFileError`).  Raises
     :class:`UnsafeCheckpointError` when the pickle asks for anything else (nothing in it is executed) and
     :class:`ModelFileError` when the file is not a readable torch file.
     """
@@ -170,7 +171,7 @@ def load_pickle(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     try:
         with _allowing_webui_globals():
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         extra = ""
         if not can_name_globals():

@@ -366,7 +366,8 @@ class Trainer(Outputs):
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
             per_sample = per_sample.index_put(where, sample_losses(prediction, target))
-        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, global_counts)
+        counts = global_counts or (is_prior.count(False), is_prior.count(True))  # counted here, not from a tensor
+        return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, counts)
 
     # ------------------------------------------------------------------------------------------------ outputs
 
@@ -482,19 +483,9 @@ class Trainer(Outputs):
         self.frozen.park(self.components)
 
     def _fill_caches(self, examples: list[Example]) -> None:
-        from ..data.cache import LatentCache
-
-        s, dist, components = self.settings, self.dist, self.components
+        s, dist = self.settings, self.dist
         if s.cache_latents:
-            self.latent_cache = LatentCache(
-                self.contents,
-                components.vae,
-                s.resolution,
-                s.center_crop,
-                s.seed,
-                Path(s.output_dir) / "cache" / "latents",
-                self.augmentation,
-            )
+            self.latent_cache = self._new_latent_cache()
             flips = (False, True) if s.hflip else (False,)
             variants = range(s.augment_variants) if self.augmentation else range(1)
             if dist.world_size > 1:  # each process encodes its share to the shared disk cache first
@@ -510,6 +501,20 @@ class Trainer(Outputs):
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
         if not s.train_text_encoder and self.cache_text:
             self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
+
+    def _new_latent_cache(self) -> Any:
+        from ..data.cache import LatentCache
+
+        s = self.settings
+        return LatentCache(
+            self.contents,
+            self.components.vae,
+            s.resolution,
+            s.center_crop,
+            s.seed,
+            Path(s.output_dir) / "cache" / "latents",
+            self.augmentation,
+        )
 
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
@@ -613,7 +618,7 @@ class Trainer(Outputs):
                     run.updating = True  # this backward pass updates each weight as soon as its gradient is complete
                     run.optimizer.arm()
                 (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-                values = [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
+                values = self._loss_values(loss, instance_loss, prior_loss)
             self.timings["forward_backward"] += time.perf_counter() - fb_started
             has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
             total_value, instance_value, prior_value = dist.sum_values(values)
@@ -637,6 +642,10 @@ class Trainer(Outputs):
         run.optimizer.zero_grad(set_to_none=True)
         self.timings["optimizer"] += time.perf_counter() - opt_started
         return losses
+
+    def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
+        """The losses as numbers (a device sync; the memory estimate's dry run has no numbers and skips it)."""
+        return [loss.item(), instance_loss.item(), 0.0 if prior_loss is None else prior_loss.item()]
 
     def _report(self, run: RunState, losses: list[tuple[float, float, float | None]]) -> None:
         s, step = self.settings, run.step

@@ -39,10 +39,12 @@ def combine_losses(
     is_prior = is_prior.to(per_sample.device, torch.bool)
     if counts is None:
         counts = (int((~is_prior).sum()), int(is_prior.sum()))
-    instance = per_sample[~is_prior].sum() / counts[0]
+    # Masked sums, not boolean indexing: the same values, and shapes that do not depend on the data, so the memory
+    # estimate's dry run (fake tensors, memory/dryrun.py) runs this very code.
+    instance = per_sample.masked_fill(is_prior, 0.0).sum() / counts[0]
     if not counts[1]:
         return instance, instance, None
-    prior = per_sample[is_prior].sum() / counts[1]
+    prior = per_sample.masked_fill(~is_prior, 0.0).sum() / counts[1]
     return instance + prior_loss_weight * prior, instance, prior
 
 

@@ -1,0 +1,340 @@
+"""The dry run behind the memory estimate: the trainer's own code, on fake tensors, for two optimizer steps.
+
+:class:`DryRun` is a :class:`~dreambooth.train.loop.Trainer` that overrides only what produces data: the examples
+(one batch of the configuration's concepts: instance images, and their class images with prior preservation, all
+of the largest bucket with aspect-ratio buckets), the latent cache (latent distributions of that shape), the pixels
+(when latents are not cached or the model is inpainting), a tokenizer stand-in (ids of the encoder's length) and
+the loss as numbers.  Loading, placement (``_load``, ``_cache``), the caches of text embeddings, the optimizer,
+schedule and GradScaler (``_optimization``), the step (``_step``, ``_loss``: prior-preservation batch, autocast,
+gradient checkpointing, the text encoder trained or frozen and cached, clipping, the optimizer step) are the
+trainer's.  Two steps run, since the optimizer creates its states in the first and the steady-state peak is the
+second's.  :func:`tracked_steps` is the part a real run shares (the CPU agreement test wraps a real run with it).
+
+The modules are built on the meta device (no weights are read or initialised) and moved into
+``FakeTensorMode``'s fake tensors of the *CPU*: this torch has no CUDA, and fake CUDA tensors fail inside the UNet.
+So the operators run with the CPU's choices: autocast's CPU op lists (which ops compute in half precision) and the
+CPU's attention kernel.  For a CUDA GPU that means the same weights, gradients and optimizer states to the byte,
+activations as the CPU kernels keep them (CUDA's fp16 lists are close; its flash attention keeps less at high
+resolutions than the CPU's), and nothing of what a kernel allocates inside (cuBLAS / cuDNN workspaces): the
+estimate adds those as a constant (:mod:`.estimate`).  What is placed where, in which dtype (the VAE or a frozen text
+encoder off the GPU when their outputs are cached; in the mixed-precision dtype) is decided by the trainer's own
+``frozen_placement`` for ``device_type`` ("cuda" unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..settings import Settings
+from ..train.loop import Trainer
+from .tracker import MemoryTracker
+
+DRY_RUN_STEPS = 2
+TEXT_CACHE_LABEL = "cached text embeddings"
+
+
+def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_device: set[str] = frozenset()) -> Any:
+    """Run ``steps`` of ``trainer._step`` inside a :class:`MemoryTracker` that counts what is on the training
+    device: the modules' weights (but those named in ``off_device``: "vae", "text_encoder"), the cached text
+    embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
+    components = trainer.components
+    modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
+    for module in modules:
+        tracker.register(list(module.parameters()) + list(module.buffers()))
+    tracker.register(list(trainer.text_cache.values()), TEXT_CACHE_LABEL)
+    with tracker:
+        for _ in range(steps):
+            trainer._step(run)
+    return tracker
+
+
+class _TokenizerStandIn:
+    """Token ids of the right length (the text encoder's positions), without a vocabulary."""
+
+    def __init__(self, length: int):
+        self.model_max_length = length
+
+    def __call__(self, text: Any, return_tensors: str | None = None, **_: Any) -> Any:
+        import torch
+
+        texts = [text] if isinstance(text, str) else list(text)
+        if return_tensors != "pt":  # the prompt-length warning counts words' tokens: one per word is enough here
+            ids: Any = [[0] * len(t.split()) for t in texts]
+            return _Ids(ids[0] if isinstance(text, str) else ids)
+        return _Ids(torch.zeros((len(texts), self.model_max_length), dtype=torch.long))
+
+
+@dataclasses.dataclass
+class _Ids:
+    input_ids: Any
+
+
+class _LatentCacheStandIn:
+    """What the trainer reads from its latent cache, (mean, std) of the example's latent shape, made once per key
+    and kept (a real cache holds them in CPU memory)."""
+
+    def __init__(self, latent_channels: int, scale: int, resolution: int):
+        self.latent_channels, self.scale, self.resolution = latent_channels, scale, resolution
+        self.memory: dict[Any, tuple[Any, Any]] = {}
+
+    def get(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> tuple[Any, Any]:
+        import torch
+
+        key = (path, flip, size, variant)
+        if key not in self.memory:
+            width, height = size or (self.resolution, self.resolution)
+            shape = (self.latent_channels, height // self.scale, width // self.scale)
+            self.memory[key] = (torch.zeros(shape), torch.ones(shape))
+        return self.memory[key]
+
+    def pixels(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Any:
+        import torch
+
+        width, height = size or (self.resolution, self.resolution)
+        return torch.zeros((3, height, width))
+
+
+class DryRun(Trainer):
+    """The trainer on fake tensors of ``arch``; :meth:`measure` returns the tracker of two steps."""
+
+    def __init__(self, settings: Settings, arch: Any, device_type: str = "cuda"):
+        """One process's share: with several processes each takes ``train_batch_size`` samples of a step, as here."""
+        # Nothing may be read from disk or written: no resume, no separate VAE file (the same structure is assumed),
+        # no logger; xformers does not run on the CPU (SDPA stands in for it).
+        settings = dataclasses.replace(
+            settings,
+            resume_from="",
+            pretrained_vae_name_or_path="",
+            attention="sdpa",
+            report_to="none",
+            max_train_steps=DRY_RUN_STEPS,
+            device="cpu",
+        )
+        super().__init__(settings, final_save=False, check_model_path=False)
+        self.arch = arch
+        self.target_device_type = device_type
+        self.off_device: set[str] = set()  # the components the trainer moved off the (estimated) GPU
+
+    # ---------------------------------------------------------------------------------------- placement
+
+    def frozen_placement(self, components: Any, device: Any) -> dict[str, Any]:
+        """The trainer's placement for the estimated device; a module placed elsewhere (the CPU) stays a fake CPU
+        module here but is no longer counted."""
+        import torch
+
+        from ..train.precision import Placement
+
+        placement = super().frozen_placement(components, torch.device(self.target_device_type))
+        for name, (where, _) in placement.items():
+            if where.type != self.target_device_type:
+                self.off_device.add(name)
+        return {name: Placement(device, dtype) for name, (_, dtype) in placement.items()}
+
+    # ---------------------------------------------------------------------------------------- data
+
+    def _class_images(self, components: Any) -> None:
+        """Class images are files; their number does not change the memory of a step."""
+
+    def _examples(self) -> tuple[list[list[Any]], list[list[Any]] | None]:
+        from ..data.dataset import Example
+
+        s = self.settings
+        per_concept = max(1, s.train_batch_size)
+        instances, classes = [], [] if s.has_prior_preservation else None
+        for index, concept in enumerate(s.concepts or [None]):
+            instance_prompt = concept.instance_prompt if concept else ""
+            instances.append(
+                [Example(Path(f"dry-run/{index}/{i}.png"), instance_prompt, index, False) for i in range(per_concept)]
+            )
+            if classes is not None:
+                class_prompt = concept.class_prompt if concept else ""
+                classes.append(
+                    [Example(Path(f"dry-run/{index}/c{i}.png"), class_prompt, index, True) for i in range(per_concept)]
+                )
+        if s.use_aspect_ratio_bucket:
+            from ..data.buckets import resolve_buckets
+
+            largest = max(resolve_buckets(s), key=lambda b: (b.width * b.height, b.width))
+            self.bucket_of = {e.path: largest for group in instances + (classes or []) for e in group}
+        return instances, classes
+
+    def _latent_scale(self) -> int:
+        return 2 ** (len(self.components.vae.config.block_out_channels) - 1)
+
+    def _new_latent_cache(self) -> Any:
+        vae = self.components.vae
+        return _LatentCacheStandIn(vae.config.latent_channels, self._latent_scale(), self.settings.resolution)
+
+    def _pixels(self, example: Any, flip: bool, sample_index: int, epoch: int) -> Any:
+        import torch
+
+        size = self._size(example)
+        width, height = size or (self.settings.resolution, self.settings.resolution)
+        return torch.zeros((3, height, width))
+
+    def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
+        return [0.0, 0.0, 0.0]  # fake tensors hold no numbers
+
+    def _logger(self, out: Path) -> Any:
+        return None
+
+    def _optimization(self, plan: Any, global_batch: int, total: int) -> Any:
+        """The trainer's; for 8-bit AdamW, whose kernels cannot run on fake tensors, its states' stand-in."""
+        s = self.settings
+        if s.optimizer != "adamw_8bit":
+            return super()._optimization(plan, global_batch, total)
+        if getattr(s, "fused_backward", False) or getattr(s, "full_bf16", False):
+            from ..errors import DreamBoothError
+
+            raise DreamBoothError(
+                "the memory estimate does not cover optimizer adamw_8bit with fused_backward or full_bf16 yet; "
+                "estimate with optimizer adamw for the rest of the configuration"
+            )
+        self.settings = dataclasses.replace(s, optimizer="adamw")
+        try:
+            run = super()._optimization(plan, global_batch, total)
+        finally:
+            self.settings = s
+        run.optimizer = EightBitAdamWStates(run.groups)  # the schedule keeps setting the unused AdamW's rates
+        return run
+
+    # ---------------------------------------------------------------------------------------- the run
+
+    def _fake_components(self) -> Any:
+        from ..models.components import (
+            Components,
+            _on_meta,
+            build_scheduler,
+            build_text_encoder,
+            build_unet,
+            build_vae,
+        )
+
+        arch = self.arch
+        components = Components(
+            unet=_on_meta(lambda: build_unet(arch)),
+            vae=_on_meta(lambda: build_vae(arch)),
+            text_encoder=_on_meta(lambda: build_text_encoder(arch)),
+            tokenizer=_TokenizerStandIn(int(arch.text["max_position_embeddings"])),
+            noise_scheduler=build_scheduler(arch),
+            arch=arch,
+        )
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.requires_grad_(False).eval()
+        return components
+
+    def measure(self) -> MemoryTracker:
+        """Set up as the trainer does and track two steps; returns the tracker (bytes, peak breakdown)."""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from ..compat import quiet_library_notices
+        from ..train.distributed import Single
+
+        if self.arch.is_inpainting:  # its masks decide per sample whether the VAE runs: data a dry run has not
+            from ..errors import DreamBoothError
+
+            raise DreamBoothError(
+                "the memory estimate does not cover inpainting models yet (whether the VAE encodes a masked image "
+                "depends on each random mask); estimate the same model's non-inpainting version for a lower bound"
+            )
+        self.dist = Single(torch.device("cpu"))
+        with quiet_library_notices():
+            components = self._fake_components()  # on meta: built in seconds, nothing initialised
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            for module in (components.unet, components.vae, components.text_encoder):
+                module.to_empty(device="cpu")
+                _convert_by_replacing(module)
+            self.components = components
+            run = self._setup()
+            if run.scaler is not None:
+                run.scaler = _always_stepping(run.scaler)
+            with warnings.catch_warnings():  # the 8-bit stand-in steps, the schedule's unused AdamW does not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                tracker = tracked_steps(self, run, DRY_RUN_STEPS, "cpu", self.off_device)
+        return tracker
+
+
+class EightBitAdamWStates:
+    """The states bitsandbytes' ``AdamW8bit`` (0.45+) creates, without its kernels (they cannot run on fake
+    tensors): per parameter of at least 4096 values two uint8 states and two fp32 absolute maxima per block of 256;
+    smaller parameters two fp32 states.  Its update runs in place, allocating nothing; here the weights stay as they
+    are.  (The 1 KiB quantisation maps it shares between parameters are left out.)"""
+
+    MIN_8BIT_SIZE = 4096
+    BLOCK = 256
+
+    def __init__(self, param_groups: list[dict[str, Any]]):
+        import torch
+
+        self.param_groups = param_groups
+        self.state: dict[Any, dict[str, Any]] = {}
+        self._torch = torch
+
+    def step(self, closure: Any = None) -> None:
+        torch = self._torch
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None or parameter in self.state:
+                    continue
+                if parameter.numel() >= self.MIN_8BIT_SIZE:
+                    blocks = -(-parameter.numel() // self.BLOCK)
+                    self.state[parameter] = {
+                        "state1": torch.zeros_like(parameter, dtype=torch.uint8),
+                        "state2": torch.zeros_like(parameter, dtype=torch.uint8),
+                        "absmax1": torch.zeros(blocks, dtype=torch.float32, device=parameter.device),
+                        "absmax2": torch.zeros(blocks, dtype=torch.float32, device=parameter.device),
+                    }
+                else:
+                    self.state[parameter] = {
+                        "state1": torch.zeros_like(parameter, dtype=torch.float32),
+                        "state2": torch.zeros_like(parameter, dtype=torch.float32),
+                    }
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+
+
+def _convert_by_replacing(module: Any) -> None:
+    """Let the trainer's ``module.to(...)`` / ``.bfloat16()`` work on this fake module: torch's ``Module._apply``
+    swaps fake parameters in place, which fails (``FakeTensorMode`` keeps a weak reference to them); these modules,
+    the dry run's own, get new parameters instead (an attribute of each instance: nothing else changes)."""
+    for submodule in module.modules():
+        submodule._apply = functools.partial(_replacing_apply, submodule)
+
+
+def _replacing_apply(module: Any, fn: Any, recurse: bool = True) -> Any:
+    import torch
+
+    if recurse:
+        for child in module.children():
+            child._apply(fn)
+    for key, parameter in module._parameters.items():
+        if parameter is not None:
+            with torch.no_grad():
+                converted = fn(parameter)
+            if converted is not parameter:
+                module._parameters[key] = torch.nn.Parameter(converted, requires_grad=parameter.requires_grad)
+    for key, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[key] = fn(buffer)
+    return module
+
+
+def _always_stepping(scaler: Any) -> Any:
+    """The run's GradScaler, stepping without reading whether gradients overflowed (a fake tensor holds no value;
+    a real run steps too, but in the rare overflowing step)."""
+
+    class AlwaysStepping(type(scaler)):
+        def _maybe_opt_step(self, optimizer: Any, optimizer_state: Any, *args: Any, **kwargs: Any) -> Any:
+            return optimizer.step(*args, **kwargs)
+
+    scaler.__class__ = AlwaysStepping
+    return scaler
