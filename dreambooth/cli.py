@@ -6,6 +6,7 @@ Commands:
   train             train from a settings file (headless, progress bar)
   demo              a real DreamBooth run on a tiny model built on the spot (CPU, offline)
   bench             seconds per step and memory: our default vs the naive configuration vs the floor
+  estimate          peak GPU memory of a configuration (a dry run, no GPU needed) and what would make it fit
   ui                the DreamBooth tab as its own web app on 127.0.0.1 (needs gradio 3.41)
   tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
   prepare SRC DST   crop and scale a folder of images to training size (square or aspect buckets), with a report
@@ -206,6 +207,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """The estimate of ``--config`` (with ``--set``) and, when it does not fit the GPU, what would."""
+    import dataclasses
+    import math
+
+    from .settings import Settings, SettingsError
+
+    if not args.config and not args.arch:
+        raise DreamBoothError("estimate needs --config FILE (a settings JSON) or --arch NAME (e.g. --arch sd15).")
+    if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and 0 < args.gpu_memory <= 4096):
+        raise DreamBoothError(f"--gpu-memory {args.gpu_memory:g}: give the GPU's size in GB, e.g. --gpu-memory 8.")
+    if args.processes < 1:
+        raise DreamBoothError(f"--processes {args.processes}: give the number of processes, 1 or more.")
+    notes: list[str] = []
+    try:
+        settings = Settings.load(args.config, notes=notes) if args.config else Settings()
+        settings = settings.with_overrides(args.set or [], notes=notes)
+    except SettingsError as error:
+        raise DreamBoothError("; ".join(error.problems)) from error
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.gpu_memory is not None:
+        settings = dataclasses.replace(settings, gpu_memory_gb=args.gpu_memory)
+    from .memory.estimate import ARCH_SHORTCUTS, format_estimate
+    from .memory.fit import Fitter, changes_text, gpu_bytes_for
+    from .memory.report import gib, suggestions_text, verdict
+
+    if args.arch and args.arch not in ARCH_SHORTCUTS:
+        raise DreamBoothError(f"--arch {args.arch}: not a known architecture; one of {', '.join(ARCH_SHORTCUTS)}.")
+    fitter = Fitter(settings, arch=ARCH_SHORTCUTS[args.arch] if args.arch else None, processes=args.processes)
+    gpu_bytes = gpu_bytes_for(settings)
+    estimate = fitter.estimate()
+    print(format_estimate(estimate))
+    print(verdict(estimate, gpu_bytes))
+    if settings.low_memory:
+        if gpu_bytes is None:
+            print(f"low_memory (fit my GPU), GPU size not known: it turns on {changes_text(fitter.every_switch())}")
+        else:
+            changes, preset = fitter.fit_preset(gpu_bytes)
+            print(f"low_memory (fit my GPU) chooses: {changes_text(changes)}: {gib(preset.total_bytes)}")
+    elif gpu_bytes is not None and estimate.total_bytes > gpu_bytes:
+        print(suggestions_text(fitter.suggestions(gpu_bytes), gpu_bytes))
+    for changes, why in fitter.failures.items():
+        print(f"left out, the estimate cannot follow it: {changes}: {why}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -367,6 +415,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="peak GPU memory of a configuration and what would make it fit (no GPU needed)",
+        description="Runs one training step of the configuration on fake tensors (the real modules of the base "
+        "model's architecture, read from its header; no weights are read) and prints its peak GPU memory with a "
+        "breakdown. With a GPU size (--gpu-memory, gpu_memory_gb, or the GPU present) that it does not fit: the "
+        "cheapest changes that make it fit, each with its estimate and its cost in speed; with low_memory on: what "
+        "'fit my GPU' chooses. Exit status 0 whether it fits or not; 2 on bad input.",
+    )
+    estimate.add_argument("--config", help="settings JSON (as saved by the tab); default: the default settings")
+    estimate.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable), as in train --set"
+    )
+    estimate.add_argument("--gpu-memory", type=float, metavar="GB", help="the GPU's size in GB (default: detected)")
+    estimate.add_argument(
+        "--arch", metavar="NAME", help="the architecture instead of the base model's (e.g. sd15, sd21, sd21-512)"
+    )
+    estimate.add_argument(
+        "--processes", type=int, default=1, metavar="N", help="data-parallel processes, one GPU each (default: 1)"
+    )
+    estimate.set_defaults(func=cmd_estimate)
 
     ui = commands.add_parser("ui", help="serve the DreamBooth tab as a standalone app on 127.0.0.1")
     ui.add_argument("--models-dir", default="models", help="models folder laid out like the WebUI's (default: models)")

@@ -420,10 +420,23 @@ class Settings:
     )
     low_memory: bool = setting(
         False,
-        "One switch for less GPU memory: gradient checkpointing on.  (Whatever this says, the VAE and a frozen text "
-        "encoder wait on the CPU during the steps once their outputs are cached.)",
+        "Fit my GPU: at start the trainer turns on the fastest combination of the memory switches that keep what "
+        "is trained (cache_latents, mixed_precision, 8-bit AdamW, bf16 weights, fused backward, gradient "
+        "checkpointing, in that order of cost) that the memory estimate says fits gpu_memory_gb, and logs it with "
+        "the estimate (GPU size not known: all of them); batch, resolution and text-encoder training stay as set. "
+        "(Whatever this says, the VAE and a frozen text encoder wait on the CPU during the steps once their outputs "
+        "are cached.)",
         "memory",
-        label="Low memory",
+        label="Fit my GPU",
+    )
+    gpu_memory_gb: float = setting(
+        0.0,
+        "GPU memory to fit, in GB as cards are sold (8 = an 8 GB card); 0: the GPU's own size when there is one. "
+        "Used by Fit my GPU and the memory estimate.",
+        "memory",
+        minimum=0.0,
+        maximum=4096.0,
+        label="GPU memory (GB)",
     )
     fused_backward: bool = setting(
         False,
@@ -592,11 +605,9 @@ class Settings:
         return self.num_class_images if concept.num_class_images is None else concept.num_class_images
 
     def effective(self) -> Settings:
-        """A copy with the low-memory switch applied to the options it stands for."""
-        copy = dataclasses.replace(self, concepts=[dataclasses.replace(c) for c in self.concepts])
-        if copy.low_memory:
-            copy.gradient_checkpointing = True
-        return copy
+        """A copy the trainer may change.  The low-memory switch is applied by the trainer at start
+        (:func:`dreambooth.memory.fit.apply_low_memory`): its choice needs the GPU and the memory estimate."""
+        return dataclasses.replace(self, concepts=[dataclasses.replace(c) for c in self.concepts])
 
     # ---------------------------------------------------------------------------------------------- validate
 

@@ -247,3 +247,44 @@ def test_use_in_txt2img_updates_the_webuis_checkpoint_dropdown(fake_webui):
         shown = top.input_value()
         browser.close()
     assert shown.startswith("ring_2.safetensors"), f"the WebUI's dropdown shows {shown!r}"
+
+
+def _estimate_mib(page, other_than: int | None = None) -> int:
+    """The memory estimate beside Train, in MiB; with ``other_than``: once it shows another figure."""
+    panel = page.locator("#db_memory_estimate").first
+    deadline = time.monotonic() + START_SECONDS
+    text = ""
+    while time.monotonic() < deadline:
+        text = panel.inner_text()
+        found = re.search(r"Estimated peak GPU memory: [\d.]+ GiB \(([\d,]+) MiB", text)
+        if found and int(found.group(1).replace(",", "")) != other_than:
+            return int(found.group(1).replace(",", ""))
+        time.sleep(0.25)
+    raise AssertionError(f"the estimate never showed a figure other than {other_than}; last: {text!r}")
+
+
+def test_the_memory_estimate_follows_resolution_and_checkpointing(app):
+    """Issue 13: the estimate beside Train changes when the resolution or gradient checkpointing does."""
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(app["url"])
+        page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()
+        _tab(page, "Run").click()
+        at_512 = _estimate_mib(page)  # shown once the page is filled, without any change
+
+        _tab(page, "Setup").click()
+        page.locator("#db_resolution input").fill("256")
+        _tab(page, "Run").click()
+        at_256 = _estimate_mib(page, other_than=at_512)
+        assert at_256 < at_512
+
+        _tab(page, "Setup").click()
+        page.locator("#db_group_memory").click()
+        page.locator("#db_gradient_checkpointing input").check()
+        _tab(page, "Run").click()
+        checkpointed = _estimate_mib(page, other_than=at_256)
+        browser.close()
+    assert checkpointed < at_256

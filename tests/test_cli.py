@@ -103,3 +103,85 @@ def test_train_with_a_bad_config_lists_every_problem(tmp_path):
     config.write_text('{"learnin_rate": 1}')
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 2 and "unknown setting 'learnin_rate'" in result.stderr
+
+
+def scripted_estimate_module(monkeypatch, seen: list):
+    """A stand-in for dreambooth.memory.estimate whose figure follows resolution and checkpointing (the real dry
+    run is tested in tests/test_estimate.py; here the command's parsing and output are)."""
+    import types
+
+    from dreambooth.memory import fit
+
+    def estimate(settings, arch=None, processes=1):
+        seen.append((settings, arch, processes))
+        total = (settings.resolution / 512) ** 2 * 8 * 2**30 * (0.5 if settings.gradient_checkpointing else 1.0)
+        return types.SimpleNamespace(
+            total_bytes=int(total), breakdown={"activations": int(total)}, constants={}, arch_name="SD 1.x"
+        )
+
+    module = types.ModuleType("dreambooth.memory.estimate")
+    module.estimate = estimate
+    module.ARCH_SHORTCUTS = {"sd15": "the SD 1.5 architecture", "sd21": "the SD 2.1 architecture"}
+    module.format_estimate = lambda e: f"FORMATTED peak {e.total_bytes / 2**30:.2f} GiB"
+    monkeypatch.setitem(sys.modules, "dreambooth.memory.estimate", module)
+    monkeypatch.setattr(fit, "_default_estimate", estimate)
+
+
+def test_estimate_prints_the_estimate_and_what_would_fit(make_settings, tmp_path, monkeypatch, capsys):
+    from dreambooth.cli import main
+
+    seen: list = []
+    scripted_estimate_module(monkeypatch, seen)
+    config = make_settings(resolution=512).save(tmp_path / "settings.json")
+    argv = ["estimate", "--config", str(config), "--set", "resolution=768", "--gpu-memory", "12", "--processes", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "FORMATTED peak 18.00 GiB" in out  # (768/512)^2 x 8 GiB: --set reached the estimate
+    assert "Does not fit a 12.0 GiB GPU: 6.00 GiB too much" in out
+    assert "What would fit 12.0 GiB (cheapest first):\n  1. gradient_checkpointing on: 9.00 GiB" in out
+    assert "20-30% slower" in out and "resolution 640: 12.50" not in out and "2. resolution 512: 8.00 GiB" in out
+    assert {processes for _, _, processes in seen} == {2}
+
+    seen.clear()
+    assert main(["estimate", "--arch", "sd15", "--gpu-memory", "12"]) == 0  # default settings: 512 px, 8 GiB
+    out = capsys.readouterr().out
+    assert "Fits a 12.0 GiB GPU (4.00 GiB to spare)" in out and "What would fit" not in out
+    assert seen[0][1] == "the SD 1.5 architecture" and len(seen) == 1
+
+    assert main(["estimate", "--arch", "sd15", "--gpu-memory", "6", "--set", "low_memory=true"]) == 0
+    assert (
+        "low_memory (fit my GPU) chooses: mixed_precision bf16, gradient_checkpointing on: 4.00 GiB"
+        in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["estimate"], "estimate needs --config FILE"),
+        (["estimate", "--arch", "sd15", "--gpu-memory", "-1"], "--gpu-memory -1: give the GPU's size in GB"),
+        (["estimate", "--arch", "sd15", "--processes", "0"], "--processes 0"),
+        (["estimate", "--arch", "sd15", "--set", "resolution=big"], "'resolution' must be a whole number"),
+        (["estimate", "--config", "missing.json"], "missing.json: cannot read the settings file"),
+        (["estimate", "--arch", "sd99"], "--arch sd99: not a known architecture; one of sd15, sd21."),
+    ],
+)
+def test_estimate_bad_input_is_one_sentence(argv, words, monkeypatch, capsys):
+    from dreambooth.cli import main
+
+    scripted_estimate_module(monkeypatch, [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # about a minute: several dry runs
+def test_estimate_with_the_real_dry_run_of_a_tiny_model(make_settings, tmp_path):
+    """End to end: the dry run of dreambooth/memory/estimate.py on the tiny model's file, a GPU too small for it."""
+    config = make_settings(with_prior_preservation=True).save(tmp_path / "settings.json")
+    result = run_cli("estimate", "--config", str(config), "--gpu-memory", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "Estimated GPU memory (SD 1.x" in result.stdout and "Does not fit a 0.5 GiB GPU" in result.stdout
+    assert "What would fit 0.5 GiB" in result.stdout or "Nothing this tool knows makes it fit" in result.stdout
+    fitted = run_cli("estimate", "--config", str(config), "--gpu-memory", "0.5", "--set", "low_memory=true")
+    assert "low_memory (fit my GPU) chooses:" in fitted.stdout, fitted.stderr

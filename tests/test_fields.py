@@ -219,7 +219,8 @@ ROWS = {
     ),
     "cache_latents": None,
     "attention": None,
-    "low_memory": ({}, {"low_memory": True}, lambda b, v: v.trainer.components.unet.is_gradient_checkpointing),
+    "low_memory": None,  # test_low_memory_without_a_gpu_size_turns_every_memory_switch_on
+    "gpu_memory_gb": None,  # test_low_memory_applies_the_fit_preset_chosen_for_gpu_memory_gb
     # the same weights as without it, in less memory: tests/test_paramwise.py shows each effect (the update in the
     # backward pass with one gradient at a time, the same weights, per-parameter clipping, exact resume)
     "fused_backward": None,
@@ -624,3 +625,65 @@ def test_center_crop_encodes_the_middle_of_each_image(train, monkeypatch, tmp_pa
     encoded.clear()
     train(max_train_steps=1, center_crop=False)
     assert len(encoded) == 3 and matches(encoded) < 3  # random offsets: not every crop is the middle
+
+
+class Log(Callbacks):
+    def __init__(self):
+        self.lines = []
+
+    def on_log(self, message):
+        self.lines.append(message)
+
+
+def test_low_memory_without_a_gpu_size_turns_every_memory_switch_on(make_settings):
+    """On the CPU with gpu_memory_gb 0 the GPU's size is not known: every switch that keeps what is trained."""
+    from dreambooth.memory.fit import SWITCHES
+
+    log = Log()
+    trainer = Trainer(make_settings(low_memory=True), callbacks=log)
+    trainer.run()
+    s = trainer.settings
+    assert s.mixed_precision == "bf16" and s.optimizer == "adamw_8bit" and s.gradient_checkpointing and s.cache_latents
+    for switch in SWITCHES:  # fused_backward and full_bf16 too, in the versions that have them
+        if switch.keeps_training and hasattr(s, switch.name):
+            assert switch.value(s) is None, f"{switch.name} is not on"
+    assert trainer.components.unet.is_gradient_checkpointing
+    assert any("not known, so every memory switch" in line for line in log.lines)
+    untouched = Trainer(make_settings())
+    untouched.run()
+    assert untouched.settings.mixed_precision == "no" and not untouched.settings.gradient_checkpointing
+
+
+def test_low_memory_applies_the_fit_preset_chosen_for_gpu_memory_gb(make_settings, monkeypatch):
+    """A scripted estimate (8 GiB; mixed precision saves 0.5, 8-bit AdamW 1, checkpointing 3): a 6 GB GPU gets
+    mixed precision and checkpointing (8-bit AdamW is not needed once checkpointing is on), a 9 GB GPU nothing."""
+    from dreambooth.memory import fit
+
+    seen = []
+
+    def scripted(settings, arch=None, processes=1):
+        seen.append(settings)
+        total = 8.0 - 0.5 * (settings.mixed_precision != "no") - 1.0 * (settings.optimizer == "adamw_8bit")
+        total -= 3.0 * settings.gradient_checkpointing
+        return types.SimpleNamespace(
+            total_bytes=int(total * 2**30), breakdown={"weights": int(total * 2**30)}, constants={}, arch_name="x"
+        )
+
+    monkeypatch.setattr(fit, "_default_estimate", scripted)
+    log = Log()
+    trainer = Trainer(make_settings(low_memory=True, gpu_memory_gb=6.0), callbacks=log)
+    trainer.run()
+    s = trainer.settings
+    assert (s.mixed_precision, s.gradient_checkpointing, s.optimizer) == ("bf16", True, "adamw")
+    assert trainer.components.unet.is_gradient_checkpointing
+    assert any(
+        "low_memory (fit my GPU, 6.0 GiB): mixed_precision bf16, gradient_checkpointing on; estimated peak 4.50 GiB, "
+        "fits" in line
+        for line in log.lines
+    ), log.lines
+    assert seen and all(x.pretrained_model_name_or_path == s.pretrained_model_name_or_path for x in seen)
+
+    roomy = Trainer(make_settings(low_memory=True, gpu_memory_gb=9.0))
+    roomy.run()
+    assert (roomy.settings.mixed_precision, roomy.settings.gradient_checkpointing) == ("no", False)
+    assert not roomy.components.unet.is_gradient_checkpointing

@@ -69,10 +69,11 @@ def test_xformers_replaces_the_attention_processors(make_settings):
     assert names and all("XFormers" in n for n in names)
 
 
-def test_low_memory_turns_gradient_checkpointing_on(make_settings):
+def test_low_memory_on_a_gpu_the_model_fits_turns_nothing_on(make_settings):
     trainer = Trainer(make_settings(device="cuda", max_train_steps=1, low_memory=True))
     trainer.run()
-    assert trainer.components.unet.is_gradient_checkpointing
+    # the tiny model fits the GPU as it is: Fit my GPU has nothing to turn on (tests/test_fields.py: what it chooses)
+    assert not trainer.components.unet.is_gradient_checkpointing and trainer.settings.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])

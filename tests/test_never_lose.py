@@ -130,7 +130,7 @@ def test_out_of_memory_gets_its_own_message_and_a_state(make_settings, tmp_path,
 def test_out_of_memory_message_names_only_settings_that_would_lower_memory(make_settings):
     from dreambooth.train.failures import out_of_memory_message
 
-    settings = make_settings(train_batch_size=4, resolution=768, low_memory=True).effective()
+    settings = make_settings(train_batch_size=4, resolution=768, low_memory=True, gradient_checkpointing=True)
     message = out_of_memory_message(settings, peak_bytes=7 * 2**30, total_bytes=8 * 2**30, model_bytes=2**31)
     assert message.startswith("Out of GPU memory: peak 7.00 GiB allocated of the GPU's 8.00 GiB; the model's weights")
     assert "2.00 GiB" in message
@@ -337,6 +337,6 @@ def test_low_memory_help_says_what_it_does():
     from dreambooth.settings import fields
 
     help_text = next(f for f in fields() if f.name == "low_memory").metadata["help"]
-    assert "gradient checkpointing on" in help_text
+    assert "fits gpu_memory_gb" in help_text and "memory estimate" in help_text  # Fit my GPU (tests/test_fit.py)
     for claim in ("fp16/bf16", "fp32 weights are restored"):  # the frozen modules' precision no longer depends on it
         assert claim not in help_text

@@ -701,11 +701,11 @@ def test_list_defaults_are_not_shared():
 # ------------------------------------------------------------------------------------------------- effective
 
 
-def test_effective_low_memory_turns_on_checkpointing_without_changing_the_original(valid):
+def test_effective_is_a_copy_and_leaves_low_memory_to_the_trainer(valid):
     valid.low_memory = True
     valid.gradient_checkpointing = False
     effective = valid.effective()
-    assert effective.gradient_checkpointing is True
+    assert effective.gradient_checkpointing is False  # the fit preset is the trainer's (tests/test_fit.py)
     assert effective.low_memory is True
     assert valid.gradient_checkpointing is False
     assert effective is not valid

@@ -41,6 +41,7 @@ CONTROLS = {  # widgets that are not settings fields: buttons, reports, the run 
     "db_dataset_report",
     "db_thumbnails",
     "db_low_memory_preset",
+    "db_memory_estimate",
     "db_train",
     "db_cancel",
     "db_save_now",
@@ -486,3 +487,91 @@ def test_a_class_folder_left_empty_stays_empty_in_the_settings_that_come_back(ma
     assert tab.host.last_used().concepts[0].class_data_dir == ""
     tab.save_settings(form_args(tab, settings))
     assert tab.host.load_settings("ring").concepts[0].class_data_dir == ""
+
+
+def scripted_estimate(monkeypatch) -> None:
+    """An estimate of (resolution / 64)^2 GiB, halved by gradient checkpointing (the real dry run: test_estimate.py)."""
+    import types
+
+    from dreambooth.memory import fit
+
+    def estimate(settings, arch=None, processes=1):
+        total = int((settings.resolution / 64) ** 2 * 2**30 * (0.5 if settings.gradient_checkpointing else 1.0))
+        return types.SimpleNamespace(
+            total_bytes=total, breakdown={"activations": total}, constants={"CUDA context": 0}, arch_name="SD 1.x"
+        )
+
+    monkeypatch.setattr(fit, "_default_estimate", estimate)
+
+
+def test_the_memory_estimate_follows_the_settings_it_depends_on(make_settings, tab, monkeypatch):
+    from dreambooth.ui.memory import MEMORY_FIELDS
+
+    scripted_estimate(monkeypatch)
+    dependencies = list(_dependencies(tab, tab.memory_estimate))
+    triggers = {tab.blocks.blocks[d["targets"][0]].elem_id for _, _, d in dependencies if d["trigger"] == "change"}
+    assert triggers == {f"db_{name}" for name in MEMORY_FIELDS if name in tab.widgets}
+    assert {d["trigger"] for _, _, d in dependencies} == {"change", "then"}  # and once the page is filled
+    searches = list(_dependencies(tab, tab.memory_fit))  # then, after each: what would fit
+    assert len(searches) == len(dependencies) and {d["trigger"] for _, _, d in searches} == {"then"}
+    assert all(not d["queue"] for _, _, d in dependencies + searches)  # never held up behind other events
+
+    def shown(quick=False, **changes) -> str:
+        handler, (index, _, dependency) = (
+            (tab.memory_estimate, dependencies[0]) if quick else (tab.memory_fit, searches[0])
+        )
+        answer = handler(form_args(tab, make_settings(**changes)))
+        return _outputs(tab, index, dependency, answer)["db_memory_estimate"]
+
+    first = shown(quick=True, resolution=128, gpu_memory_gb=2.0)
+    assert "**Estimated peak GPU memory: 4.00 GiB**" in first and first.endswith("*Working out what would fit...*")
+    text = shown(resolution=128, gpu_memory_gb=2.0)
+    assert "**Estimated peak GPU memory: 4.00 GiB**" in text and "| activations | 4,096 |" in text
+    assert "Does not fit a 2.0 GiB GPU: 2.00 GiB too much." in text
+    assert (
+        "**What would fit 2.0 GiB**" in text and "- `gradient_checkpointing on`: 2.00 GiB; about 20-30% slower" in text
+    )
+    assert "**Estimated peak GPU memory: 1.00 GiB**" in shown(resolution=64, gpu_memory_gb=2.0)
+    assert "Fits a 2.0 GiB GPU" in shown(resolution=128, gpu_memory_gb=2.0, gradient_checkpointing=True)
+    fitted = shown(resolution=128, gpu_memory_gb=2.0, low_memory=True)  # the settings as the trainer will run them
+    assert "With *Fit my GPU* (low_memory): mixed_precision bf16, gradient_checkpointing on." in fitted
+    assert "**Estimated peak GPU memory: 2.00 GiB**" in fitted and "What would fit" not in fitted
+    assert "GPU size not known" in shown(resolution=128) or torch.cuda.is_available()
+    assert "Choose a base model" in shown(pretrained_model_name_or_path="")
+
+
+def test_the_memory_estimate_answers_only_the_newest_request(monkeypatch):
+    """Estimates run one at a time; one superseded while it waited answers nothing; a known answer is kept."""
+    import threading
+
+    from dreambooth.settings import Settings
+    from dreambooth.ui import memory
+
+    started, release, answers = threading.Event(), threading.Event(), {}
+    panel = memory.MemoryPanel()
+
+    def slow(settings, **_):
+        started.set()
+        release.wait(WAIT_SECONDS)
+        return f"estimate of {settings.resolution}"
+
+    def ask(resolution):
+        answers[resolution] = panel.markdown(Settings(resolution=resolution))
+
+    monkeypatch.setattr(memory, "fit_markdown", slow)
+    first = threading.Thread(target=ask, args=(512,))
+    first.start()
+    assert started.wait(WAIT_SECONDS)
+    threads = []
+    for resolution in (576, 640):  # the user types on while the first runs
+        threads.append(threading.Thread(target=ask, args=(resolution,)))
+        threads[-1].start()
+        deadline = WAIT_SECONDS
+        while panel._newest != panel._key(Settings(resolution=resolution)) and deadline > 0:
+            threading.Event().wait(0.01)
+            deadline -= 0.01
+    release.set()
+    for thread in (first, *threads):
+        thread.join(WAIT_SECONDS)
+    assert answers == {512: "estimate of 512", 576: None, 640: "estimate of 640"}
+    assert panel.markdown(Settings(resolution=512)) == "estimate of 512"  # kept: no new dry run

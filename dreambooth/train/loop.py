@@ -441,6 +441,9 @@ class Trainer(Outputs):
         self.dist = make_distributed(s.device, resolve_device(s.device) if launched_processes() <= 1 else None)
         if not self.dist.is_main:
             self.callbacks = Callbacks()  # only the main process reports progress, samples and checkpoints
+        from ..memory.fit import apply_low_memory  # low_memory: the fit preset for this GPU, before any weights load
+
+        s = self.settings = apply_low_memory(s, self.dist.device, self.log, self.dist.world_size)
         Path(s.output_dir).mkdir(parents=True, exist_ok=True)
         run = None
         try:

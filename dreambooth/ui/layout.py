@@ -200,6 +200,7 @@ def _run_panel(tab: Any) -> None:
         c["cancel"] = gr.Button("Cancel", elem_id="db_cancel", scale=1)
         c["save_now"] = gr.Button("Save now", elem_id="db_save_now", scale=1)
         c["sample_now"] = gr.Button("Sample now", elem_id="db_sample_now", scale=1)
+    c["memory_estimate"] = gr.Markdown(elem_id="db_memory_estimate")
     c["message"] = gr.Markdown(elem_id="db_message")
     c["status"] = gr.Markdown(elem_id="db_status")
     with gr.Row():
@@ -223,6 +224,7 @@ def _run_panel(tab: Any) -> None:
 
 
 def _wire(tab: Any, blocks: gr.Blocks) -> None:
+    from .memory import MEMORY_FIELDS
     from .tab import PRESET_FIELDS
 
     c, widgets = tab.controls, tab.widgets
@@ -234,7 +236,17 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     # Handlers that only move values around answer at once, outside gradio's queue: a queued event fails ("Error"
     # on every output) when a busy browser does not answer the queue's websocket within its 5 s.
     quick = {"queue": False}
-    blocks.load(tab.initial, None, fill, **quick)
+    form, estimate = tab.form(), c["memory_estimate"]
+    # The memory estimate: when a setting it depends on changes, and once the page is filled.  Outside the queue
+    # too (seconds each, in a thread of their own): queued, it would hold up every other event.
+    # First the estimate alone (one dry run), then what would fit (several).
+    hidden = {"show_progress": "hidden", **quick}
+    loaded = blocks.load(tab.initial, None, fill, **quick).then(tab.memory_estimate, form, estimate, **hidden)
+    loaded.then(tab.memory_fit, form, estimate, **hidden)
+    for name in MEMORY_FIELDS:
+        if name in widgets:
+            changed = widgets[name].change(tab.memory_estimate, form, estimate, **hidden)
+            changed.then(tab.memory_fit, form, estimate, **hidden)
     c["load"].click(tab.load_settings, c["saved"], fill, **quick)
     c["save"].click(tab.save_settings, tab.form(), [c["settings_message"], c["saved"]], **quick)
     c["refresh_models"].click(tab.refresh_models, {model, resume}, [model, resume])

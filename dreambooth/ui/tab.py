@@ -24,6 +24,7 @@ from ..host import Host
 from ..runner import Runner, RunnerBusy
 from ..settings import Settings, SettingsError, concepts_from_list
 from .form import concept_specs, empty_concept, settings_from_values, settings_specs, values_from_settings
+from .memory import MemoryPanel
 from .status import dataset_markdown, existing_files, loss_points, status_markdown
 
 MAX_THUMBNAILS = 24
@@ -46,6 +47,7 @@ class Tab:
         self.concept_widgets: dict[str, Any] = {}
         self.controls: dict[str, Any] = {}
         self._descriptions: dict[tuple[str, int, int], str] = {}
+        self.memory = MemoryPanel()
 
     # -------------------------------------------------------------------------------------- the form
 
@@ -364,6 +366,28 @@ class Tab:
         if importlib.util.find_spec("bitsandbytes") is not None:
             values["optimizer"] = "adamw_8bit"
         return {self.widgets[name]: value for name, value in values.items()}
+
+    def memory_estimate(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        """The memory estimate beside Train for the form's settings, alone (:mod:`dreambooth.ui.memory`)."""
+        return self._memory(data, quick=True)
+
+    def memory_fit(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        """Then with what would fit the GPU, or what Fit my GPU turns on (a search of several dry runs)."""
+        return self._memory(data, quick=False)
+
+    def _memory(self, data: dict[Any, Any], quick: bool) -> dict[Any, Any]:
+        panel = self.controls["memory_estimate"]
+        try:
+            settings = self.gather(data)
+        except SettingsError as error:
+            problems = "\n".join(f"- {p}" for p in error.problems)
+            return {panel: f"**No memory estimate** until this is fixed:\n{problems}"}
+        path = settings.pretrained_model_name_or_path
+        refused = self.host.paths.check_read(path, MODEL_FIELD) if path else ""
+        if refused:
+            return {panel: f"**No memory estimate:** {refused}"}
+        text = self.memory.markdown(settings, quick=quick)  # None: a newer edit superseded this one
+        return {panel: gr.update() if text is None else text}
 
     def use_checkpoint(self, path: str) -> dict[Any, Any]:
         """Switch txt2img to ``path``.  On success the checkpoint's title goes to ``switched``, from where the
