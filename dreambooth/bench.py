@@ -15,6 +15,20 @@ unmodified, on the same model, images and options (see ``bench_reference``; it n
 
 Seconds per step is the median of the steady-state steps (the first ``--warmup`` are dropped); configurations are
 interleaved and repeated (``--repeats``), and the median over repeats is reported.
+
+Memory, per row, beside the process's peak RSS (``peak GiB``, read right after the timed steps):
+
+* ``est. MiB`` -- the memory estimate (``memory.estimate.estimate`` with ``device_type="cpu"``: nothing leaves the
+  device) of the row's own settings and the trainer's flags (``cache_text=False`` for *naive*); none for *floor*;
+* ``tracked MiB`` -- the peak of live tensor bytes that the estimate's :class:`~.memory.tracker.MemoryTracker`
+  counts around real steps (``memory.dryrun.TrackedTrainer``, as the CPU agreement test in
+  ``tests/test_memory.py`` does; for *floor* the tracker around its bare steps, counting the trained modules, the
+  tensors made once, the optimizer states and all the steps allocate).
+
+The tracker sees every operator and slows it, so it is never around the timed steps: after the timed run, in the
+same ``--one`` process, a separate short pass of :data:`TRACKED_STEPS` steps is tracked (*default* / *naive*: a new
+trainer of the same settings on new components of the same seed; *floor*: two more bare steps), then the estimate
+runs.  Both come after the peak RSS is read, so they do not change it.
 """
 
 from __future__ import annotations
@@ -38,6 +52,8 @@ SCALES = {
 }
 DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
 INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx ring", "photo of a ring"
+TRACKED_STEPS = 2  # the steps of the tracked pass: the optimizer makes its states in the first, the second is steady
+MIB = 2**20
 
 
 # name: (UNet channels, which UNet levels have cross-attention, context dim, UNet layers per block,
@@ -94,17 +110,24 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     model, resolution = SCALES[spec["scale"]]
-    components = tiny_components(bench_architecture(model), seed=0)
+    arch = bench_architecture(model)
+    components = tiny_components(arch, seed=0)
     if spec["mode"].startswith("floor"):
         return _floor(components, spec, resolution)
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp:  # removed also when the run fails
-        return _measure_trainer(components, spec, resolution, Path(temp))
+        return _measure_trainer(components, arch, spec, resolution, Path(temp))
 
 
-def _measure_trainer(components: Any, spec: dict[str, Any], resolution: int, work: Path) -> dict[str, Any]:
-    """Our trainer (modes default and naive) on images drawn under ``work``."""
+def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolution: int, work: Path) -> dict[str, Any]:
+    """Our trainer (modes default and naive) on images drawn under ``work``: the timed run, then its memory (a
+    tracked pass of :data:`TRACKED_STEPS` steps and the estimate of the same settings)."""
+    import dataclasses
+
     import torch
 
+    from .memory.dryrun import TrackedTrainer
+    from .memory.estimate import estimate
+    from .models.tiny import tiny_components
     from .settings import Concept, Settings
     from .train.loop import Trainer, peak_memory_gib
 
@@ -132,23 +155,31 @@ def _measure_trainer(components: Any, spec: dict[str, Any], resolution: int, wor
         ],
         num_class_images=4,
     )
-    trainer = Trainer(
-        settings, components=components, cache_text=spec["mode"] == "default", final_save=False, check_model_path=False
-    )
+    flags = {"cache_text": spec["mode"] == "default", "final_save": False, "check_model_path": False}
+    trainer = Trainer(settings, components=components, **flags)
     result = trainer.run()
     steady = result.step_seconds[spec["warmup"] :]
     steps = len(result.step_seconds)
-    return {
+    measured = {
         "seconds_per_step": statistics.median(steady),
         "data": trainer.timings["data"] / steps,
         "forward_backward": trainer.timings["forward_backward"] / steps,
         "optimizer": trainer.timings["optimizer"] / steps,
-        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),
+        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),  # before the passes below
     }
+    del trainer, components
+    torch.manual_seed(0)
+    tracked = TrackedTrainer(
+        dataclasses.replace(settings, max_train_steps=TRACKED_STEPS), components=tiny_components(arch, seed=0), **flags
+    )
+    tracked.run()
+    estimated = estimate(settings, arch, device_type="cpu", cache_text=flags["cache_text"])
+    return {**measured, "estimate_mib": estimated.peak_bytes / MIB, "tracked_mib": tracked.tracker.peak / MIB}
 
 
 def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, Any]:
-    """Forward + backward + clipping + an optimizer step on tensors made once.
+    """Forward + backward + clipping + an optimizer step on tensors made once; then :data:`TRACKED_STEPS` more
+    inside a :class:`~.memory.tracker.MemoryTracker` (its peak: ``tracked_mib``; no estimate: ``estimate_mib`` None).
 
     The optimizer is the trainer's own (``make_optimizer`` with the default settings: fused AdamW where this torch
     and device support it), over the same parameter groups, so that *default / floor* measures the trainer's
@@ -156,6 +187,7 @@ def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, 
     """
     import torch
 
+    from .memory.tracker import MemoryTracker
     from .settings import Settings
     from .train.loop import peak_memory_gib
     from .train.optim import make_optimizer
@@ -178,9 +210,9 @@ def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, 
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
         hidden = encode_prompts(text_encoder, components.tokenizer, [INSTANCE_PROMPT] * count)
-    times = []
-    for _ in range(spec["steps"]):
-        started = time.perf_counter()
+
+    def step() -> None:
+        nonlocal hidden
         if spec["train_text"]:
             hidden = encode_prompts(text_encoder, components.tokenizer, [INSTANCE_PROMPT] * count)
         prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
@@ -189,11 +221,28 @@ def _floor(components: Any, spec: dict[str, Any], resolution: int) -> dict[str, 
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        step()
         times.append(time.perf_counter() - started)
-    return {
+    measured = {
         "seconds_per_step": statistics.median(times[spec["warmup"] :]),
-        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),
+        "peak_memory_gib": peak_memory_gib(torch.device("cpu")),  # before the tracked pass
     }
+    # What the bare steps hold: the trained modules, the tensors made once and the optimizer states (made in the
+    # timed steps), and all that the steps allocate.  The VAE and a frozen text encoder take no part in them.
+    modules = [unet, text_encoder] if spec["train_text"] else [unet]
+    tracker = MemoryTracker("cpu").watch(modules, [optimizer])
+    for module in modules:
+        tracker.register([*module.parameters(), *module.buffers()])
+    states = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    tracker.register([*states, latents, noise, timesteps, noisy, hidden])
+    with tracker:
+        for _ in range(TRACKED_STEPS):
+            step()
+    return {**measured, "estimate_mib": None, "tracked_mib": tracker.peak / MIB}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,16 +321,24 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         if reference_work is not None:
             shutil.rmtree(reference_work, ignore_errors=True)
+    rows = median_rows(results)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def median_rows(results: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (scale, prior, train_text, mode): each measured field's median over the repeats (None where no
+    repeat has it: the floor's estimate)."""
     rows = []
     for (scale, prior, text, mode), runs in results.items():
         row = {"scale": scale, "prior": prior, "train_text": text, "mode": mode}
         for field in runs[0]:
             if field not in row:
-                row[field] = statistics.median(r[field] for r in runs)
+                values = [r[field] for r in runs if r.get(field) is not None]
+                row[field] = statistics.median(values) if values else None
         rows.append(row)
-    print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 
@@ -296,7 +353,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     )
     header = (
         f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
-        f"{'optim':>6} {'peak GiB':>8} {'vs naive':>8} {'vs floor':>8} {'vs script':>9}"
+        f"{'optim':>6} {'peak GiB':>8} {'est. MiB':>8} {'tracked MiB':>11} {'vs naive':>8} {'vs floor':>8} "
+        f"{'vs script':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -312,9 +370,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f" {row[k]:>{w}.3f}" if k in row else " " * (w + 1)
             for k, w in (("data", 6), ("forward_backward", 8), ("optimizer", 6))
         )
+        estimated = f"{row['estimate_mib']:.1f}" if row.get("estimate_mib") is not None else "—"
+        tracked = f"{row['tracked_mib']:.1f}" if row.get("tracked_mib") is not None else "—"
         print(
             f"{row['scale']:<10} {'on' if row['prior'] else 'off':<5} "
             f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<16} "
-            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {vs_naive:>8} {vs_floor:>8} "
-            f"{vs_script:>9}"
+            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {estimated:>8} {tracked:>11} "
+            f"{vs_naive:>8} {vs_floor:>8} {vs_script:>9}"
         )

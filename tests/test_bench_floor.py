@@ -20,7 +20,7 @@ def _optimizer_used(mode: str, train_text: bool) -> dict:
         bench.measure_one({**spec, "steps": 2, "warmup": 0})
     finally:
         handle.remove()
-    assert len(seen) == 2
+    assert len(seen) >= 2  # the 2 timed steps come first; the memory passes (bench.TRACKED_STEPS) step too
     optimizer = seen[0]
     return {
         "class": type(optimizer),

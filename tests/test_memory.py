@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from dreambooth.bench import bench_architecture
-from dreambooth.memory.dryrun import tracked_steps
+from dreambooth.memory.dryrun import TrackedTrainer
 from dreambooth.memory.estimate import ARCH_SHORTCUTS, Estimate, architecture_of, estimate, format_estimate
 from dreambooth.memory.tracker import ACTIVATIONS, GRADIENTS, OPTIMIZER_STATES, MemoryTracker
 from dreambooth.settings import Concept, Settings
-from dreambooth.train.loop import Trainer
 
 # ------------------------------------------------------------------------------------------------ the tracker
 
@@ -116,13 +115,6 @@ AGREEMENT_CONFIGURATIONS = {
     },
 }
 SCALES = {"bench-tiny": 64, "bench-small": 128}
-
-
-class TrackedTrainer(Trainer):
-    """The real trainer; its steps run inside the tracker the dry run uses."""
-
-    def _steps(self, run):
-        self.tracker = tracked_steps(self, run, run.total, "cpu")
 
 
 def agreement_settings(work: Path, resolution: int, **changes) -> Settings:

@@ -199,13 +199,18 @@ def pickle_shapes(path: Path) -> dict[str, Any]:
 
 
 def estimate(
-    settings: Any, arch: Architecture | None = None, processes: int = 1, device_type: str = "cuda"
+    settings: Any,
+    arch: Architecture | None = None,
+    processes: int = 1,
+    device_type: str = "cuda",
+    cache_text: bool = True,
 ) -> Estimate:
     """The peak GPU memory of one training process of ``settings`` (``arch``: the model's architecture, default
     read from ``settings.pretrained_model_name_or_path``; ``processes``: how many train together).
 
     ``device_type`` is the device the trainer's placement decisions are made for ("cuda"; "cpu" for the CPU
-    agreement test, where nothing leaves the device).
+    agreement test, where nothing leaves the device).  ``cache_text``: the trainer's flag of that name (False for
+    the benchmark's naive configuration, whose frozen text encoder runs every step).
     """
     from ..train.distributed import BUCKET_BYTES
     from .dryrun import DryRun
@@ -214,7 +219,7 @@ def estimate(
     if arch is None:
         arch = architecture_of(settings.pretrained_model_name_or_path)
     arch = copy.deepcopy(arch)
-    tracker = DryRun(settings, arch, device_type=device_type).measure()
+    tracker = DryRun(settings, arch, device_type=device_type, cache_text=cache_text).measure()
     constants = {}
     if device_type == "cuda":
         constants["CUDA context"] = CUDA_CONTEXT_BYTES

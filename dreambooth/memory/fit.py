@@ -423,6 +423,33 @@ def apply_low_memory(
     Called before any weights are loaded."""
     if not settings.low_memory:
         return settings
+    return _keep_resumed_optimizer(_fit(settings, device, log, processes, estimate_fn), log)
+
+
+def _keep_resumed_optimizer(settings: Settings, log: Callable[[str], None]) -> Settings:
+    """A resumed run keeps the optimizer its state was made with (another GPU size may pick another one, whose
+    states could not be read)."""
+    if not settings.resume_from:
+        return settings
+    from ..train.state import find_state, read_state_info
+
+    folder = find_state(settings.resume_from)
+    if folder is None:
+        return settings  # the trainer says what is wrong with resume_from
+    saved = read_state_info(folder).get("optimizer")
+    if saved and saved != settings.optimizer:
+        log(f"low_memory (fit my GPU): optimizer {saved} kept, as the resumed state was made with it")
+        return dataclasses.replace(settings, optimizer=saved)
+    return settings
+
+
+def _fit(
+    settings: Settings,
+    device: Any,
+    log: Callable[[str], None],
+    processes: int,
+    estimate_fn: Callable[..., Estimate] | None,
+) -> Settings:
     fitter = Fitter(settings, estimate_fn=estimate_fn, processes=processes)
     gpu_bytes = gpu_bytes_for(settings, device)
     if gpu_bytes is None:

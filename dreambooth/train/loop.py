@@ -565,7 +565,9 @@ class Trainer(Outputs):
         )
         if s.resume_from:
             folder = find_state(s.resume_from) or Path(s.resume_from)
-            run.start = run.step = run.state_step = load_state(folder, modules, optimizer, run.lr_scheduler, scaler)
+            run.start = run.step = run.state_step = load_state(
+                folder, modules, optimizer, run.lr_scheduler, scaler, s.optimizer
+            )
             self.log(f"resumed from {folder} at step {run.start}")
         run.writer = self._logger(Path(s.output_dir)) if dist.is_main else None
         return run

@@ -114,6 +114,7 @@ class Outputs:
                 run.lr_scheduler,
                 {
                     "model_name": self.settings.model_name,
+                    "optimizer": self.settings.optimizer,  # its states are only readable by the same optimizer
                     "total_steps": run.total,
                     "checkpoint": str(checkpoint) if checkpoint else "",
                 },

@@ -156,8 +156,18 @@ def read_state_info(folder: Path) -> dict[str, Any]:
     return info
 
 
-def load_state(folder: Path, modules: dict[str, Any], optimizer: Any, lr_scheduler: Any, scaler: Any = None) -> int:
-    """Restore everything saved by :func:`save_state`; returns the step to continue from."""
+def load_state(
+    folder: Path,
+    modules: dict[str, Any],
+    optimizer: Any,
+    lr_scheduler: Any,
+    scaler: Any = None,
+    optimizer_name: str | None = None,
+) -> int:
+    """Restore everything saved by :func:`save_state`; returns the step to continue from.
+
+    ``optimizer_name``: the settings' optimizer; a state whose optimizer states were made by another one is refused
+    (8-bit and 32-bit AdamW states cannot stand in for each other)."""
     import torch
     from safetensors.torch import load_file
 
@@ -171,6 +181,12 @@ def load_state(folder: Path, modules: dict[str, Any], optimizer: Any, lr_schedul
         raise DreamBoothError(
             f"{folder}: the state trained {sorted(info['modules'])} but these settings train {sorted(modules)}; "
             "resume with the same train_text_encoder setting."
+        )
+    saved_optimizer = info.get("optimizer")
+    if optimizer_name and saved_optimizer and saved_optimizer != optimizer_name:
+        raise DreamBoothError(
+            f"{folder}: the state was trained with optimizer {saved_optimizer} but these settings use "
+            f"{optimizer_name}; resume with optimizer {saved_optimizer}."
         )
     for name, module in modules.items():
         tensors = load_file(str(folder / f"{name}.safetensors"))
