@@ -292,7 +292,10 @@ def test_fit_my_gpu_says_which_switch_the_settings_refuse_and_why():
     """Seen in the real WebUI (no bitsandbytes there): Fit my GPU left 8-bit AdamW out without a word.  A switch the
     settings refuse is logged with the settings' own sentence, whether the GPU's size is known or not."""
 
+    @dataclasses.dataclass
     class NoEightBit(MemorySettings):
+        resume_from: str = ""  # apply_low_memory reads it (a resumed run keeps its optimizer)
+
         def validate(self, check_files: bool = True) -> list[str]:
             problems = super().validate(check_files)
             if self.optimizer == "adamw_8bit":
