@@ -286,3 +286,30 @@ def test_a_switch_that_blocks_later_rungs_is_tried_without_when_nothing_fits():
     assert gib(estimate) == pytest.approx(11.0)
     changes, estimate = Fitter(MemorySettings(), estimate_fn=partial).fit_preset(12 * GIB)
     assert gib(estimate) == pytest.approx(12.0) and changes["optimizer"] == "adamw_8bit"  # it fits: no second climb
+
+
+def test_fit_my_gpu_says_which_switch_the_settings_refuse_and_why():
+    """Seen in the real WebUI (no bitsandbytes there): Fit my GPU left 8-bit AdamW out without a word.  A switch the
+    settings refuse is logged with the settings' own sentence, whether the GPU's size is known or not."""
+
+    @dataclasses.dataclass
+    class NoEightBit(MemorySettings):
+        resume_from: str = ""  # apply_low_memory reads it (a resumed run keeps its optimizer)
+
+        def validate(self, check_files: bool = True) -> list[str]:
+            problems = super().validate(check_files)
+            if self.optimizer == "adamw_8bit":
+                problems.append("optimizer adamw_8bit needs the bitsandbytes package, which is not installed")
+            return problems
+
+    cpu = type("Device", (), {"type": "cpu", "index": None})()
+    for gpu_memory_gb in (0.0, 9.0):  # size not known: every switch; known: the ladder
+        lines: list[str] = []
+        settings = NoEightBit(low_memory=True, gpu_memory_gb=gpu_memory_gb)
+        applied = fit.apply_low_memory(settings, cpu, lines.append, estimate_fn=Scripted())
+        assert applied.optimizer == "adamw" and applied.fused_backward
+        refused = [line for line in lines if "left out" in line]
+        assert refused == [
+            "low_memory (fit my GPU): left out optimizer adamw_8bit: optimizer adamw_8bit needs the bitsandbytes "
+            "package, which is not installed"
+        ], lines

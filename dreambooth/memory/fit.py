@@ -192,6 +192,7 @@ class Fitter:
         self.processes = processes
         self.calls = 0  # dry runs made (the memo answers the rest)
         self.failures: dict[str, str] = {}  # changes -> why their dry run failed (the search goes on without them)
+        self.refused: dict[str, str] = {}  # a switch left out -> why the settings refuse it (e.g. a missing package)
         self._memo: dict[Any, Estimate] = {} if memo is None else memo
         self.should_stop = should_stop
         self._known_problems = set(settings.validate(check_files=False))
@@ -217,9 +218,17 @@ class Fitter:
 
     def usable(self, changes: dict[str, Any]) -> bool:
         """No problem that the settings without the changes did not have already."""
+        return not self._new_problems(changes)
+
+    def _new_problems(self, changes: dict[str, Any]) -> list[str]:
         if self.processes > 1 and any(changes.get(s.name) for s in SWITCHES if s.one_process):
-            return False  # validation counts the processes launched, not those this estimate is for
-        return set(self.variant(changes).validate(check_files=False)) <= self._known_problems
+            # validation counts the processes launched, not those this estimate is for
+            return [f"{', '.join(s.name for s in SWITCHES if s.one_process)} needs one process"]
+        return [p for p in self.variant(changes).validate(check_files=False) if p not in self._known_problems]
+
+    def _refuse(self, switch: Switch, value: Any, trial: dict[str, Any]) -> None:
+        """Note why ``switch`` is left out (the settings refuse ``trial``): said to the user, never silent."""
+        self.refused.setdefault(changes_text({switch.name: value}), "; ".join(self._new_problems(trial)))
 
     def estimate(self, changes: dict[str, Any] | None = None) -> Estimate:
         """The estimate of the settings with ``changes`` (a dry run, or the memo's answer)."""
@@ -265,6 +274,8 @@ class Fitter:
         for switch, value in self.switches(keeps_training_only=True, alone=False):
             if self.usable({**changes, switch.name: value}):
                 changes[switch.name] = value
+            else:
+                self._refuse(switch, value, {**changes, switch.name: value})
         return changes
 
     def fit_preset(self, gpu_bytes: int) -> tuple[dict[str, Any], Estimate]:
@@ -292,7 +303,10 @@ class Fitter:
         estimate, last = self.estimate(), None
         for switch, value in self.switches(keeps_training_only=True, alone=False):
             trial = {**changes, switch.name: value}
-            if switch.name in without or not self.usable(trial):
+            if switch.name in without:
+                continue
+            if not self.usable(trial):
+                self._refuse(switch, value, trial)
                 continue
             tried = self._try(trial)
             if tried is None:
@@ -441,6 +455,7 @@ def _fit(
     if gpu_bytes is None:
         changes = fitter.every_switch()
         log(f"low_memory (fit my GPU): the GPU's size is not known, so every memory switch: {changes_text(changes)}")
+        _log_refused(fitter, log)
         return dataclasses.replace(settings, **changes)
     log(f"low_memory (fit my GPU): estimating what fits {gpu_bytes / GIB:.1f} GiB (a dry run per switch tried)")
     try:
@@ -448,6 +463,7 @@ def _fit(
     except Exception as error:  # the estimate advises; a run does not fail for want of it (the log says why)
         changes = fitter.every_switch()
         log(f"low_memory (fit my GPU): no estimate ({error}), so every memory switch: {changes_text(changes)}")
+        _log_refused(fitter, log)
         return dataclasses.replace(settings, **changes)
     from .report import estimate_text
 
@@ -458,4 +474,10 @@ def _fit(
     )
     for tried, why in fitter.failures.items():
         log(f"low_memory (fit my GPU): left out {tried}, the estimate cannot follow it: {why}")
+    _log_refused(fitter, log)
     return dataclasses.replace(settings, **changes)
+
+
+def _log_refused(fitter: Fitter, log: Callable[[str], None]) -> None:
+    for switch, why in fitter.refused.items():
+        log(f"low_memory (fit my GPU): left out {switch}: {why}")
