@@ -214,8 +214,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     from .settings import Settings, SettingsError
 
-    if not args.config and not args.arch:
-        raise DreamBoothError("estimate needs --config FILE (a settings JSON) or --arch NAME (e.g. --arch sd15).")
     if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and 0 < args.gpu_memory <= 4096):
         raise DreamBoothError(f"--gpu-memory {args.gpu_memory:g}: give the GPU's size in GB, e.g. --gpu-memory 8.")
     if args.processes < 1:
@@ -228,6 +226,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         raise DreamBoothError("; ".join(error.problems)) from error
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    if not args.arch and not settings.pretrained_model_name_or_path:
+        raise DreamBoothError(
+            "estimate needs a base model: --config FILE (a settings JSON naming one), "
+            "--set pretrained_model_name_or_path=FILE, or --arch NAME (e.g. --arch sd15)."
+        )
     if args.gpu_memory is not None:
         settings = dataclasses.replace(settings, gpu_memory_gb=args.gpu_memory)
     from .memory.estimate import ARCH_SHORTCUTS, format_estimate

@@ -158,7 +158,7 @@ def test_estimate_prints_the_estimate_and_what_would_fit(make_settings, tmp_path
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["estimate"], "estimate needs --config FILE"),
+        (["estimate"], "estimate needs a base model"),
         (["estimate", "--arch", "sd15", "--gpu-memory", "-1"], "--gpu-memory -1: give the GPU's size in GB"),
         (["estimate", "--arch", "sd15", "--processes", "0"], "--processes 0"),
         (["estimate", "--arch", "sd15", "--set", "resolution=big"], "'resolution' must be a whole number"),
@@ -185,3 +185,12 @@ def test_estimate_with_the_real_dry_run_of_a_tiny_model(make_settings, tmp_path)
     assert "What would fit 0.5 GiB" in result.stdout or "Nothing this tool knows makes it fit" in result.stdout
     fitted = run_cli("estimate", "--config", str(config), "--gpu-memory", "0.5", "--set", "low_memory=true")
     assert "low_memory (fit my GPU) chooses:" in fitted.stdout, fitted.stderr
+
+
+def test_estimate_of_an_sd2_file_named_by_set(tiny_checkpoint):
+    """No config: the base model given with --set; an SD 2.x 768 (v-prediction) single file, read from its header."""
+    path = tiny_checkpoint("sd2-v")
+    result = run_cli("estimate", "--set", f"pretrained_model_name_or_path={path}", "--set", "resolution=64")
+    assert result.returncode == 0, result.stderr
+    assert "Estimated GPU memory (SD 2.x 768 (v-prediction)" in result.stdout
+    assert "optimizer states" in result.stdout and "total" in result.stdout
