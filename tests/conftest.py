@@ -94,3 +94,37 @@ def make_settings(tiny_checkpoint, tmp_path):
         return Settings(concepts=[Concept(**concept_values)], **values)
 
     return make
+
+
+def agreement_settings(work, resolution: int, **changes):
+    """Settings of a 2-step CPU run on two drawn images and two class images under ``work`` (prior on), with
+    ``changes``: the runs the memory estimate is compared with (tests/test_memory.py, tests/test_bench_memory.py)."""
+    import dataclasses
+
+    from dreambooth.demo import draw_instance_images
+    from dreambooth.settings import Concept, Settings
+
+    instance, prior = work / "instance", work / "class"
+    draw_instance_images(instance, count=2, size=resolution, seed=1)
+    draw_instance_images(prior, count=2, size=resolution, seed=2)
+    settings = Settings(
+        pretrained_model_name_or_path="in-memory",
+        output_dir=str(work / "out"),
+        resolution=resolution,
+        max_train_steps=2,
+        center_crop=True,
+        with_prior_preservation=True,
+        n_save_sample=0,
+        save_training_state=False,
+        device="cpu",
+        num_class_images=2,
+        concepts=[
+            Concept(
+                instance_data_dir=str(instance),
+                instance_prompt="photo of zwx ring",
+                class_data_dir=str(prior),
+                class_prompt="photo of a ring",
+            )
+        ],
+    )
+    return dataclasses.replace(settings, **changes)

@@ -8,12 +8,13 @@ import tempfile
 
 import pytest
 import torch
+from conftest import agreement_settings
 
 from dreambooth import bench
 from dreambooth.memory.dryrun import TEXT_CACHE_LABEL, TrackedTrainer
 from dreambooth.memory.estimate import estimate
 from dreambooth.memory.tracker import GRADIENTS, OPTIMIZER_STATES
-from dreambooth.settings import Concept, Settings
+from dreambooth.settings import Settings
 
 SPEC = {"scale": "tiny64", "prior": True, "train_text": False, "batch": 1, "steps": 2, "warmup": 0}
 
@@ -62,35 +63,6 @@ def test_median_rows_and_the_table_show_both_columns_and_a_dash_for_no_estimate(
     assert floor[5:8] == ["0.50", "—", "76.5"]
 
 
-def _naive_settings(tmp_path) -> Settings:
-    from dreambooth.demo import draw_instance_images
-
-    instance, prior = tmp_path / "instance", tmp_path / "class"
-    draw_instance_images(instance, count=2, size=64, seed=1)
-    draw_instance_images(prior, count=2, size=64, seed=2)
-    return Settings(
-        pretrained_model_name_or_path="in-memory",
-        output_dir=str(tmp_path / "out"),
-        resolution=64,
-        max_train_steps=2,
-        center_crop=True,
-        with_prior_preservation=True,
-        cache_latents=False,
-        n_save_sample=0,
-        save_training_state=False,
-        device="cpu",
-        num_class_images=2,
-        concepts=[
-            Concept(
-                instance_data_dir=str(instance),
-                instance_prompt=bench.INSTANCE_PROMPT,
-                class_data_dir=str(prior),
-                class_prompt=bench.CLASS_PROMPT,
-            )
-        ],
-    )
-
-
 @pytest.mark.slow
 def test_the_estimate_takes_the_trainers_cache_text_flag_and_agrees_with_that_real_run(tmp_path):
     """The naive configuration (no latent cache, the frozen text encoder run every step): the estimate with
@@ -98,7 +70,7 @@ def test_the_estimate_takes_the_trainers_cache_text_flag_and_agrees_with_that_re
     from dreambooth.models.tiny import tiny_components
 
     arch = bench.bench_architecture("bench-tiny")
-    settings = _naive_settings(tmp_path)
+    settings = agreement_settings(tmp_path, 64, cache_latents=False)
     cached = estimate(settings, arch, device_type="cpu")
     uncached = estimate(settings, arch, device_type="cpu", cache_text=False)
     torch.manual_seed(0)

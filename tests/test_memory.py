@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import agreement_settings
 
 from dreambooth.bench import bench_architecture
 from dreambooth.memory.dryrun import TrackedTrainer
 from dreambooth.memory.estimate import ARCH_SHORTCUTS, Estimate, architecture_of, estimate, format_estimate
 from dreambooth.memory.tracker import ACTIVATIONS, GRADIENTS, OPTIMIZER_STATES, MemoryTracker
-from dreambooth.settings import Concept, Settings
+from dreambooth.settings import Settings
 
 # ------------------------------------------------------------------------------------------------ the tracker
 
@@ -115,35 +116,6 @@ AGREEMENT_CONFIGURATIONS = {
     },
 }
 SCALES = {"bench-tiny": 64, "bench-small": 128}
-
-
-def agreement_settings(work: Path, resolution: int, **changes) -> Settings:
-    from dreambooth.demo import draw_instance_images
-
-    instance, prior = work / "instance", work / "class"
-    draw_instance_images(instance, count=2, size=resolution, seed=1)
-    draw_instance_images(prior, count=2, size=resolution, seed=2)
-    settings = Settings(
-        pretrained_model_name_or_path="in-memory",
-        output_dir=str(work / "out"),
-        resolution=resolution,
-        max_train_steps=2,
-        center_crop=True,
-        with_prior_preservation=True,
-        n_save_sample=0,
-        save_training_state=False,
-        device="cpu",
-        num_class_images=2,
-        concepts=[
-            Concept(
-                instance_data_dir=str(instance),
-                instance_prompt="photo of zwx ring",
-                class_data_dir=str(prior),
-                class_prompt="photo of a ring",
-            )
-        ],
-    )
-    return dataclasses.replace(settings, **changes)
 
 
 def check_agreement(scale: str, changes: dict, work: Path) -> None:
