@@ -135,11 +135,9 @@ def architecture_of(path: str | os.PathLike) -> Architecture:
 
     path = Path(path)
     if path.is_dir():
-        from ..models.components import ARCH_FILE, arch_from_diffusers_configs
+        from ..models.components import folder_architecture
 
-        if (path / ARCH_FILE).is_file():
-            return Architecture.from_json((path / ARCH_FILE).read_text())
-        return arch_from_diffusers_configs(path)
+        return folder_architecture(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file or folder. Give the base model's checkpoint or diffusers folder.")
     suffix = path.suffix.lower()

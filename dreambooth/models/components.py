@@ -297,6 +297,18 @@ def arch_from_diffusers_configs(folder: Path) -> Architecture:
     )
 
 
+def folder_architecture(folder: Path) -> Architecture:
+    """The architecture of a diffusers folder from its files alone: our own record when we wrote it (after the
+    family check), else its components' configs."""
+    from .folders import check_family
+
+    arch_file = folder / ARCH_FILE
+    if arch_file.is_file():
+        check_family(folder)
+        return Architecture.from_json(arch_file.read_text())
+    return arch_from_diffusers_configs(folder)
+
+
 def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype: Any = None) -> Components:
     """Components from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...)."""
     import torch
@@ -305,15 +317,10 @@ def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype:
     with quiet_bitsandbytes():
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .folders import check_family, load_diffusers_model, load_text_encoder
+    from .folders import load_diffusers_model, load_text_encoder
 
     folder = Path(folder)
-    arch_file = folder / ARCH_FILE
-    if arch_file.is_file():
-        check_family(folder)
-        arch = Architecture.from_json(arch_file.read_text())
-    else:
-        arch = arch_from_diffusers_configs(folder)
+    arch = folder_architecture(folder)
     unet = load_diffusers_model(UNet2DConditionModel, folder / "unet", "UNet")
     vae = load_diffusers_model(AutoencoderKL, folder / "vae", "VAE")
     text_encoder = load_text_encoder(folder / "text_encoder")
