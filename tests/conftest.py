@@ -16,6 +16,9 @@ VARIANTS = {
     "sd2-v": {"family": "sd2"},
     "sd2-eps": {"family": "sd2", "prediction_type": "epsilon"},
     "sd1-inpainting": {"family": "sd1", "inpainting": True},
+    # the real SD UNet's shape (two resnets per level, attention on all but the last): LoRA files are named for it
+    "sd1-sd": {"family": "sd1", "layout": "sd"},
+    "sd2-v-sd": {"family": "sd2", "layout": "sd"},
 }
 
 

@@ -33,7 +33,9 @@ class FakeLaunch:
         self.pip_calls.append(command)
         requirement = command.split('"')[1]
         name = requirement.split(">")[0].split("<")[0].split("=")[0]
-        self.versions[name] = {"diffusers": "0.31.0", "safetensors": "0.4.2", "PyYAML": "6.0"}[name]
+        self.versions[name] = {"diffusers": "0.31.0", "safetensors": "0.4.2", "PyYAML": "6.0", "lycoris-lora": "4.1.3"}[
+            name
+        ]
 
 
 WEBUI_1_10_1 = {
@@ -44,26 +46,27 @@ WEBUI_1_10_1 = {
     "safetensors": "0.4.2",
     "PyYAML": "6.0",
 }
+WITH_LYCORIS = {**WEBUI_1_10_1, "lycoris-lora": "4.1.3"}
 
 
 def test_first_start_installs_exactly_the_missing_one_and_second_start_nothing():
     installer = load_installer()
     launch = FakeLaunch(WEBUI_1_10_1)
-    assert installer.main(launch, launch.version_of) == ["diffusers>=0.29.0,<0.32"]
-    assert launch.pip_calls == ['install "diffusers>=0.29.0,<0.32"']
+    assert installer.main(launch, launch.version_of) == ["diffusers>=0.29.0,<0.32", "lycoris-lora>=4.1.3"]
+    assert launch.pip_calls == ['install "diffusers>=0.29.0,<0.32"', 'install "lycoris-lora>=4.1.3"']
     assert installer.main(launch, launch.version_of) == []
-    assert len(launch.pip_calls) == 1
+    assert len(launch.pip_calls) == 2
 
 
 def test_diffusers_too_new_for_the_webui_transformers_is_replaced_by_one_that_imports():
     installer = load_installer()
-    launch = FakeLaunch({**WEBUI_1_10_1, "diffusers": "0.35.1"})
+    launch = FakeLaunch({**WITH_LYCORIS, "diffusers": "0.35.1"})
     assert installer.main(launch, launch.version_of) == ["diffusers>=0.29.0,<0.32"]
 
 
 def test_newer_hosts_keep_their_newer_diffusers():
     installer = load_installer()
-    launch = FakeLaunch({**WEBUI_1_10_1, "transformers": "4.49.0", "diffusers": "0.35.1"})
+    launch = FakeLaunch({**WITH_LYCORIS, "transformers": "4.49.0", "diffusers": "0.35.1"})
     assert installer.main(launch, launch.version_of) == []
 
 
@@ -72,7 +75,7 @@ def test_pinned_packages_are_never_installed():
     launch = FakeLaunch({})  # nothing at all installed: still no torch / gradio / transformers / accelerate
     installed = installer.main(launch, launch.version_of)
     names = {r.split(">")[0].split("<")[0].split("=")[0].lower() for r in installed}
-    assert names == {"diffusers", "safetensors", "pyyaml"}
+    assert names == {"diffusers", "safetensors", "pyyaml", "lycoris-lora"}
     assert not names & installer.PROTECTED
 
 

@@ -23,13 +23,23 @@ from .components import (
     save_single_file,
 )
 
+LAYOUTS = ("small", "sd")
+
 
 def tiny_architecture(
-    family: str = "sd1", prediction_type: str | None = None, inpainting: bool = False
+    family: str = "sd1", prediction_type: str | None = None, inpainting: bool = False, layout: str = "small"
 ) -> Architecture:
-    """SD 1.x (epsilon) or SD 2.x (v-prediction by default) at a test size."""
+    """SD 1.x (epsilon) or SD 2.x (v-prediction by default) at a test size.
+
+    ``layout`` "small" has one resnet per level and attention on the deeper level only.  "sd" has the real SD
+    UNet's shape at two levels: two resnets per down level, attention on every level but the last.  The WebUI's
+    Lora loader maps diffusers layer names to its own by that shape, so LoRA files are tested on "sd".
+    """
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    sd_shaped = layout == "sd"
     prediction = prediction_type or ("epsilon" if family == "sd1" else "v_prediction")
     text_layers = 4
     return Architecture(
@@ -40,9 +50,11 @@ def tiny_architecture(
             "in_channels": 9 if inpainting else 4,
             "out_channels": 4,
             "block_out_channels": [32, 64],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "layers_per_block": 1,
+            "down_block_types": (
+                ["CrossAttnDownBlock2D", "DownBlock2D"] if sd_shaped else ["DownBlock2D", "CrossAttnDownBlock2D"]
+            ),
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"] if sd_shaped else ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2 if sd_shaped else 1,
             "cross_attention_dim": 32,
             "attention_head_dim": 2,
             "use_linear_projection": family == "sd2",
@@ -137,17 +149,19 @@ def write_tiny_checkpoint(
     seed: int = 0,
     name: str | None = None,
     components: Components | None = None,
+    layout: str = "small",
 ) -> Path:
     """Write a tiny single-file checkpoint with its sidecar yaml into ``directory``; returns the checkpoint path.
 
     For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.  ``components``
-    (e.g. the demo's, whose VAE was taught to reconstruct) are written instead of new random ones.
+    (e.g. the demo's, whose VAE was taught to reconstruct) are written instead of new random ones.  ``layout``: see
+    :func:`tiny_architecture`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = name or f"tiny-{family}{'-inpainting' if inpainting else ''}"
+    name = name or f"tiny-{family}{'-inpainting' if inpainting else ''}{'-sd' if layout == 'sd' else ''}"
     if components is None:
-        components = tiny_components(tiny_architecture(family, prediction_type, inpainting), seed=seed)
+        components = tiny_components(tiny_architecture(family, prediction_type, inpainting, layout), seed=seed)
     arch = components.arch
     if family == "sd1":
         clip_dir = (directory / f"{name}-clip").resolve()
