@@ -13,6 +13,12 @@ For each scale and configuration three things are measured, each in its own proc
 With ``--reference SCRIPT`` a fourth row, **diffusers-script**, runs diffusers' ``train_dreambooth.py`` itself,
 unmodified, on the same model, images and options (see ``bench_reference``; it needs torchvision: ``.venv-ref``).
 
+``--training-method lora`` measures LoRA training instead of full fine-tuning: our trainer with ``training_method
+lora``, rank ``--network-rank``, alpha = rank and one learning rate (what diffusers' ``train_dreambooth_lora.py``,
+the reference script then, can be told; ``bench_reference`` lists what it cannot); modes *default* and *naive* (no
+*floor*: bare adapter steps would need the adapter code outside the trainer).  Every row says how many parameters
+its optimizer steps (``params``), so that adapting different layers than the reference shows.
+
 Seconds per step is the median of the steady-state steps (the first ``--warmup`` are dropped); configurations are
 interleaved and repeated (``--repeats``), and the median over repeats is reported.
 
@@ -54,6 +60,8 @@ DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
 INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx ring", "photo of a ring"
 TRACKED_STEPS = 2  # the steps of the tracked pass: the optimizer makes its states in the first, the second is steady
 MIB = 2**20
+LORA_RANK = 16  # --network-rank's default: a kohya user's usual dim (diffusers' script defaults to 4)
+LORA_MODES = ("default", "naive")
 
 
 # name: (UNet channels, which UNet levels have cross-attention, context dim, UNet layers per block,
@@ -103,19 +111,53 @@ def _dataset(root: Path, resolution: int) -> tuple[Path, Path]:
 
 
 def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in this process: spec = {scale, mode, prior, train_text, steps, warmup, batch}."""
+    """One measurement in this process: spec = {scale, mode, prior, train_text, steps, warmup, batch}, for LoRA
+    also {method: "lora", rank, learning_rate}.  The row also says how many parameters the first optimizer that
+    steps (the timed run's) trains: ``trained_parameters``."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from .bench_reference import trained_parameters
     from .models.tiny import tiny_components
 
+    if spec.get("method", "full") == "lora" and spec["mode"] not in LORA_MODES:
+        raise ValueError(f"bench mode {spec['mode']!r} does not exist for LoRA (only {', '.join(LORA_MODES)})")
     torch.manual_seed(0)
     model, resolution = SCALES[spec["scale"]]
     arch = bench_architecture(model)
     components = tiny_components(arch, seed=0)
-    if spec["mode"].startswith("floor"):
-        return _floor(components, spec, resolution)
-    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp:  # removed also when the run fails
-        return _measure_trainer(components, arch, spec, resolution, Path(temp))
+    trained: list[int] = []
+
+    def count(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not trained:
+            trained.append(trained_parameters(optimizer))
+
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        if spec["mode"].startswith("floor"):
+            row = _floor(components, spec, resolution)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp:  # removed also when the run fails
+                row = _measure_trainer(components, arch, spec, resolution, Path(temp))
+    finally:
+        handle.remove()
+    method = {"method": spec.get("method", "full"), **({"rank": spec["rank"]} if "rank" in spec else {})}
+    return {**row, **method, "trained_parameters": trained[0] if trained else None}
+
+
+def lora_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """Our trainer's settings for a LoRA bench row: what diffusers' train_dreambooth_lora.py is given (rank, one
+    learning rate, the text encoder's adapters when it is trained) and alpha = rank, the script's only choice."""
+    rank, learning_rate = spec["rank"], spec["learning_rate"]
+    return {
+        "training_method": "lora",
+        "network_rank": rank,
+        "network_alpha": float(rank),
+        "network_unet_lr": learning_rate,
+        "network_text_encoder_lr": learning_rate,
+        "network_train_text_encoder": spec["train_text"],
+        "train_text_encoder": False,  # the text encoder's full weights stay frozen; its adapters train or not
+    }
 
 
 def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolution: int, work: Path) -> dict[str, Any]:
@@ -132,6 +174,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
     from .train.loop import Trainer, peak_memory_gib
 
     instance, prior = _dataset(work, resolution)
+    lora = lora_settings(spec) if spec.get("method", "full") == "lora" else {}
     settings = Settings(
         pretrained_model_name_or_path="in-memory",
         output_dir=str(work / "out"),
@@ -140,7 +183,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
         max_train_steps=spec["steps"],
         center_crop=True,
         with_prior_preservation=spec["prior"],
-        train_text_encoder=spec["train_text"],
+        train_text_encoder=lora.pop("train_text_encoder", spec["train_text"]),
         cache_latents=spec["mode"] == "default",
         n_save_sample=0,
         save_training_state=False,
@@ -154,6 +197,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
             )
         ],
         num_class_images=4,
+        **lora,
     )
     flags = {"cache_text": spec["mode"] == "default", "final_save": False, "check_model_path": False}
     trainer = Trainer(settings, components=components, **flags)
@@ -256,8 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         nargs="+",
-        default=["default", "naive", "floor"],
         choices=["default", "naive", "floor"],
+        help="what is measured (default: default naive floor; with --training-method lora: default naive)",
     )
     parser.add_argument("--steps", type=int, default=25, help="steps per measurement (default 25)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default 5)")
@@ -265,9 +309,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", choices=["on", "off", "both"], default="both")
     parser.add_argument("--text", choices=["frozen", "trained", "both"], default="frozen")
     parser.add_argument(
+        "--training-method",
+        choices=["full", "lora"],
+        default="full",
+        help="what is trained: the full model (default) or a LoRA (modes default and naive)",
+    )
+    parser.add_argument(
+        "--network-rank",
+        type=int,
+        default=LORA_RANK,
+        help=f"LoRA rank, alpha = rank (default {LORA_RANK}; only with --training-method lora)",
+    )
+    parser.add_argument(
         "--reference",
         metavar="SCRIPT",
-        help="also run diffusers' examples/dreambooth/train_dreambooth.py (unmodified) on each configuration",
+        help="also run diffusers' examples/dreambooth/train_dreambooth.py (train_dreambooth_lora.py with "
+        "--training-method lora), unmodified, on each configuration",
     )
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement (JSON spec)
@@ -279,8 +336,11 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     priors = {"on": [True], "off": [False], "both": [False, True]}[args.prior]
     texts = {"frozen": [False], "trained": [True], "both": [False, True]}[args.text]
+    method = _method(args)
+    modes = args.modes or (list(LORA_MODES) if method else ["default", "naive", "floor"])
     configs = [
         {
+            **method,
             "scale": scale,
             "prior": prior,
             "train_text": text,
@@ -304,7 +364,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     key = (config["scale"], config["prior"], config["train_text"], measured["mode"])
                     results.setdefault(key, []).append(measured)
                     print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
-                for mode in args.modes:
+                for mode in modes:
                     spec = {**config, "mode": mode}
                     output = subprocess.run(
                         [sys.executable, "-m", "dreambooth", "bench", "--one", json.dumps(spec)],
@@ -328,33 +388,59 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _method(args: argparse.Namespace) -> dict[str, Any]:
+    """The training method's part of every configuration: {} for full fine-tuning (as before LoRA existed), else
+    {method, rank, learning_rate} (our trainer's default UNet learning rate, given to both sides)."""
+    if args.training_method == "full":
+        return {}
+    from .settings import Settings
+
+    wrong = [mode for mode in args.modes or [] if mode not in LORA_MODES]
+    if wrong:
+        raise SystemExit(
+            f"bench --training-method lora: --modes {' '.join(wrong)} do not exist for LoRA; use "
+            f"--modes {' '.join(LORA_MODES)}"
+        )
+    if args.network_rank < 1:
+        raise SystemExit(f"bench: --network-rank must be 1 or more, not {args.network_rank}")
+    return {"method": "lora", "rank": args.network_rank, "learning_rate": Settings().network_unet_lr}
+
+
 def median_rows(results: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (scale, prior, train_text, mode): each measured field's median over the repeats (None where no
-    repeat has it: the floor's estimate)."""
+    repeat has it: the floor's estimate); a text field (the training method) as the repeats give it."""
     rows = []
     for (scale, prior, text, mode), runs in results.items():
         row = {"scale": scale, "prior": prior, "train_text": text, "mode": mode}
         for field in runs[0]:
             if field not in row:
                 values = [r[field] for r in runs if r.get(field) is not None]
-                row[field] = statistics.median(values) if values else None
+                if values and isinstance(values[0], str):
+                    if len(set(values)) > 1:
+                        raise ValueError(f"the repeats of {(scale, prior, text, mode)} differ in {field}: {values}")
+                    row[field] = values[0]
+                else:
+                    row[field] = statistics.median(values) if values else None
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a table, after a line that says the machine and what was trained."""
     import platform
 
     import torch
 
+    methods = sorted({(row.get("method", "full"), row.get("rank")) for row in rows}, key=str)
+    method = ", ".join("full fine-tune" if m == "full" else f"{m.upper()} rank {r}, alpha {r}" for m, r in methods)
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior)"
+        f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior); {method}"
     )
     header = (
-        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
-        f"{'optim':>6} {'peak GiB':>8} {'est. MiB':>8} {'tracked MiB':>11} {'vs naive':>8} {'vs floor':>8} "
-        f"{'vs script':>9}"
+        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'params':>8} {'s/step':>7} {'data':>6} "
+        f"{'fwd+bwd':>8} {'optim':>6} {'peak GiB':>8} {'est. MiB':>8} {'tracked MiB':>11} {'vs naive':>8} "
+        f"{'vs floor':>8} {'vs script':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -375,6 +461,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{row['scale']:<10} {'on' if row['prior'] else 'off':<5} "
             f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<16} "
-            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {estimated:>8} {tracked:>11} "
+            f"{_count(row.get('trained_parameters')):>8} {row['seconds_per_step']:>7.3f}{split} "
+            f"{row['peak_memory_gib']:>8.2f} {estimated:>8} {tracked:>11} "
             f"{vs_naive:>8} {vs_floor:>8} {vs_script:>9}"
         )
+
+
+def _count(parameters: float | None) -> str:
+    """A parameter count for the table: 12.3k, 4.56M ("—" when the row has none)."""
+    if parameters is None:
+        return "—"
+    if parameters >= 1e6:
+        return f"{parameters / 1e6:.2f}M"
+    return f"{parameters / 1e3:.1f}k" if parameters >= 1e3 else f"{int(parameters)}"
