@@ -23,7 +23,10 @@ TORCHVISION="${TORCHVISION:-0.28.0}"  # the torchvision release built against to
 DIFFUSERS="${DIFFUSERS:-0.42.1}"      # same releases as .venv, so our rows in .venv-ref match .venv's
 TRANSFORMERS="${TRANSFORMERS:-5.24.0}"
 ACCELERATE="${ACCELERATE:-1.15.0}"
-PEFT="${PEFT:-0.21.0}"                # train_dreambooth_lora.py's adapters; diffusers 0.42 needs peft >= 0.17
+# train_dreambooth_lora.py's adapters: diffusers 0.42 needs peft >= 0.17.  transformers 5.24's add_adapter, which the
+# script calls on the text encoder with --train_text_encoder, asks for peft >= 0.22.0, and no such release exists
+# (0.21.2 is the newest): in this environment the LoRA script runs with the text encoder frozen only.
+PEFT="${PEFT:-0.21.2}"
 
 [ -x "$VENV/bin/python" ] || "$PYTHON_BIN" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
