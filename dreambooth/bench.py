@@ -60,8 +60,6 @@ DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
 INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx ring", "photo of a ring"
 TRACKED_STEPS = 2  # the steps of the tracked pass: the optimizer makes its states in the first, the second is steady
 MIB = 2**20
-LORA_RANK = 16  # --network-rank's default: a kohya user's usual dim (diffusers' script defaults to 4)
-LORA_MODES = ("default", "naive")
 
 
 # name: (UNet channels, which UNet levels have cross-attention, context dim, UNet layers per block,
@@ -117,11 +115,11 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from .bench_lora import check_mode, lora_targets
     from .bench_reference import trained_parameters
     from .models.tiny import tiny_components
 
-    if spec.get("method", "full") == "lora" and spec["mode"] not in LORA_MODES:
-        raise ValueError(f"bench mode {spec['mode']!r} does not exist for LoRA (only {', '.join(LORA_MODES)})")
+    check_mode(spec)
     torch.manual_seed(0)
     model, resolution = SCALES[spec["scale"]]
     arch = bench_architecture(model)
@@ -137,27 +135,13 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["mode"].startswith("floor"):
             row = _floor(components, spec, resolution)
         else:
-            with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp:  # removed also when the run fails
+            # removed also when the run fails
+            with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp, lora_targets(spec):
                 row = _measure_trainer(components, arch, spec, resolution, Path(temp))
     finally:
         handle.remove()
-    method = {"method": spec.get("method", "full"), **({"rank": spec["rank"]} if "rank" in spec else {})}
+    method = {"method": spec.get("method", "full"), **{key: spec[key] for key in ("rank", "targets") if key in spec}}
     return {**row, **method, "trained_parameters": trained[0] if trained else None}
-
-
-def lora_settings(spec: dict[str, Any]) -> dict[str, Any]:
-    """Our trainer's settings for a LoRA bench row: what diffusers' train_dreambooth_lora.py is given (rank, one
-    learning rate, the text encoder's adapters when it is trained) and alpha = rank, the script's only choice."""
-    rank, learning_rate = spec["rank"], spec["learning_rate"]
-    return {
-        "training_method": "lora",
-        "network_rank": rank,
-        "network_alpha": float(rank),
-        "network_unet_lr": learning_rate,
-        "network_text_encoder_lr": learning_rate,
-        "network_train_text_encoder": spec["train_text"],
-        "train_text_encoder": False,  # the text encoder's full weights stay frozen; its adapters train or not
-    }
 
 
 def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolution: int, work: Path) -> dict[str, Any]:
@@ -167,6 +151,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
 
     import torch
 
+    from .bench_lora import lora_settings
     from .memory.dryrun import TrackedTrainer
     from .memory.estimate import estimate
     from .models.tiny import tiny_components
@@ -174,7 +159,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
     from .train.loop import Trainer, peak_memory_gib
 
     instance, prior = _dataset(work, resolution)
-    lora = lora_settings(spec) if spec.get("method", "full") == "lora" else {}
+    lora = lora_settings(spec)
     settings = Settings(
         pretrained_model_name_or_path="in-memory",
         output_dir=str(work / "out"),
@@ -308,18 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
     parser.add_argument("--prior", choices=["on", "off", "both"], default="both")
     parser.add_argument("--text", choices=["frozen", "trained", "both"], default="frozen")
-    parser.add_argument(
-        "--training-method",
-        choices=["full", "lora"],
-        default="full",
-        help="what is trained: the full model (default) or a LoRA (modes default and naive)",
-    )
-    parser.add_argument(
-        "--network-rank",
-        type=int,
-        default=LORA_RANK,
-        help=f"LoRA rank, alpha = rank (default {LORA_RANK}; only with --training-method lora)",
-    )
+    from .bench_lora import add_lora_arguments
+
+    add_lora_arguments(parser)
     parser.add_argument(
         "--reference",
         metavar="SCRIPT",
@@ -336,7 +312,9 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     priors = {"on": [True], "off": [False], "both": [False, True]}[args.prior]
     texts = {"frozen": [False], "trained": [True], "both": [False, True]}[args.text]
-    method = _method(args)
+    from .bench_lora import LORA_MODES, method_config
+
+    method = method_config(args)
     modes = args.modes or (list(LORA_MODES) if method else ["default", "naive", "floor"])
     configs = [
         {
@@ -388,24 +366,6 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _method(args: argparse.Namespace) -> dict[str, Any]:
-    """The training method's part of every configuration: {} for full fine-tuning (as before LoRA existed), else
-    {method, rank, learning_rate} (our trainer's default UNet learning rate, given to both sides)."""
-    if args.training_method == "full":
-        return {}
-    from .settings import Settings
-
-    wrong = [mode for mode in args.modes or [] if mode not in LORA_MODES]
-    if wrong:
-        raise SystemExit(
-            f"bench --training-method lora: --modes {' '.join(wrong)} do not exist for LoRA; use "
-            f"--modes {' '.join(LORA_MODES)}"
-        )
-    if args.network_rank < 1:
-        raise SystemExit(f"bench: --network-rank must be 1 or more, not {args.network_rank}")
-    return {"method": "lora", "rank": args.network_rank, "learning_rate": Settings().network_unet_lr}
-
-
 def median_rows(results: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (scale, prior, train_text, mode): each measured field's median over the repeats (None where no
     repeat has it: the floor's estimate); a text field (the training method) as the repeats give it."""
@@ -431,8 +391,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     import torch
 
-    methods = sorted({(row.get("method", "full"), row.get("rank")) for row in rows}, key=str)
-    method = ", ".join("full fine-tune" if m == "full" else f"{m.upper()} rank {r}, alpha {r}" for m, r in methods)
+    from .bench_lora import describe_method
+
+    method = ", ".join(sorted({describe_method(row) for row in rows}))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior); {method}"

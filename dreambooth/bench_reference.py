@@ -167,7 +167,7 @@ def measure_reference(script: str | os.PathLike, config: dict[str, Any], work: s
         "train_text": config["train_text"],
         "mode": MODE,
         "method": method,
-        **({"rank": config["rank"]} if method == "lora" else {}),
+        **({"rank": config["rank"], "targets": "diffusers"} if method == "lora" else {}),
         "seconds_per_step": statistics.median(steady),
         "trained_parameters": recorded["trained_parameters"],
         "peak_memory_gib": recorded["peak_rss_kib_training"] / 2**20,  # through the last step, as bench's rows

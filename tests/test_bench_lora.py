@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import bench
+from dreambooth import bench, bench_lora
 from dreambooth.bench_reference import (
     MODE,
     check_script_method,
@@ -120,7 +120,7 @@ def test_measure_reference_runs_a_lora_script_and_reports_what_it_trained(tmp_pa
     (work / "model-bench-tiny").mkdir(parents=True)  # present: the fake script needs no model
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.json"))
     row = measure_reference(script, _config(rank=6, steps=6, warmup=2), work)
-    assert row["mode"] == MODE and row["method"] == "lora" and row["rank"] == 6
+    assert row["mode"] == MODE and row["method"] == "lora" and row["rank"] == 6 and row["targets"] == "diffusers"
     assert row["trained_parameters"] == 6 * 10
     assert 0 < row["seconds_per_step"] < 5
     argv = json.loads((tmp_path / "log.json").read_text())["argv"]
@@ -136,17 +136,25 @@ def test_measure_reference_refuses_the_full_script_for_lora(tmp_path):
 
 
 def _rows():
-    common = {"scale": "small128", "prior": True, "train_text": False, "peak_memory_gib": 1.0, "method": "lora"}
+    common = {
+        "scale": "small128",
+        "prior": True,
+        "train_text": False,
+        "peak_memory_gib": 1.0,
+        "method": "lora",
+        "rank": 16,
+    }
     return [
-        {**common, "mode": "default", "seconds_per_step": 0.2, "trained_parameters": 98_304, "rank": 16},
-        {**common, "mode": MODE, "seconds_per_step": 0.3, "trained_parameters": 65_536, "rank": 16},
+        {**common, "mode": "default", "seconds_per_step": 0.2, "trained_parameters": 98_304, "targets": "kohya"},
+        {**common, "mode": MODE, "seconds_per_step": 0.3, "trained_parameters": 65_536, "targets": "diffusers"},
     ]
 
 
 def test_table_says_lora_rank_and_shows_the_trained_parameters(capsys):
     bench.print_table(_rows())
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("machine:") and line.endswith("LORA rank 16, alpha 16") for line in lines)
+    machine = next(line for line in lines if line.startswith("machine:"))
+    assert machine.endswith("; LoRA rank 16, alpha 16 (diffusers layers), LoRA rank 16, alpha 16 (kohya layers)")
     assert any(" params " in line for line in lines)
     default = next(line for line in lines if " default " in line)
     script = next(line for line in lines if MODE in line)
@@ -168,8 +176,10 @@ def test_cli_lora_options():
 
     args = build_parser().parse_args(["bench", "--training-method", "lora", "--network-rank", "4"])
     assert args.training_method == "lora" and args.network_rank == 4 and args.modes is None
+    assert args.network_targets == "kohya"
     defaults = build_parser().parse_args(["bench"])
-    assert defaults.training_method == "full" and defaults.network_rank == bench.LORA_RANK
+    assert defaults.training_method == "full" and defaults.network_rank == bench_lora.LORA_RANK
+    assert build_parser().parse_args(["bench", "--network-targets", "diffusers"]).network_targets == "diffusers"
 
 
 def test_lora_bench_refuses_the_floor_mode():
