@@ -27,6 +27,7 @@ ACCELERATE="${ACCELERATE:-1.15.0}"
 # script calls on the text encoder with --train_text_encoder, asks for peft >= 0.22.0, and no such release exists
 # (0.21.2 is the newest): in this environment the LoRA script runs with the text encoder frozen only.
 PEFT="${PEFT:-0.21.2}"
+LYCORIS="${LYCORIS:-4.1.3}"          # our trainer's LoRA / LoHa / LoKr modules (envs/latest.txt's pin)
 
 [ -x "$VENV/bin/python" ] || "$PYTHON_BIN" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
@@ -39,7 +40,7 @@ echo "torch==$TORCH" > "$VENV/torch-constraint.txt"
 "${PIP[@]}" install -q --no-deps "torchvision==$TORCHVISION"
 "${PIP[@]}" install -q -c "$VENV/torch-constraint.txt" \
     "diffusers==$DIFFUSERS" "transformers==$TRANSFORMERS" "accelerate==$ACCELERATE" \
-    "peft==$PEFT" safetensors Pillow numpy PyYAML tqdm Jinja2
+    "peft==$PEFT" "lycoris-lora==$LYCORIS" safetensors Pillow numpy PyYAML tqdm Jinja2
 # No tensorboard here: train_dreambooth.py's --report_to defaults to "tensorboard" and cannot be switched off from
 # its command line; without the package accelerate starts no tracker, as our trainer (report_to "none").
 "${PIP[@]}" uninstall -y -q tensorboard tensorboardX 2>/dev/null || true
@@ -59,6 +60,7 @@ import warnings
 warnings.simplefilter("ignore")
 import accelerate
 import diffusers
+import lycoris  # noqa: F401  (our trainer's adapters)
 import peft
 import torch
 import torchvision
