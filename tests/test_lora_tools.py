@@ -116,29 +116,44 @@ def largest_difference(ours, theirs):
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "weight"), [("lora", 1.0), ("lora", 0.5), ("lora_mid", 0.5), ("loha", 0.5), ("lokr", 0.5)]
+    ("variant", "algorithm", "weight"),
+    [
+        ("sd1-sd", "lora", 1.0),
+        ("sd1-sd", "lora", 0.5),
+        ("sd1-sd", "lora_mid", 0.5),
+        ("sd1-sd", "loha", 0.5),
+        ("sd1-sd", "lokr", 0.5),
+        ("sd2-v-sd", "lora", 0.5),
+    ],
 )
-def test_the_merged_checkpoint_equals_the_base_with_the_lora_applied(sd1, sd1_components, tmp_path, algorithm, weight):
+def test_the_merged_checkpoint_equals_the_base_with_the_lora_applied(
+    tiny_checkpoint, tmp_path, variant, algorithm, weight
+):
     """Acceptance (issue 14): the merged checkpoint from merge-lora equals base + applied LoRA: its UNet and text
     encoder outputs equal those of the base with every layer of the file applied by LyCORIS's own forward at the
-    same weight (LoRA with 3x3 conv layers, with a Tucker mid, LoHa, LoKr; weight 1 and 0.5)."""
-    lora = write_network(sd1_components, tmp_path / f"{algorithm}.safetensors", algorithm, alpha=2.0)
+    same weight (LoRA with 3x3 conv layers, with a Tucker mid, LoHa, LoKr; weight 1 and 0.5; SD 1.x and 2.x)."""
+    base = tiny_checkpoint(variant)
+    reference = load_components(base)
+    lora = write_network(reference, tmp_path / f"{algorithm}.safetensors", algorithm, alpha=2.0)
     out = tmp_path / "merged.safetensors"
-    report = merge_lora(sd1, lora, out, weight=weight)
+    report = merge_lora(base, lora, out, weight=weight)
 
-    reference = load_components(sd1)
     base_outputs = outputs(reference)
     applied = apply_with_lycoris(reference, lora, weight)
     assert report.layers == applied and report.text_layers > 0
     assert_same_outputs(outputs(load_components(out)), outputs(reference), base_outputs, f"{algorithm} at {weight}")
 
-    # every other tensor of the base is written as it was; exactly one weight per merged layer changed
-    before, _ = read_state_dict(sd1)
+    # every other tensor of the base is written as it was; only the merged layers' weights changed
+    before, _ = read_state_dict(base)
     after, metadata = read_state_dict(out)
     assert set(after) == set(before)
     changed = [key for key in before if not torch.equal(before[key], after[key])]
-    assert len(changed) == report.layers and all(key.endswith(".weight") for key in changed)
+    assert all(key.endswith((".weight", "in_proj_weight")) for key in changed)
     assert not any(key.startswith("first_stage_model.") for key in changed)
+    if variant == "sd1-sd":
+        assert len(changed) == report.layers  # one tensor per layer
+    else:
+        assert 0 < len(changed) < report.layers  # SD 2.x's q, k, v share one in_proj_weight
     record = json.loads(metadata[MERGED_KEY])
     assert record == [
         {"file": lora.name, "hash": read_network_file(lora).metadata["sshs_model_hash"], "weight": weight,
@@ -219,7 +234,7 @@ def test_diffusers_fuse_lora_gives_the_same_weights_as_our_merge(sd1, sd1_compon
         mine = ours.state_dict()
         assert set(mine) <= set(expected)
         assert largest_difference(mine, expected) < 2e-6
-        assert largest_difference(mine, original) > 1e-2  # the LoRA was merged (not a comparison of two bases)
+        assert largest_difference(mine, original) > 1e-3  # the LoRA was merged (not a comparison of two bases)
 
 
 # ------------------------------------------------------------------------------------------------ extracting
@@ -250,6 +265,7 @@ def tuned(sd1, tmp_path_factory):
     return path, deltas
 
 
+@pytest.mark.slow
 def test_extract_recovers_a_known_rank_r_difference(sd1, sd1_components, tuned, tmp_path):
     """extract-lora at the rank of the difference recovers it: every layer's delta (as the WebUI applies the file)
     equals the known one and the report's relative error is ~0; the base with the extracted LoRA merged gives the
@@ -296,6 +312,7 @@ def test_extract_leaves_out_an_unchanged_text_encoder_and_conv_layers_without_co
     assert 0.3 < report.left_out < 1 and "--conv-rank" in report.summary()  # the resnets' deltas are not in it
 
 
+@pytest.mark.slow
 def test_merge_then_extract_round_trip(sd1, sd1_components, tmp_path):
     """merge-lora a rank-4 LoRA, extract-lora from (merged, base) at rank 4: the same per-layer deltas, and merging
     the extracted file gives the same checkpoint as merging the original."""
@@ -415,3 +432,65 @@ def test_cli_merge_lora_and_extract_lora_end_to_end(sd1, sd1_components, tuned, 
     with pytest.raises(SystemExit) as caught:  # argparse: usage and one line, exit 2
         main(["extract-lora", str(path), str(sd1), str(tmp_path / "y.safetensors"), "--rank", "0"])
     assert caught.value.code == 2 and "whole number of 1 or more" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the tab
+
+
+@pytest.fixture
+def model_tools(sd1, tuned, tmp_path):
+    """The tab's LoRA tools on a host that may read the tiny models and tmp_path/home, and write its own folders
+    (checkpoint folder, Lora folder, data folder)."""
+    from dreambooth.host import Host
+    from dreambooth.ui.model_tools import ModelTools
+
+    (tmp_path / "home").mkdir()
+    models = tmp_path / "models"
+    host = Host(models, allowed_roots=[sd1.parent, tuned[0].parent, tmp_path / "home"], write_roots=[models / "Lora"])
+    return ModelTools(host)
+
+
+@pytest.mark.gradio
+@pytest.mark.slow
+def test_the_tab_merges_and_extracts_inside_the_path_policy(model_tools, sd1, sd1_components, tuned, tmp_path):
+    """The Dataset tools panel's "LoRA: merge" and "LoRA: extract": a bare name lands in the checkpoint folder /
+    the Lora folder; a file outside the read roots, an output outside the write roots and an existing output are
+    refused with the policy's sentence before anything is read or written."""
+    tools, home = model_tools, tmp_path / "home"
+    lora = write_network(sd1_components, home / "style.safetensors", "loha")
+    report = tools.merge(str(sd1), str(lora), 0.5, "styled", False, False)
+    merged = tools.host.checkpoint_dir / "styled.safetensors"
+    assert "merged" in report and merged.is_file(), report
+    assert json.loads(read_state_dict(merged)[1][MERGED_KEY])[0]["weight"] == 0.5
+    assert "already exists" in tools.merge(str(sd1), str(lora), 1, "styled", False, False)
+    assert "Not merged" not in tools.merge("styled.safetensors", str(lora), 1, "again", True, False)  # a title
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stray = write_network(sd1_components, outside / "stray.safetensors", "lora")
+    report = tools.merge(str(sd1), str(stray), 1, "x", False, False)
+    assert report.startswith("**Not merged:** LoRA file:") and "outside the folders this server may read" in report
+    report = tools.merge(str(sd1), str(lora), 1, str(home / "x.safetensors"), False, False)
+    assert "may write to" in report and not (home / "x.safetensors").exists()
+    assert "give a file name" in tools.merge(str(sd1), str(lora), 1, "", False, False)
+
+    report = tools.extract(str(tuned[0]), str(sd1), "extracted", 4, 4, False)
+    assert "relative error" in report and (tools.lora_dir / "extracted.safetensors").is_file(), report
+    assert "already exists" in tools.extract(str(tuned[0]), str(sd1), "extracted", 4, 0, False)
+    report = tools.extract(str(outside / "t.safetensors"), str(sd1), "e2", 4, 0, False)
+    assert "Not extracted" in report and "outside the folders" in report
+    assert "whole number" in tools.extract(str(tuned[0]), str(sd1), "e3", 0, 0, False)
+
+
+@pytest.mark.gradio
+def test_the_lora_tools_are_in_the_dataset_tools_panel(tmp_path):
+    from dreambooth.host import Host
+    from dreambooth.runner import Runner
+    from dreambooth.ui.tab import build_tab
+
+    host = Host(tmp_path / "models", allowed_roots=[tmp_path])
+    blocks, _ = build_tab(host, Runner(host))
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    assert {"db_tool_merge_lora", "db_tool_merge_run", "db_tool_extract_lora", "db_tool_extract_run"} <= ids
+    wired = {blocks.blocks[i].elem_id for d in blocks.dependencies for i in d["targets"] if i in blocks.blocks}
+    assert {"db_tool_merge_run", "db_tool_extract_run"} <= wired
