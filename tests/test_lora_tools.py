@@ -494,3 +494,15 @@ def test_the_lora_tools_are_in_the_dataset_tools_panel(tmp_path):
     assert {"db_tool_merge_lora", "db_tool_merge_run", "db_tool_extract_lora", "db_tool_extract_run"} <= ids
     wired = {blocks.blocks[i].elem_id for d in blocks.dependencies for i in d["targets"] if i in blocks.blocks}
     assert {"db_tool_merge_run", "db_tool_extract_run"} <= wired
+
+
+def test_a_text_encoder_named_lora_te1_is_merged_into_the_text_encoder(sd1_components, tmp_path):
+    """diffusers' ``convert_state_dict_to_kohya`` names SD 1.x's text encoder ``lora_te1_`` (SDXL's first); the
+    WebUI maps it to the text encoder, and so does the merge."""
+    tensors = network_tensors(sd1_components, "lora", conv=False)
+    renamed = {k.replace("lora_te_", "lora_te1_", 1): v for k, v in tensors.items()}
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in renamed)
+    layers = all_layers(sd1_components.unet, sd1_components.text_encoder)
+    plain = layer_deltas(write_network_file(tmp_path / "te.safetensors", tensors, {}), layers)
+    aliased = layer_deltas(write_network_file(tmp_path / "te1.safetensors", renamed, {}), layers)
+    assert set(aliased) == set(plain) and largest_difference(plain, aliased) == 0

@@ -20,8 +20,9 @@ from typing import Any
 from ..compat import quiet_bitsandbytes
 from ..errors import DreamBoothError, ModelFileError
 from .files import NetworkFile, read_network_file
-from .names import Target, all_layers
+from .names import TEXT_PREFIX, Target, all_layers
 
+TEXT_ALIAS = "lora_te1_"  # the single text encoder of SD 1.x / 2.x named as SDXL's first
 MERGED_KEY = "dreambooth.merged_networks"  # metadata: JSON list of the files merged into a checkpoint, in order
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -125,7 +126,7 @@ def layer_deltas(
     import torch
 
     network = network if isinstance(network, NetworkFile) else read_network_file(network)
-    unknown = sorted(name for name in network.layers if name not in layers)
+    unknown = sorted(name for name in network.layers if _model_layer(name, layers) is None)
     if unknown:
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
         raise NetworkMismatchError(
@@ -134,7 +135,7 @@ def layer_deltas(
             "trained on."
         )
     deltas: dict[str, Any] = {}
-    mismatched: list[str] = []
+    mismatched: list[str] = []  # "NAME has the shape A in the file but B in MODEL", one per layer
     for name in sorted(network.layers):
         algorithm, parts = network.layer_algorithms[name], network.layer(name)
         if "dora_scale" in parts:
@@ -142,21 +143,30 @@ def layer_deltas(
                 f"{network.path}: layer {name} is a DoRA layer (dora_scale), which merging does not support; "
                 "use the LoRA in the WebUI's prompt instead."
             )
-        target = layers[name].module.weight
+        model_layer = _model_layer(name, layers)
+        target = layers[model_layer].module.weight
         delta = rebuilt_delta(algorithm, parts, layer_scale(algorithm, parts) * float(weight))
         if not _fits(delta, target, algorithm, parts):
-            if not mismatched:
-                first = f"{name} has the shape {_shape(delta)} in the file but {_shape(target)} in {model_name}"
-            mismatched.append(name)
+            mismatched.append(f"{name} has the shape {_shape(delta)} in the file but {_shape(target)} in {model_name}")
             continue
-        deltas[name] = delta.reshape(target.shape).to(torch.float32)
+        deltas[model_layer] = deltas.get(model_layer, 0) + delta.reshape(target.shape).to(torch.float32)
     if mismatched:
         more = f" (and {len(mismatched) - 1} more layers)" if len(mismatched) > 1 else ""
         raise NetworkMismatchError(
-            f"{network.path}: layer {first}{more}; the LoRA was made for another model (e.g. an SD 2.x LoRA on "
-            "an SD 1.x model): merge it into a model of the family it was trained on."
+            f"{network.path}: layer {mismatched[0]}{more}; the LoRA was made for another model (e.g. an SD 2.x LoRA "
+            "on an SD 1.x model): merge it into a model of the family it was trained on."
         )
     return deltas
+
+
+def _model_layer(name: str, layers: dict[str, Target]) -> str | None:
+    """The model's layer a file's layer name means: the name itself, or for ``lora_te1_`` (what diffusers'
+    ``convert_state_dict_to_kohya`` writes for SD 1.x / 2.x) the ``lora_te_`` layer, as the WebUI maps it."""
+    if name in layers:
+        return name
+    if name.startswith(TEXT_ALIAS) and TEXT_PREFIX + name[len(TEXT_ALIAS) - 1 :] in layers:
+        return TEXT_PREFIX + name[len(TEXT_ALIAS) - 1 :]
+    return None
 
 
 def _family_problem(network: NetworkFile, family: str, model_name: str) -> str:
