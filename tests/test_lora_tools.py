@@ -339,8 +339,9 @@ def no_new_files(folder, before):
 
 def test_a_lora_for_another_model_is_refused_with_one_sentence_and_nothing_written(sd1, tiny_checkpoint, tmp_path):
     """An SD 2.x LoRA on an SD 1.x model: refused by its metadata (ss_v2), and without metadata by its layers'
-    shapes (SD 2.x's proj_in is a Linear, SD 1.x's a 1x1 convolution); an SDXL LoRA by its layer names; a layer of
-    another size.  Each: one sentence naming the LoRA file and the layer, no output, no temporary file."""
+    shapes (SD 2.x's proj_in is a Linear, SD 1.x's a 1x1 convolution; an SD 1.x LoKr on SD 2.x too); an SDXL LoRA
+    by its layer names; a layer of another size.  Each: one sentence naming the LoRA file and the layer, no
+    output, no temporary file."""
     sd2 = load_components(tiny_checkpoint("sd2-v-sd"))
     labelled = write_network(sd2, tmp_path / "sd2.safetensors", metadata={"ss_v2": "True"})
     bare = write_network(sd2, tmp_path / "sd2-bare.safetensors", text=False)
@@ -361,7 +362,7 @@ def test_a_lora_for_another_model_is_refused_with_one_sentence_and_nothing_writt
         (labelled, ["trained on SD 2.x", "SD 1.x"]),
         (bare, ["proj_in", "SD 2.x LoRA on an SD 1.x model"]),
         (xl, [xl_name, "is not a layer of", "SDXL"]),
-        (wrong, ["attn2_to_k", "4x32", "shape"]),
+        (wrong, ["attn2_to_k has the shape 64x48 in the file but 64x32 in tiny-sd1-sd.safetensors"]),
     ]
     for lora, words in cases:
         with pytest.raises(NetworkMismatchError) as caught:
@@ -371,6 +372,11 @@ def test_a_lora_for_another_model_is_refused_with_one_sentence_and_nothing_writt
         for word in words:
             assert word in message, (word, message)
         assert no_new_files(tmp_path, before)
+    # and the other way round: an SD 1.x LoKr (its 1x1 proj_in stays 4-D) on an SD 2.x model (a Linear proj_in)
+    lokr = write_network(sd1_components, tmp_path / "sd1-lokr.safetensors", "lokr", text=False)
+    with pytest.raises(NetworkMismatchError, match=r"proj_in has the shape 32x32x1x1 in the file but 32x32 in"):
+        merge_lora(tiny_checkpoint("sd2-v-sd"), lokr, out)
+    assert not out.exists()
 
 
 def test_missing_files_and_an_existing_output_are_refused(sd1, sd1_components, tmp_path):

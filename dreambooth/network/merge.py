@@ -101,11 +101,15 @@ def rebuilt_delta(algorithm: str, parts: dict[str, Any], scale: float) -> Any:
 
 
 def _fits(delta: Any, weight: Any, algorithm: str, parts: dict[str, Any]) -> bool:
-    """Whether the file's layer is one for ``weight``: same output and input sizes, and for LoRA the same kind of
-    layer (a Linear LoRA on a 1x1 convolution is one made for a model with linear projections, SD 2.x)."""
+    """Whether the file's layer is one for ``weight``: same output and input sizes, and the same kind of layer
+    where the factors tell it: a LoRA keeps a convolution's 4-D shape, even 1x1, so a Linear LoRA on a 1x1
+    convolution comes from a model with linear projections (SD 2.x), and the other way round; LoHa and LoKr may
+    flatten a convolution, but a 4-D delta never belongs to a Linear layer."""
     if delta.shape[0] != weight.shape[0] or delta.numel() != weight.numel():
         return False
-    return algorithm != "lora" or parts["lora_down.weight"].dim() == weight.dim()
+    if algorithm == "lora":
+        return parts["lora_down.weight"].dim() == weight.dim()
+    return delta.dim() <= weight.dim()
 
 
 def _shape(tensor: Any) -> str:
@@ -205,6 +209,20 @@ def _merged_before(base: Path) -> list[Any]:
     return merged if isinstance(merged, list) else []
 
 
+def file_hash(path: Path) -> str:
+    """The WebUI's hash of a LoRA file (its "addnet" hash, kohya's ``sshs_model_hash``): sha256 of the bytes after
+    the safetensors header."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an output that is no single checkpoint file, or that exists unless ``overwrite``."""
     if out.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -248,7 +266,7 @@ def merge_lora(
         layers[name].module.weight.data += delta.to(layers[name].module.weight.device)
     record = {
         "file": Path(lora).name,
-        "hash": network.metadata.get("sshs_model_hash", ""),
+        "hash": file_hash(network.path),
         "weight": float(weight),
         "algorithm": network.algorithm,
         "layers": len(deltas),
