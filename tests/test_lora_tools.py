@@ -482,6 +482,7 @@ def test_the_tab_merges_and_extracts_inside_the_path_policy(model_tools, sd1, sd
 
     report = tools.extract(str(tuned[0]), str(sd1), "extracted", 4, 4, False)
     assert "relative error" in report and (tools.lora_dir / "extracted.safetensors").is_file(), report
+    assert "Not merged" not in tools.merge(str(sd1), "extracted.safetensors", 1, "back", False, False)  # a title
     assert "already exists" in tools.extract(str(tuned[0]), str(sd1), "extracted", 4, 0, False)
     report = tools.extract(str(outside / "t.safetensors"), str(sd1), "e2", 4, 0, False)
     assert "Not extracted" in report and "outside the folders" in report

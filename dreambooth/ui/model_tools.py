@@ -32,6 +32,14 @@ class ModelTools:
         titles = {choice.title: choice.path for choice in self.host.list_checkpoints()}
         return titles.get(value, value)
 
+    def _lora_files(self) -> dict[str, str]:
+        """The LoRA files in the Lora folder by their path inside it (what the dropdown offers)."""
+        root = self.lora_dir
+        if not root.is_dir():
+            return {}
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".safetensors" and p.is_file())
+        return {str(p.relative_to(root)): str(p) for p in found}
+
     @staticmethod
     def _output(name: str, folder: Path) -> Path:
         """``name`` as typed; a bare name (no folder) inside ``folder``, with ``.safetensors`` when it has no suffix."""
@@ -63,6 +71,7 @@ class ModelTools:
         if not (name or "").strip():
             return "**Not merged:** New checkpoint: give a file name, e.g. mymodel-style.safetensors."
         base_path, out = self._model_path(base or ""), self._output(name, self.host.checkpoint_dir)
+        lora = self._lora_files().get(lora or "", lora or "")
         refused = self._check({"Base checkpoint": base_path, "LoRA file": lora}, {"New checkpoint": out})
         if refused:
             return f"**Not merged:** {refused}"
@@ -105,7 +114,12 @@ class ModelTools:
         with gr.Accordion("LoRA: merge into a checkpoint", open=False, elem_id="db_tool_merge_lora"):
             with gr.Row():
                 base = model("Base checkpoint", "db_tool_merge_base")
-                lora = gr.Textbox(label="LoRA / LoHa / LoKr file (.safetensors)", elem_id="db_tool_merge_lora_file")
+                lora = gr.Dropdown(
+                    list(self._lora_files()),
+                    label="LoRA / LoHa / LoKr file (from the Lora folder, or a path)",
+                    allow_custom_value=True,
+                    elem_id="db_tool_merge_lora_file",
+                )
             with gr.Row():
                 weight = gr.Number(value=1.0, label="Weight (as in <lora:NAME:W>)", elem_id="db_tool_merge_weight")
                 name = gr.Textbox(
