@@ -168,8 +168,10 @@ def extract_lora(
         left_out += sum(float(d.pow(2).sum()) for n, d in diffs.items() if tuned_layers[n].is_text)
         diffs = {n: d for n, d in diffs.items() if not tuned_layers[n].is_text}
     if not any(bool(d.any()) for d in diffs.values()):
+        hint = " (it changed only other layers; --conv-rank adds the resnets' convolutions)" if left_out else ""
         raise DreamBoothError(
-            f"{tuned_path} has the same weights as {base_path} in every adapted layer: there is no LoRA to extract."
+            f"{tuned_path} has the same weights as {base_path} in every layer a LoRA adapts{hint}: there is no LoRA "
+            "to extract."
         )
 
     tensors: dict[str, Any] = {}
