@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,12 @@ class MergeReport:
     text_layers: int  # of which in the text encoder
     weight: float
     algorithm: str
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         unet = self.layers - self.text_layers
         lines = [
             f"merged {self.layers} {self.algorithm} layer(s) at weight {self.weight:g} "
             f"({unet} in the UNet, {self.text_layers} in the text encoder)",
-            *self.notes,
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
