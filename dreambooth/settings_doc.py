@@ -26,6 +26,7 @@ TITLES = {
     "optimizer": "Learning rate and optimiser",
     "memory": "Memory and speed",
     "text_encoder": "Text encoder",
+    "network": "LoRA / LoHa / LoKr",
     "saving": "Saving",
     "samples": "Samples and tests",
     "logging": "Logging",

@@ -42,6 +42,8 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
     modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    if trainer.method is not None:  # a LoRA / LoHa / LoKr adapter: its weights beside the frozen model's
+        modules.append(trainer.method.network)
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
@@ -122,6 +124,7 @@ class DryRun(Trainer):
         settings = dataclasses.replace(
             settings,
             resume_from="",
+            network_init_from="",
             pretrained_vae_name_or_path="",
             attention="sdpa",
             report_to="none",
