@@ -631,9 +631,10 @@ class Trainer(Outputs):
             fb_started = time.perf_counter()
             values = [0.0, 0.0, 0.0]
             if samples:
-                loss, instance_loss, prior_loss = self._loss(
-                    samples, epoch, train_text, run.device, run.autocast, counts
-                )
+                with self.method.randomness(batch_index) if self.method else contextlib.nullcontext():
+                    loss, instance_loss, prior_loss = self._loss(
+                        samples, epoch, train_text, run.device, run.autocast, counts
+                    )
                 scaled = loss / s.gradient_accumulation_steps
                 if s.fused_backward and micro == s.gradient_accumulation_steps - 1:
                     run.updating = True  # this backward pass updates each weight as soon as its gradient is complete

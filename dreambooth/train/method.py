@@ -10,9 +10,13 @@ save writes one kohya-format ``.safetensors`` into ``lora_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..data.dataset import mix_seed
 
 
 class NetworkMethod:
@@ -53,6 +57,26 @@ class NetworkMethod:
         trainer.log(f"training a {s.training_method} adapter on {len(network.adapters)} layers")
         groups = network.param_groups(s.network_unet_lr * scale, s.network_text_encoder_lr * scale)
         return groups, {"network": network}
+
+    @contextlib.contextmanager
+    def randomness(self, batch_index: int) -> Iterator[None]:
+        """The adapter's dropout draws of a micro-batch from a generator state seeded by (seed, batch, process),
+        torch's own state restored afterwards: a run is reproducible and its resume exact (like every other draw of a
+        step, train/loop.py), and nothing outside the step is changed.  Without dropout nothing is drawn."""
+        import torch
+
+        s = self.trainer.settings
+        if not s.network_dropout:
+            yield
+            return
+        device = self.trainer.dist.device
+        cuda = [device] if device.type == "cuda" else []
+        seed = mix_seed(s.seed, "dropout", batch_index, self.trainer.dist.rank)
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)  # this process's device only
+            yield
 
     def freeze_text(self) -> None:
         """``stop_text_encoder``: the text encoder's adapters stop training (their embeddings are cached from now)."""
