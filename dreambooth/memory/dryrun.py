@@ -206,6 +206,16 @@ class DryRun(Trainer):
 
         return unset_fake_temporarily()
 
+    def _build_network(self, components: Any) -> Any:
+        """A LoRA / LoHa / LoKr adapter: built of real tensors (LyCORIS reads some shapes back as numbers, which fake
+        tensors cannot give; an adapter is small), then made fake like the model's modules."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            network = super()._build_network(components)
+        _convert_by_replacing(network)
+        return network.to_empty(device="cpu")
+
     # ---------------------------------------------------------------------------------------- the run
 
     def _fake_components(self) -> Any:

@@ -528,6 +528,12 @@ class Trainer(Outputs):
         """The context optimizer objects are built in (the memory dry run's differs)."""
         return contextlib.nullcontext()
 
+    def _build_network(self, components: Any) -> Any:
+        """The run's adapter (dreambooth/network/adapter.py; the memory dry run builds it otherwise)."""
+        from ..network.adapter import build_network
+
+        return build_network(components, self.settings)
+
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
 

@@ -33,8 +33,6 @@ class NetworkMethod:
     def setup(self, scale: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Build the adapter (from ``network_init_from`` when given), apply it; returns the optimizer's groups and
         the trained modules by name (for the resumable state).  ``scale``: the learning-rate factor of scale_lr."""
-        from ..network.adapter import build_network
-
         trainer = self.trainer
         s, components = trainer.settings, trainer.components
         unet = components.unet
@@ -43,7 +41,7 @@ class NetworkMethod:
         # Frozen, but in training mode: diffusers checkpoints activations only then; SD's UNet has no dropout.
         unet.requires_grad_(False).train()
         components.text_encoder.requires_grad_(False)
-        self.network = network = build_network(components, s)
+        self.network = network = trainer._build_network(components)
         if s.network_init_from:
             from ..network.files import read_network_file
 
