@@ -379,3 +379,63 @@ def test_network_init_from_continues_from_the_file_and_refuses_one_that_does_not
         train(dataclasses.replace(settings, network_rank=8))
     with pytest.raises(DreamBoothError, match=r"it has no adapter for the layer lora_te_text_model_encoder"):
         train(dataclasses.replace(settings, network_train_text_encoder=True))
+
+
+def peft_backend() -> bool:
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    return bool(USE_PEFT_BACKEND)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_diffusers_load_lora_weights_reads_our_file_as_we_trained_it(lora_settings, family):
+    """The independent reader: diffusers' ``load_lora_weights`` (it reads kohya LoRA files; not LoHa / LoKr) on a
+    pipeline of the base model gives the UNet and text-encoder outputs of our trained model with its adapter."""
+    if not peft_backend():
+        pytest.skip(
+            "diffusers' load_lora_weights needs its PEFT backend, which needs transformers >= 4.34 (this is the "
+            "WebUI's transformers 4.30.2 environment); the latest environment runs this test"
+        )
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.models.components import load_components
+
+    settings = lora_settings(
+        family,
+        network_rank=4,
+        network_alpha=2.0,
+        network_conv_rank=2,
+        network_train_text_encoder=True,
+        network_unet_lr=1e-2,
+        network_text_encoder_lr=1e-2,
+    )
+    trainer, result = train(settings)
+    base = load_components(settings.pretrained_model_name_or_path)  # the base model, apart from the trained one
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=base.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    before = unet_output(base)
+    pipe.load_lora_weights(str(result.checkpoints[-1]))
+    ours = trainer.components
+    network = trainer.method.network
+    expected = unet_output(ours, network)
+    assert (expected - before).abs().max() > 1e-2  # the adapter changes the output well beyond the tolerance
+    torch.testing.assert_close(unet_output(base), expected, rtol=1e-4, atol=1e-5)
+    ids = ours.tokenizer(["photo of zwx ring"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    network.eval()
+    network.apply()
+    try:
+        with torch.no_grad():
+            text_expected = ours.text_encoder(ids)[0]
+    finally:
+        network.restore()
+    with torch.no_grad():
+        assert (text_expected - ours.text_encoder(ids)[0]).abs().max() > 1e-3
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], text_expected, rtol=1e-4, atol=1e-5)
