@@ -7,6 +7,7 @@ Tiny models of the real SD UNet's shape (``layout="sd"``): the WebUI's Lora load
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 
 import pytest
@@ -439,3 +440,80 @@ def test_diffusers_load_lora_weights_reads_our_file_as_we_trained_it(lora_settin
     with torch.no_grad():
         assert (text_expected - ours.text_encoder(ids)[0]).abs().max() > 1e-3
         torch.testing.assert_close(pipe.text_encoder(ids)[0], text_expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_run_keeps_every_feature(lora_settings, tmp_path):
+    """Prior preservation with class images made by the base model *without* the adapter (even one started from a
+    trained file), two concepts with captions, aspect-ratio buckets, augmentation, saves every step with retention,
+    samples made with the adapter (they differ from the base model's), sample now and save now."""
+    from conftest import draw_subject
+    from PIL import Image
+
+    from dreambooth.events import Callbacks, Commands
+    from dreambooth.network.files import read_network_file
+    from dreambooth.settings import Concept
+
+    def pixels(folder):
+        return [Image.open(p).tobytes() for p in sorted(folder.glob("*.png"))]
+
+    _, trained = train(lora_settings(max_train_steps=2, network_unet_lr=1e-2, output_dir=str(tmp_path / "first")))
+    concepts = []
+    for index, size in enumerate(((128, 64), (64, 128))):
+        folder = tmp_path / f"concept{index}"
+        draw_subject(folder, count=2, size=size, seed=index, captions=["red ring, grass", "red ring, sand"])
+        concepts.append(
+            Concept(
+                instance_data_dir=str(folder),
+                instance_prompt=f"photo of zwx{index} ring",
+                class_data_dir=str(tmp_path / f"class{index}"),
+                class_prompt="photo of a ring",
+            )
+        )
+    common = {
+        "with_prior_preservation": True,
+        "use_txt_as_label": True,
+        "caption_template": "[PX], [P]",
+        "use_aspect_ratio_bucket": True,
+        "augment_rotation": 10.0,
+        "augment_probability": 1.0,
+        "n_save_sample": 1,
+    }
+    # The base model's class images and samples: a full run makes them with the model as it is.
+    base_settings = lora_settings(
+        training_method="full", max_train_steps=1, output_dir=str(tmp_path / "base"), **common
+    )
+    base_settings.concepts = [dataclasses.replace(c, class_data_dir=c.class_data_dir + "-base") for c in concepts]
+    train(base_settings)
+
+    commands = Commands()
+
+    class Ask(Callbacks):
+        def on_progress(self, progress):
+            if progress.phase == "training" and progress.step == 1:
+                commands.request("sample")
+                commands.request("save")
+
+    settings = lora_settings(
+        max_train_steps=3,
+        network_init_from=str(trained.checkpoints[-1]),
+        save_model_every_n_steps=2,
+        save_total_limit=1,
+        **common,
+    )
+    settings.concepts = concepts
+    trainer, result = train(settings, callbacks=Ask(), commands=commands)
+    for index in range(2):
+        made, base = pixels(tmp_path / f"class{index}"), pixels(tmp_path / f"class{index}-base")
+        assert len(made) == 2 and made == base  # the base model's images, not the adapted one's
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["dreambooth_3.safetensors"]  # retention: newest
+    assert sorted(d.name for d in (out / "samples").iterdir()) == ["step_000001", "step_000002", "step_000003"]
+    assert pixels(out / "samples" / "step_000001") != pixels(tmp_path / "base" / "samples" / "step_000001")
+    file = read_network_file(result.checkpoints[-1])
+    frequency = json.loads(file.metadata["ss_tag_frequency"])
+    assert frequency == {
+        "concept0": {"photo of zwx0 ring": 2, "red ring": 2, "grass": 1, "sand": 1},
+        "concept1": {"photo of zwx1 ring": 2, "red ring": 2, "grass": 1, "sand": 1},
+    }
+    assert file.metadata["ss_num_reg_images"] == "4" and file.metadata["ss_enable_bucket"] == "True"
+    assert not trainer.method.network.is_applied
