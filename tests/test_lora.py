@@ -478,9 +478,9 @@ def test_a_lora_run_keeps_every_feature(lora_settings, tmp_path):
         "augment_probability": 1.0,
         "n_save_sample": 1,
     }
-    # The base model's class images and samples: a full run makes them with the model as it is.
+    # The base model's class images and samples: a full run that learns nothing (learning rate 0) makes them.
     base_settings = lora_settings(
-        training_method="full", max_train_steps=1, output_dir=str(tmp_path / "base"), **common
+        training_method="full", max_train_steps=1, learning_rate=0.0, output_dir=str(tmp_path / "base"), **common
     )
     base_settings.concepts = [dataclasses.replace(c, class_data_dir=c.class_data_dir + "-base") for c in concepts]
     train(base_settings)
