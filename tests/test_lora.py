@@ -266,14 +266,19 @@ def test_loha_and_lokr_write_their_own_key_families(lora_settings, algorithm, su
     assert file.metadata["ss_network_args"].startswith(f'{{"algo": "{algorithm}"')
 
 
-def test_the_given_model_comes_back_untouched_after_a_run_and_after_a_failed_run(lora_settings, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_the_given_model_comes_back_untouched_after_a_run_and_after_a_failed_run(lora_settings, monkeypatch, precision):
     """The WebUI's model is trained in place: in its own half precision (no copy), with the adapter patched into its
-    layers; afterwards every weight, dtype and forward is what it was -- also when a step fails."""
+    layers (mixed precision off: upcast to fp32 in place); afterwards every weight, dtype and forward is what it was
+    -- also when a step fails."""
     from dreambooth.models.components import load_components
     from dreambooth.train.failures import TrainingFailed
     from dreambooth.train.loop import Trainer
 
-    settings = lora_settings(mixed_precision="bf16", network_train_text_encoder=True, max_train_steps=3)
+    settings = lora_settings(
+        mixed_precision=precision, network_train_text_encoder=True, max_train_steps=3, gradient_checkpointing=True
+    )
     components = load_components(settings.pretrained_model_name_or_path)
     for module in (components.unet, components.text_encoder, components.vae):
         module.to(torch.bfloat16)  # as a WebUI holds it (half precision)
@@ -284,9 +289,11 @@ def test_the_given_model_comes_back_untouched_after_a_run_and_after_a_failed_run
     def check() -> None:
         for name, module in given.items():
             assert getattr(components, name) is module  # the very modules, not copies
-            assert all(torch.equal(v, weights[name][k]) for k, v in module.state_dict().items()), name
+            state = module.state_dict()
+            assert all(v.dtype == weights[name][k].dtype and torch.equal(v, weights[name][k]) for k, v in state.items())
             assert not any("forward" in vars(m) or "_lycoris_wrappers" in vars(m) for m in module.modules()), name
         assert torch.equal(unet_output(components), before)
+        assert not given["unet"].is_gradient_checkpointing  # the run's choice, not left on the given model
 
     from dreambooth.events import Callbacks
 

@@ -27,6 +27,8 @@ class NetworkMethod:
         self.network: Any = None
         self.started_at = time.time()
         self._base_hash: str | None = None
+        self.lr_scale = 1.0  # scale_lr's factor
+        self._checkpointing_was: bool | None = None  # the UNet's gradient checkpointing before the run
 
     # -------------------------------------------------------------------------------------------- set-up
 
@@ -36,7 +38,9 @@ class NetworkMethod:
         trainer = self.trainer
         s, components = trainer.settings, trainer.components
         unet = components.unet
+        self.lr_scale = scale
         if s.gradient_checkpointing:
+            self._checkpointing_was = bool(getattr(unet, "is_gradient_checkpointing", False))
             unet.enable_gradient_checkpointing()
         # Frozen, but in training mode: diffusers checkpoints activations only then; SD's UNet has no dropout.
         unet.requires_grad_(False).train()
@@ -85,6 +89,9 @@ class NetworkMethod:
         """The adapter off every layer (idempotent; nothing to do when it was never built)."""
         if self.network is not None:
             self.network.restore()
+        if self._checkpointing_was is False:  # the given model as it was: checkpointing is the run's choice
+            self.trainer.components.unet.disable_gradient_checkpointing()
+            self._checkpointing_was = None
 
     # -------------------------------------------------------------------------------------------- saving
 
@@ -104,7 +111,7 @@ class NetworkMethod:
 
         trainer = self.trainer
         s = trainer.settings
-        scale = run.groups[0]["lr"] / s.network_unet_lr if s.network_unet_lr and run.groups else 1.0
+        scale = self.lr_scale
         return network_metadata(
             s,
             trainer.requested,

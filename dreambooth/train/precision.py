@@ -126,10 +126,14 @@ class FrozenModules:
 
         self.placement = placement
         self.originals: dict[str, Any] = {}  # name -> the fp32 module given to the trainer, on the CPU
+        self.given_dtypes: dict[str, Any] = {}  # name -> the dtype of a given module converted in place
         try:
             for name, (_, dtype) in placement.items():
                 module = getattr(components, name)
-                if dtype == torch.float32 or _floating_dtype(module) == dtype:  # nothing to convert: used as it is
+                given = _floating_dtype(module)
+                if dtype == torch.float32 or given == dtype:  # nothing to convert (or up to fp32): used in place
+                    if given is not None and given != dtype:
+                        self.given_dtypes[name] = given  # a half-precision model given: back in its dtype at the end
                     move(module, device, dtype)
                     continue
                 move(module, "cpu", torch.float32)  # fp32 as loaded; off the GPU
@@ -150,8 +154,13 @@ class FrozenModules:
         return dataclasses.replace(components, **self.originals) if self.originals else components
 
     def restore(self, components: Any, device: Any) -> None:
-        """The fp32 modules back in ``components``, on ``device``; the copies are dropped."""
+        """The fp32 modules back in ``components``, on ``device``, a module converted in place back in the dtype it
+        was given in (a frozen one's values are exactly those: fp16 / bf16 -> fp32 -> back is exact); the copies
+        are dropped."""
         for name in self.placement:
             setattr(components, name, self.originals.get(name, getattr(components, name)))
-            getattr(components, name).to(device)
-        self.originals = {}
+            module = getattr(components, name)
+            if name in self.given_dtypes:
+                module.to(self.given_dtypes[name])
+            module.to(device)
+        self.originals, self.given_dtypes = {}, {}
