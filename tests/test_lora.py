@@ -211,6 +211,7 @@ def unet_output(components, network=None):
             network.restore()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "v2", "version"), [("sd1", "False", "sd_v1"), ("sd2", "True", "sd_v2_v")])
 def test_the_file_names_real_layers_with_their_shapes_and_says_its_model_version(lora_settings, family, v2, version):
     """Every key names a layer of the model (kohya's names, lora_te_text_model_... whatever the transformers
@@ -249,6 +250,7 @@ def test_the_file_names_real_layers_with_their_shapes_and_says_its_model_version
     assert len(meta["ss_new_sd_model_hash"]) == 64 and meta["sshs_model_hash"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("algorithm", "suffixes"),
     [
@@ -324,6 +326,7 @@ def test_the_given_model_comes_back_untouched_after_a_run_and_after_a_failed_run
     check()
 
 
+@pytest.mark.slow
 def test_cancel_and_exact_resume_with_an_adapter(lora_settings):
     """Cancelled at step 2 of 4 (a LoRA file and a resumable state are kept) and resumed: the same adapter, bit for
     bit, as 4 steps at once -- dropout and the text encoder's adapters included (the state holds the adapter, the
@@ -395,6 +398,7 @@ def peft_backend() -> bool:
     return bool(USE_PEFT_BACKEND)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_diffusers_load_lora_weights_reads_our_file_as_we_trained_it(lora_settings, family):
     """The independent reader: diffusers' ``load_lora_weights`` (it reads kohya LoRA files; not LoHa / LoKr) on a
@@ -449,6 +453,7 @@ def test_diffusers_load_lora_weights_reads_our_file_as_we_trained_it(lora_settin
         torch.testing.assert_close(pipe.text_encoder(ids)[0], text_expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_lora_run_keeps_every_feature(lora_settings, tmp_path):
     """Prior preservation with class images made by the base model *without* the adapter (even one started from a
     trained file), two concepts with captions, aspect-ratio buckets, augmentation, saves every step with retention,
