@@ -529,3 +529,16 @@ def test_a_lora_run_keeps_every_feature(lora_settings, tmp_path):
     }
     assert file.metadata["ss_num_reg_images"] == "4" and file.metadata["ss_enable_bucket"] == "True"
     assert not trainer.method.network.is_applied
+
+
+def test_impossible_combinations_are_refused_with_what_to_do(make_settings, tmp_path):
+    problems = make_settings(**LORA, train_text_encoder=True, save_format="ckpt", model_name="a=b").validate()
+    assert any(
+        p.startswith("train_text_encoder trains every weight") and "network_train_text_encoder" in p for p in problems
+    )
+    assert any("writes .safetensors LoRA files only" in p for p in problems)
+    assert any("may not contain '='" in p for p in problems)
+    missing = str(tmp_path / "none.safetensors")
+    assert any(p.startswith("network_init_from:") for p in make_settings(**LORA, network_init_from=missing).validate())
+    assert make_settings(network_rank=4, network_train_text_encoder=True).validate() == []  # unused with full: fine
+    assert any("at least 1" in p for p in make_settings(**LORA, network_rank=0).validate())
