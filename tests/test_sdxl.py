@@ -64,6 +64,21 @@ def test_sdxl_projection_is_transposed_as_diffusers_stores_it(tiny_checkpoint):
     assert torch.equal(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]), fused)
 
 
+def test_sdxl_file_with_a_linear_projection_round_trips(tiny_checkpoint, tmp_path):
+    """Some merged SDXL files store bigG's projection as a Linear weight (``text_projection.weight``, transposed):
+    read as such, and written back the same way."""
+    original, _ = read_state_dict(tiny_checkpoint("sdxl"))
+    original[BIG_G + "text_projection.weight"] = original.pop(BIG_G + "text_projection").T.contiguous()
+    path = tmp_path / "merged.safetensors"
+    save_file(original, str(path))  # no metadata of ours: detected from the tensors
+    components = load_components(path)
+    assert components.arch.projection_layout == "linear"
+    assert torch.equal(components.text_encoder_2.text_projection.weight, original[BIG_G + "text_projection.weight"])
+    folder = save_diffusers_folder(components, tmp_path / "folder")
+    written = save_single_file(load_components(folder), tmp_path / "back.safetensors")
+    assert_same_tensors(read_state_dict(written[0])[0], original)
+
+
 def test_sdxl_folder_of_another_tool_is_read_from_its_configs(tiny_checkpoint, tmp_path):
     """A diffusers SDXL folder without our record (as from the hub or another trainer): detected from its configs
     (text_encoder_2/, the UNet's addition_embed_type 'text_time'), loaded and written as the same single file."""

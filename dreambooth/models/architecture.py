@@ -50,6 +50,9 @@ class Architecture:
     clip_version: str | None = None  # SD 1.x: the text-encoder/tokenizer folder a sidecar yaml names
     prediction_source: str = "default"  # where prediction_type came from: metadata, yaml, default, guess
     text_2: dict[str, Any] | None = None  # SDXL: CLIPTextConfig arguments of the second (OpenCLIP bigG) encoder
+    # SDXL: how the file stores bigG's projection: "openclip" (``text_projection``, used as x @ P, the released
+    # layout) or "linear" (``text_projection.weight`` = P transposed, found in some merged files); written back alike
+    projection_layout: str = "openclip"
 
     @property
     def is_v_prediction(self) -> bool:
@@ -132,7 +135,7 @@ def _require(state_dict: dict[str, Any], key: str, source: str) -> Any:
     if key not in state_dict:
         raise ModelFileError(
             f"{source}: expected tensor '{key}' is missing; the file is not a complete Stable Diffusion "
-            "checkpoint (SD 1.x / 2.x). Check that it is not a LoRA, an embedding or a VAE-only file."
+            "checkpoint (SD 1.x / 2.x / SDXL). Check that it is not a LoRA, an embedding or a VAE-only file."
         )
     return state_dict[key]
 
@@ -226,8 +229,13 @@ def open_clip_structure(sd: dict[str, Any], prefix: str, source: str) -> tuple[d
     positions = _require(sd, prefix + "positional_embedding", source)
     blocks = len(_indices(list(sd), re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
     inner = _require(sd, prefix + "transformer.resblocks.0.mlp.c_fc.weight", source)
-    projection = sd.get(prefix + "text_projection")
-    projection_dim = int(projection.shape[1]) if projection is not None else int(token.shape[1])
+    projection, linear = sd.get(prefix + "text_projection"), sd.get(prefix + "text_projection.weight")
+    if projection is not None:
+        projection_dim = int(projection.shape[1])  # stored for x @ P: (hidden, projection)
+    elif linear is not None:
+        projection_dim = int(linear.shape[0])  # a Linear's weight: (projection, hidden)
+    else:
+        projection_dim = int(token.shape[1])
     # OpenCLIP pads with id 0 (the token "!")
     return _clip_config(token, positions, inner, blocks, "gelu", 0, projection_dim), blocks
 

@@ -290,7 +290,7 @@ def join_original(
     if arch.family == "sdxl":
         from .sdxl import join_sdxl_text
 
-        out.update(join_sdxl_text(text_sd, text_2_sd or {}))
+        out.update(join_sdxl_text(text_sd, text_2_sd or {}, arch))
     elif arch.family == "sd1":
         out.update({CLIP_L + k.removeprefix("text_model."): v for k, v in text_sd.items()})
     else:

@@ -180,7 +180,11 @@ def sdxl_architecture(sd: dict[str, Any], source: str, yaml_config: dict[str, An
     vae = vae_structure(sd, source)
     text, blocks = clip_structure(sd, CLIP_L_XL, source)
     text_2, _ = open_clip_structure(sd, BIG_G, source)
-    _require(sd, BIG_G + "text_projection", source)
+    if BIG_G + "text_projection.weight" in sd and BIG_G + "text_projection" not in sd:
+        layout = "linear"
+    else:
+        _require(sd, BIG_G + "text_projection", source)
+        layout = "openclip"
     adm_in = int(_require(sd, UNET + "label_emb.0.0.weight", source).shape[1])
     time_dim, rest = divmod(adm_in - text_2["projection_dim"], TIME_IDS)
     if rest or time_dim <= 0:
@@ -221,6 +225,7 @@ def sdxl_architecture(sd: dict[str, Any], source: str, yaml_config: dict[str, An
         scale_factor=vae["scaling_factor"],
         clip_version=clip_version,
         prediction_source="yaml" if yaml_config is not None else "default",
+        projection_layout=layout,
     )
 
 
@@ -245,10 +250,14 @@ def split_sdxl(sd: dict[str, Any], arch: Architecture, source: str) -> dict[str,
         else:
             extras[key] = tensor
     text_2_sd, left = open_clip_to_transformers(big_g, (arch.text_2 or {}).get("num_hidden_layers", 0))
-    projection = left.pop("text_projection", None)
+    if arch.projection_layout == "linear":
+        projection = left.pop("text_projection.weight", None)
+    else:
+        projection = left.pop("text_projection", None)
+        projection = None if projection is None else projection.T.contiguous()  # OpenCLIP: x @ P; a Linear: x @ W.T
     if projection is None:
         raise ModelFileError(f"{source}: tensor '{BIG_G}text_projection' is missing: not a complete SDXL file.")
-    text_2_sd["text_projection.weight"] = projection.T.contiguous()  # OpenCLIP: x @ P; a Linear: x @ W.T
+    text_2_sd["text_projection.weight"] = projection
     extras.update({BIG_G + k: v for k, v in left.items()})  # logit_scale
     return {
         "unet": _convert(unet_sd, unet_table(arch), UNET, to_original=False, what=source),
@@ -259,8 +268,8 @@ def split_sdxl(sd: dict[str, Any], arch: Architecture, source: str) -> dict[str,
     }
 
 
-def join_sdxl_text(text_sd: dict[str, Any], text_2_sd: dict[str, Any]) -> dict[str, Any]:
-    """Both text encoders' weights (transformers-4 names) -> their sgm names."""
+def join_sdxl_text(text_sd: dict[str, Any], text_2_sd: dict[str, Any], arch: Architecture) -> dict[str, Any]:
+    """Both text encoders' weights (transformers-4 names) -> their sgm names (the projection as the file had it)."""
     from .keymap import transformers_to_open_clip
 
     out = {CLIP_L_XL + k.removeprefix("text_model."): v for k, v in text_sd.items()}
@@ -269,7 +278,10 @@ def join_sdxl_text(text_sd: dict[str, Any], text_2_sd: dict[str, Any]) -> dict[s
     if projection is None:
         raise ModelFileError("SDXL's second text encoder must be a CLIPTextModelWithProjection (no text_projection).")
     out.update({BIG_G + k: v for k, v in transformers_to_open_clip(rest).items()})
-    out[BIG_G + "text_projection"] = projection.T.contiguous()
+    if arch.projection_layout == "linear":
+        out[BIG_G + "text_projection.weight"] = projection
+    else:
+        out[BIG_G + "text_projection"] = projection.T.contiguous()
     return out
 
 
