@@ -294,8 +294,8 @@ def test_sdxl_is_described_but_not_trained_yet(tiny_checkpoint, make_settings, c
 @pytest.mark.slow  # diffusers' SDXL pipeline import and single-file loader: about 15 s alone, more on a busy machine
 def test_diffusers_from_single_file_reads_our_sdxl_file(tiny_checkpoint, tmp_path):
     """diffusers' own SDXL loader, given our diffusers folder as its local config (no hub: ``config=`` a folder and
-    ``local_files_only``; no ``original_config``, which makes diffusers 0.31 take the legacy path that asks the hub
-    for CLIP configs), computes what our components compute."""
+    ``local_files_only``; no ``original_config``: with it diffusers 0.31 takes its legacy path, which does not find the
+    tokenizers in the folder), computes what our components compute."""
     from diffusers import StableDiffusionXLPipeline
 
     ours = load_components(tiny_checkpoint("sdxl"))
