@@ -284,6 +284,10 @@ def test_sdxl_is_described_but_not_trained_yet(tiny_checkpoint, make_settings, c
     assert main(["info", str(source)]) == 0
     out = capsys.readouterr().out
     assert "SDXL (non-standard size)" in out and "second text encoder: 4 layers, hidden 64, projection 64" in out
+    from dreambooth.models.describe import describe_checkpoint  # what the tab shows for the base model
+
+    assert "**SDXL (non-standard size)**" in describe_checkpoint(source)
+    assert "text encoder 4 layers of 32 + 4 layers of 64" in describe_checkpoint(source)
     problems = make_settings(pretrained_model_name_or_path=str(source)).validate()
     assert any("the model is SDXL; training SDXL is not supported yet" in p for p in problems), problems
 
