@@ -275,13 +275,15 @@ def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelErro
     )
 
 
-def training_unsupported(source: str, arch: Architecture) -> UnsupportedModelError | None:
-    """Why a model that loads and converts cannot be trained yet (SDXL: the trainer's conditioning comes later)."""
+def training_unsupported(source: str, arch: Architecture, doing: str = "training") -> UnsupportedModelError | None:
+    """Why a model that loads and converts cannot be trained yet (SDXL: the trainer's conditioning comes later).
+
+    ``doing`` names the refused work ("training", "merging a LoRA into", ...) in the sentence."""
     if not arch.is_sdxl:
         return None
     return UnsupportedModelError(
-        f"{source}: the model is SDXL; training SDXL is not supported yet (SDXL files can be inspected and converted "
-        "with 'python -m dreambooth info' and 'convert'): choose an SD 1.x or SD 2.x base model."
+        f"{source}: the model is SDXL; {doing} SDXL is not supported yet (SDXL files can be inspected and converted "
+        "with 'python -m dreambooth info' and 'convert'): choose an SD 1.x or SD 2.x model."
     )
 
 
