@@ -116,6 +116,7 @@ class Trainer(Outputs):
     def _load(self, device: Any) -> Any:
         import torch
 
+        from ..models.architecture import training_unsupported
         from ..models.components import drop_base_ema, load_components
         from ..validation import training_warnings
 
@@ -124,6 +125,9 @@ class Trainer(Outputs):
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
+        refusal = training_unsupported(components.source, components.arch)
+        if refusal:
+            raise refusal
         dropped = drop_base_ema(components)
         if dropped:
             self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
