@@ -312,7 +312,7 @@ class Trainer(Outputs):
         """The training noise schedule: the model's, or its zero-terminal-SNR rescaling (made once)."""
         if not self.settings.zero_terminal_snr:
             return self.components.noise_scheduler
-        if self.__dict__.get("_rescaled_scheduler") is None:
+        if getattr(self, "_rescaled_scheduler", None) is None:
             self._rescaled_scheduler = zero_terminal_snr_scheduler(self.components.noise_scheduler)
         return self._rescaled_scheduler
 
