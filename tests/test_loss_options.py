@@ -116,6 +116,7 @@ def test_timesteps_are_drawn_in_the_range(make_settings, tmp_path):
     assert set(steps) <= {200, 201, 202} and len(steps) == 4
 
 
+@pytest.mark.slow
 def test_noise_offset_and_input_perturbation_change_the_input_as_stated(make_settings, tmp_path):
     """The same latents, timesteps and plain noise (drawn first): the UNet input differs by exactly
     sqrt(1 - alpha-bar_t) x (offset x N(0,1) per channel, constant over H x W)."""
@@ -179,6 +180,7 @@ def test_zero_terminal_snr_rescales_the_schedule_and_the_samples_use_trailing_st
     assert plain.timesteps[0] < 999 and plain.alphas_cumprod[-1] > 0
 
 
+@pytest.mark.slow
 def test_zero_terminal_snr_trains_the_last_timestep_from_pure_noise(make_settings, tmp_path):
     """At t=999 the rescaled schedule keeps nothing of the latent: two different images give the same UNet input
     (the noise, drawn from the same seed); the model's own schedule keeps sqrt(0.0047) of the latent."""
@@ -243,6 +245,7 @@ def test_zero_terminal_snr_with_an_epsilon_model_is_warned(make_settings):
     assert not [w for w in training_warnings(settings, v_model) if "zero_terminal_snr" in w]
 
 
+@pytest.mark.slow
 def test_min_snr_and_huber_weigh_the_reported_loss(make_settings, tmp_path):
     """The reported loss of one sample at a known timestep is the l2 loss times min(SNR, gamma) / SNR."""
     from dreambooth.events import Callbacks
