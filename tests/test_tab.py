@@ -127,7 +127,7 @@ def test_every_settings_field_has_exactly_one_widget_and_every_widget_a_field(ta
     expected |= {f"db_concept_{f.name}" for f in dataclasses.fields(Concept)}
     assert set(ids) - CONTROLS == expected
     headless = {f"db_{f.name}" for f in fields() if f.metadata["headless_only"]}
-    assert headless == {"db_output_dir", "db_checkpoint_dir", "db_device"} and not headless & set(ids)
+    assert headless == {"db_output_dir", "db_checkpoint_dir", "db_lora_dir", "db_device"} and not headless & set(ids)
 
 
 def _places(tab) -> dict:
