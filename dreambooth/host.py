@@ -1,7 +1,8 @@
 """Where the tab runs: the folders it may use, the checkpoints it offers, and what wraps a training job.
 
 :class:`Host` is the standalone app (``python -m dreambooth ui``): a models folder laid out like the WebUI's
-(``DIR/Stable-diffusion`` holds the checkpoints), our own folder ``DIR/dreambooth`` for runs and saved settings.
+(``DIR/Stable-diffusion`` holds the checkpoints, ``DIR/Lora`` the LoRA files), our own folder ``DIR/dreambooth`` for
+runs and saved settings.
 The WebUI's host (:mod:`dreambooth.webui.host`) overrides the hooks that reach into the WebUI: the loaded model, the
 queue lock, the checkpoint list, switching models.  Everything here is plain Python: no gradio, no ``modules``.
 
@@ -119,8 +120,9 @@ class Host:
 
     @property
     def paths(self) -> PathPolicy:
-        """What requests may read and write here (made on each use: the WebUI's ``--ckpt-dir`` is read live)."""
-        own = [self.checkpoint_dir, self.data_dir]
+        """What requests may read and write here (made on each use: the WebUI's ``--ckpt-dir`` and ``--lora-dir``
+        are read live)."""
+        own = [self.checkpoint_dir, self.lora_dir, self.data_dir]
         return PathPolicy(
             read_roots=(*self.allowed_roots, *own),
             write_roots=(*own, *self.write_roots),
@@ -134,6 +136,11 @@ class Host:
     def checkpoint_dir(self) -> Path:
         """Where base models are found and trained checkpoints land (WebUI: ``--ckpt-dir`` or its models folder)."""
         return self.models_dir / "Stable-diffusion"
+
+    @property
+    def lora_dir(self) -> Path:
+        """Where trained LoRA / LoHa / LoKr files land (WebUI: its Lora extension's ``--lora-dir``, which it scans)."""
+        return self.models_dir / "Lora"
 
     @property
     def runs_dir(self) -> Path:
@@ -179,7 +186,11 @@ class Host:
                 if not concept.class_data_dir:
                     concept.class_data_dir = str(run_dir / f"class_images_{index}")
         return dataclasses.replace(
-            settings, output_dir=str(run_dir), checkpoint_dir=str(self.checkpoint_dir), concepts=concepts
+            settings,
+            output_dir=str(run_dir),
+            checkpoint_dir=str(self.checkpoint_dir),
+            lora_dir=str(self.lora_dir),
+            concepts=concepts,
         )
 
     def check_settings(self, settings: Settings) -> list[str]:
@@ -207,6 +218,7 @@ class Host:
             for name, value in (
                 ("output_dir", out),
                 ("checkpoint_dir", out / settings.checkpoint_dir),
+                ("lora_dir", out / settings.lora_dir),
                 ("logging_dir", out / settings.logging_dir),
             ):
                 refused.append(policy.check_write(value, name))

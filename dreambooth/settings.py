@@ -151,6 +151,14 @@ class Settings:
         headless_only=True,
         label="Checkpoint folder",
     )
+    lora_dir: str = setting(
+        "",
+        "Folder of the output LoRA files (empty: output_dir; relative: inside output_dir; the tab: the WebUI's Lora "
+        "folder).",
+        "saving",
+        headless_only=True,
+        label="Lora folder",
+    )
     save_format: str = setting(
         "safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"), label="File format"
     )
@@ -797,6 +805,7 @@ PATH_FIELDS = frozenset(
         "pretrained_vae_name_or_path",
         "output_dir",
         "checkpoint_dir",
+        "lora_dir",
         "resume_from",
         "test_prompts_file",
         "logging_dir",

@@ -164,6 +164,23 @@ def test_ckpt_dir_is_honoured(webui, make_settings, tmp_path):
     assert (tmp_path / "my-models" / "ring_2.safetensors").is_file()
 
 
+def test_lora_dir_is_the_lora_extensions_folder(webui, make_settings, tmp_path):
+    """Issue 14: LoRA files go where the built-in Lora extension scans: ``--lora-dir`` (read live), else
+    ``models/Lora``; the path policy lets jobs write there."""
+    w = webui()
+    from modules import paths, shared
+
+    host = w.glue.runner().host
+    assert host.lora_dir == Path(paths.models_path) / "Lora"
+    shared.cmd_opts.lora_dir = str(tmp_path / "my-loras")
+    assert host.lora_dir == tmp_path / "my-loras"
+    _, settings = settings_for(w, make_settings, model_name="ring")
+    assert settings.lora_dir == str(tmp_path / "my-loras")
+    assert host.paths.may_write(tmp_path / "my-loras" / "ring_2.safetensors") and host.check_settings(settings) == []
+    shared.cmd_opts.lora_dir = None  # the Lora extension disabled: its preload never ran
+    assert host.lora_dir == Path(paths.models_path) / "Lora"
+
+
 def test_use_in_txt2img_switches_and_checks_the_switch(webui, make_settings):
     w = webui()
     from modules import sd_models

@@ -101,6 +101,14 @@ class WebuiHost(Host):
         configured = getattr(shared.cmd_opts, "ckpt_dir", None)
         return Path(configured) if configured else self.models_dir / "Stable-diffusion"
 
+    @property
+    def lora_dir(self) -> Path:
+        """The folder the built-in Lora extension scans: ``--lora-dir`` (its preload sets it, default
+        ``models/Lora``); ``models/Lora`` when that extension is absent or disabled."""
+        _, _, _, _, shared = _modules()
+        configured = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(configured) if configured else self.models_dir / "Lora"
+
     def list_checkpoints(self) -> list[CheckpointChoice]:
         _, _, _, sd_models, _ = _modules()
         return [CheckpointChoice(info.title, info.filename) for info in sd_models.checkpoints_list.values()]
