@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .paths import is_within as is_within  # re-exported for callers of the old 
 from .settings import Settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+log = logging.getLogger(__name__)
 LAST_USED = "last_used.json"
 LOCAL_BLIP = "BLIP (local model)"
 OPTIONAL_PACKAGES = {
@@ -117,6 +119,7 @@ class Host:
             self.write_roots = default_write_roots()
         else:
             self.write_roots = [Path(p).expanduser().resolve() for p in write_roots]
+        self._network_bases: dict[str, str] = {}  # LoRA file written by a job here -> that job's base model
 
     @property
     def paths(self) -> PathPolicy:
@@ -174,6 +177,47 @@ class Host:
         """Switch txt2img to ``path``; returns (done, message)."""
         return False, f"The standalone app has no txt2img: copy {path} into the WebUI's models/Stable-diffusion."
 
+    # ----------------------------------------------------------------------------------------- LoRA files
+
+    def is_network_file(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a LoRA / LoHa / LoKr file: in the Lora folder, or with kohya's network metadata."""
+        from .network.card import read_metadata
+
+        path = Path(path)
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            return False
+        if is_within(path, [self.lora_dir.resolve()]):
+            return True
+        try:
+            return "ss_network_module" in read_metadata(path)
+        except Exception:  # not a readable safetensors file: not one of ours
+            return False
+
+    def refresh_networks(self) -> None:
+        """Make a newly written LoRA file visible (the WebUI re-scans its Lora list; here there is none)."""
+
+    def network_base(self, path: str) -> str:
+        """The base model the LoRA file ``path`` was trained on: the job's (when this host ran it), else the one
+        its metadata names; '' when neither is known."""
+        from .network.card import base_model_of
+
+        return self._network_bases.get(str(Path(path))) or base_model_of(path)
+
+    def use_network(self, path: str) -> tuple[bool, str, str, str]:
+        """Switch txt2img to the LoRA file's base model and hand back its prompt tag; returns
+        (done, message, tag, base model path)."""
+        from .network.card import lora_tag
+
+        base = self.network_base(path)
+        with_base = f" with its base model {base}" if base else ""
+        return (
+            False,
+            f"The standalone app has no txt2img: copy {path} into the WebUI's models/Lora folder and put "
+            f"{lora_tag(path)} into a txt2img prompt{with_base}.",
+            "",
+            "",
+        )
+
     # ----------------------------------------------------------------------------------------- jobs
 
     def prepare(self, settings: Settings) -> Settings:
@@ -222,6 +266,10 @@ class Host:
                 ("logging_dir", out / settings.logging_dir),
             ):
                 refused.append(policy.check_write(value, name))
+        if getattr(settings, "training_method", "full") != "full":
+            from .network.card import prompt_name_problem
+
+            refused.append(prompt_name_problem(settings.model_name))
         refused = [p for p in refused if p]
         return settings.validate(check_files=not refused) + refused
 
@@ -260,8 +308,26 @@ class Host:
     def samples_written(self, paths: list[Path]) -> None:
         """Show the newest sample where the host shows previews (the WebUI's live preview)."""
 
-    def checkpoint_written(self, paths: list[Path]) -> None:
-        self.refresh_checkpoints()
+    def checkpoint_written(self, paths: list[Path], settings: Settings | None = None) -> None:
+        """After the job of ``settings`` wrote ``paths``: the LoRA files get their card sidecar (``NAME.json``) and
+        the Lora list is refreshed; checkpoints refresh the checkpoint list."""
+        files = [Path(p) for p in paths if Path(p).suffix.lower() in CHECKPOINT_SUFFIXES]
+        method = getattr(settings, "training_method", "full")
+        networks = [p for p in files if method != "full" or self.is_network_file(p)]
+        for path in networks:
+            if settings is None:
+                continue
+            self._network_bases[str(path)] = settings.pretrained_model_name_or_path
+            try:
+                from .network.card import write_user_metadata
+
+                write_user_metadata(path, settings)
+            except Exception as error:  # the card's extras only: the LoRA file itself is written
+                log.warning("could not write the Lora card's sidecar for %s: %s", path, error)
+        if networks:
+            self.refresh_networks()
+        if len(networks) < len(files) or not files:
+            self.refresh_checkpoints()
 
     def job_ended(self, state: str, error: str) -> None:
         """Called on the trainer thread after every job, whatever its end."""

@@ -30,6 +30,8 @@ def main(root: str, port: int, base: str) -> None:
         if path.is_file():
             shutil.copy(path, folder / path.name)
     fake.load_checkpoint(folder / source.name)
+    import networks  # noqa: F401  (the Lora extension's script imports it at start: sys.modules["networks"])
+
     runpy.run_path(str(ROOT / "scripts" / "dreambooth_tab.py"))
     demo = ui.create_ui()
     demo.queue(concurrency_count=4)
