@@ -19,14 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-NOT_IN_PROMPTS = (":", ">", "=")  # characters the WebUI's prompt syntax cannot hold in a network name
+from .files import FORBIDDEN_IN_NAME
+
 BASE_MODEL_KEY = "dreambooth.base_model"  # our metadata: the base model the file was trained on
 FILEWORDS = "[filewords]"
 
 
 def prompt_name_problem(name: str, field: str = "model_name") -> str:
     """Why the WebUI could not use a LoRA file named ``name`` in a prompt ('' when it can)."""
-    bad = [c for c in NOT_IN_PROMPTS if c in name]
+    bad = [c for c in FORBIDDEN_IN_NAME if c in name]
     if not bad:
         return ""
     shown = " ".join(f"'{c}'" for c in bad)
