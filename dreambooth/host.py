@@ -250,6 +250,7 @@ class Host:
             ("pretrained_vae_name_or_path", settings.pretrained_vae_name_or_path),
             ("test_prompts_file", settings.test_prompts_file),
             ("resume_from", settings.resume_from),
+            ("network_init_from", getattr(settings, "network_init_from", "")),
         ]
         for index, concept in enumerate(settings.concepts, start=1):
             readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))

@@ -644,6 +644,12 @@ def test_use_in_txt2img_of_a_lora_switches_to_its_base_model_and_hands_over_its_
     again = tab.use_checkpoint(str(lora))  # already loaded: no second load, the tag again
     assert again[c["lora_tag"]] == "<lora:ring_2:1>" and "already" in again[c["message"]]
 
+    w.glue.runner().host.use_checkpoint(str(other))
+    moved = _lora_file(tab.host.lora_dir / "made_elsewhere.safetensors", base="/another/machine/base.safetensors")
+    out = tab.use_checkpoint(str(moved))  # its base named by a path that is not here: found by its file name
+    assert out[c["lora_tag"]] == "<lora:made_elsewhere:1>", out[c["message"]]
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(w.base)
+
     unknown = _lora_file(tab.host.lora_dir / "nobase.safetensors")
     out = tab.use_checkpoint(str(unknown))
     assert out[c["lora_tag"]] == "" and "which base model" in out[c["message"]]
@@ -679,3 +685,40 @@ def test_a_lora_run_takes_the_loaded_half_weights_as_they_are(webui):
     assert all(p.dtype == torch.float16 for p in unet)
     assert all(p.data_ptr() in loaded for p in unet)  # the WebUI's tensors themselves
     assert not any(p.requires_grad for p in unet)
+
+
+def _unet_output(w):
+    """The UNet of the WebUI's loaded model (an fp32 copy of its weights) on a fixed input."""
+    host = w.glue.runner().host
+    unet = host._components_from_memory(w.model, str(w.base)).unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("no_half", [True, False])
+def test_a_lora_run_on_the_loaded_model_leaves_its_weights_and_forward_as_they_were(webui, make_settings, no_half):
+    """Issue 14: a LoRA run trains on the WebUI's loaded tensors themselves (no copy); the adapter wraps forwards
+    at instance level and is taken off at the end: afterwards the loaded model's weights are the same tensors with
+    the same values, no module keeps a forward of its own, and its UNet computes exactly what it did."""
+    w = webui(no_half=no_half)
+    before = {k: (t.data_ptr(), t.clone()) for k, t in w.model.state_dict().items()}
+    output = _unet_output(w)
+    linear_forward, conv_forward = torch.nn.Linear.forward, torch.nn.Conv2d.forward
+    runner, settings = settings_for(w, make_settings, model_name="ringlora", training_method="lora")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    log = "\n".join(runner.snapshot().log)
+    dtype = "float32" if no_half else "float16"
+    assert f"training the lora on the weights already loaded in the WebUI ({dtype}, shared" in log
+    assert runner.snapshot().checkpoints == (str(runner.host.lora_dir / "ringlora_2.safetensors"),)
+    after = w.model.state_dict()
+    assert after.keys() == before.keys()
+    for key, (pointer, value) in before.items():
+        assert after[key].data_ptr() == pointer and torch.equal(after[key], value), key
+    assert not [name for name, module in w.model.named_modules() if "forward" in vars(module)]
+    assert (torch.nn.Linear.forward, torch.nn.Conv2d.forward) == (linear_forward, conv_forward)
+    assert torch.equal(_unet_output(w), output)
+    assert w.model.location == "cuda"

@@ -186,6 +186,8 @@ class Tab:
             return {message: "**Cannot start:**\n" + "\n".join(f"- {p}" for p in error.problems)}
         except (RunnerBusy, DreamBoothError, ValueError) as error:
             return {message: f"**Cannot start:** {error}"}
+        if getattr(settings, "training_method", "full") != "full":
+            return {message: f"Started **{settings.model_name}**; LoRA files go to `{settings.lora_dir}`."}
         return {message: f"Started **{settings.model_name}**; checkpoints go to `{settings.checkpoint_dir}`."}
 
     def command(self, what: str) -> dict[Any, Any]:

@@ -148,6 +148,13 @@ class WebuiHost(Host):
                 return info
         return None
 
+    def _info_named(self, name: str) -> Any:
+        """The one listed checkpoint whose file is called ``name`` (a LoRA made on another machine names its base
+        by a path that is not here); None when none or several are."""
+        _, _, _, sd_models, _ = _modules()
+        found = [info for info in sd_models.checkpoints_list.values() if Path(info.filename).name == name]
+        return found[0] if len(found) == 1 else None
+
     def use_checkpoint(self, path: str) -> tuple[bool, str]:
         """Switch txt2img to ``path`` and check on the loaded model that it happened."""
         if self.runner_busy():
@@ -201,7 +208,8 @@ class WebuiHost(Host):
         if not base:
             return False, f"{path} does not say which base model it was trained on: choose one by hand.", "", ""
         self.refresh_checkpoints()
-        if self._info_for(base) is None:
+        info = self._info_for(base) or self._info_named(Path(base).name)
+        if info is None:
             return (
                 False,
                 f"its base model {base} is not in the WebUI's checkpoint list: choose a model of the same family and "
@@ -210,9 +218,9 @@ class WebuiHost(Host):
                 "",
             )
         self.refresh_networks()
-        tag = lora_tag(path)
+        tag, base = lora_tag(path), info.filename
         if _same_file(self.loaded_checkpoint(), base):
-            return True, f"txt2img uses {self._info_for(base).title} already; {tag} goes into its prompt.", tag, base
+            return True, f"txt2img uses {info.title} already; {tag} goes into its prompt.", tag, base
         done, text = self.use_checkpoint(base)
         if not done:
             return False, text, "", ""
