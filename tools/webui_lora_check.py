@@ -20,6 +20,11 @@ What it does, in order (each step prints one line; the summary goes to WORK/summ
 5. Optionally (``--screenshot OUT.png``, Playwright + /usr/bin/chromium) a picture of the txt2img Lora tab with the
    card, and the card's HTML from ``/sd_extra_networks/get-single-card``.
 6. Stops the WebUI (its process group).
+
+A tiny random CLIP's embeddings average about 0, and the WebUI's default emphasis ("Original") divides by that
+average: a strongly trained text-encoder adapter can then make txt2img fail with "A tensor with NaNs was produced in
+Unet" (seen with 20 steps at learning rate 3e-2; the same file works with ``--emphasis "No norm"``, and its UNet
+layers alone work either way).  Real CLIP embeddings do not average 0.
 """
 
 from __future__ import annotations
@@ -168,16 +173,16 @@ def call(url: str, payload: dict | None = None, method: str | None = None) -> ob
         return body.decode(errors="replace")
 
 
-def txt2img(url: str, prompt: str) -> tuple[object, str]:
+def txt2img(url: str, prompt: str, emphasis: str = "") -> tuple[object, str]:
     """One 64x64 image (as a numpy array) and its infotext, with a fixed seed."""
     import numpy as np
     from PIL import Image
 
-    answer = call(
-        f"{url}/sdapi/v1/txt2img",
-        {"prompt": prompt, "steps": 4, "width": 64, "height": 64, "seed": 1234, "sampler_name": "Euler",
-         "cfg_scale": 7, "batch_size": 1},
-    )  # fmt: skip
+    payload = {"prompt": prompt, "steps": 4, "width": 64, "height": 64, "seed": 1234, "sampler_name": "Euler",
+               "cfg_scale": 7, "batch_size": 1}  # fmt: skip
+    if emphasis:
+        payload["override_settings"] = {"emphasis": emphasis}
+    answer = call(f"{url}/sdapi/v1/txt2img", payload)
     image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB")
     return np.asarray(image).astype("int16"), json.loads(answer["info"]).get("infotexts", [""])[0]
 
@@ -220,6 +225,7 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="the tiny checkpoint --lora was trained on (else one is written)")
     parser.add_argument("--name", default="", help="the LoRA's name in the WebUI (default: its file stem)")
     parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--emphasis", default="", help='the WebUI\'s emphasis mode for txt2img, e.g. "No norm"')
     parser.add_argument("--screenshot", type=Path, help="write a screenshot of the Lora card here")
     args = parser.parse_args()
 
@@ -261,9 +267,9 @@ def main() -> int:
         summary["listed"] = entry is not None
         summary["listed_metadata"] = sorted((entry or {}).get("metadata", {}))
         say(f"/sdapi/v1/loras lists {name}: {entry is not None}; metadata keys {summary['listed_metadata']}")
-        with_lora, info = txt2img(url, f"{PROMPT} <lora:{name}:1>")
-        at_zero, _ = txt2img(url, f"{PROMPT} <lora:{name}:0>")
-        without, _ = txt2img(url, PROMPT)
+        with_lora, info = txt2img(url, f"{PROMPT} <lora:{name}:1>", args.emphasis)
+        at_zero, _ = txt2img(url, f"{PROMPT} <lora:{name}:0>", args.emphasis)
+        without, _ = txt2img(url, PROMPT, args.emphasis)
         summary["infotext_weight_1"] = info
         summary["max_pixel_difference_1_vs_0"] = int(abs(with_lora - at_zero).max())
         summary["mean_pixel_difference_1_vs_0"] = float(abs(with_lora - at_zero).mean())
