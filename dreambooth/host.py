@@ -213,7 +213,7 @@ class Host:
         return (
             False,
             f"The standalone app has no txt2img: copy {path} into the WebUI's models/Lora folder and put "
-            f"{lora_tag(path)} into a txt2img prompt{with_base}.",
+            f"`{lora_tag(path)}` into a txt2img prompt{with_base}.",
             "",
             "",
         )

@@ -32,7 +32,7 @@ def prompt_name_problem(name: str, field: str = "model_name") -> str:
         return ""
     shown = " ".join(f"'{c}'" for c in bad)
     return (
-        f"{field}: '{name}' cannot name a LoRA: the WebUI's prompt tag <lora:NAME:WEIGHT> cannot hold {shown}; "
+        f"{field}: '{name}' cannot name a LoRA: the WebUI's prompt tag `<lora:NAME:WEIGHT>` cannot hold {shown}; "
         "choose a name without ':', '>' and '='"
     )
 

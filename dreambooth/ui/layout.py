@@ -47,6 +47,12 @@ ADD_TO_PROMPT_JS = """(tag) => {
     else area.dispatchEvent(new Event("input", {bubbles: true}));
     return [];
 }"""
+# Both after one click (a js-only event's own .then() does not run in gradio 3.41).
+USE_IN_TXT2IMG_JS = f"""(title, tag) => {{
+    ({SYNC_CHECKPOINT_JS})(title);
+    ({ADD_TO_PROMPT_JS})(tag);
+    return [];
+}}"""
 SMALL = {"size": "sm", "scale": 0, "min_width": 100}  # buttons beside fields: as small as their text
 
 
@@ -288,7 +294,7 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     for what, button in (("cancel", "cancel"), ("save", "save_now"), ("sample", "sample_now")):
         c[button].click(lambda w=what: tab.command(w), None, c["message"])
     used = c["use_checkpoint"].click(tab.use_checkpoint, c["checkpoints"], [c["message"], c["switched"], c["lora_tag"]])
-    used.then(None, c["switched"], None, _js=SYNC_CHECKPOINT_JS).then(None, c["lora_tag"], None, _js=ADD_TO_PROMPT_JS)
+    used.then(None, [c["switched"], c["lora_tag"]], None, _js=USE_IN_TXT2IMG_JS)
     # Progress: a browser timer clicks a hidden button while the Run panel is visible.  Not gradio's `every=`: a
     # server-side loop that makes the WebUI's "Reload UI" wait forever in Blocks.close().
     progress = [c["seen"], c["status"], c["plot"], c["samples"], c["log"], c["checkpoints"]]

@@ -213,18 +213,18 @@ class WebuiHost(Host):
             return (
                 False,
                 f"its base model {base} is not in the WebUI's checkpoint list: choose a model of the same family and "
-                f"put {lora_tag(path)} into the prompt.",
+                f"put `{lora_tag(path)}` into the prompt.",
                 "",
                 "",
             )
         self.refresh_networks()
         tag, base = lora_tag(path), info.filename
         if _same_file(self.loaded_checkpoint(), base):
-            return True, f"txt2img uses {info.title} already; {tag} goes into its prompt.", tag, base
+            return True, f"txt2img uses {info.title} already; `{tag}` goes into its prompt.", tag, base
         done, text = self.use_checkpoint(base)
         if not done:
             return False, text, "", ""
-        return True, f"{text[:-1]}, and {tag} goes into its prompt.", tag, base
+        return True, f"{text[:-1]}, and `{tag}` goes into its prompt.", tag, base
 
     def _repair(self, previous: Any) -> None:
         """After a failed switch the WebUI may hold a half-loaded model: load the previous one again."""
