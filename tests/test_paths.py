@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import draw_subject
+from conftest import draw_subject, needs_lora_trainer
 
 from dreambooth.host import Host
 from dreambooth.runner import Runner
@@ -131,3 +131,17 @@ def test_lora_files_go_to_the_hosts_lora_folder_and_nowhere_else(host, make_sett
         [problem] = [p for p in refused if p.startswith("lora_dir:")]
         assert "outside the folders this server may write to" in problem and str(host.lora_dir) in problem
     assert not (tmp_path / "elsewhere").exists()
+
+
+@needs_lora_trainer
+def test_a_lora_model_name_the_prompt_tag_cannot_say_is_refused(host, make_settings, tmp_path):
+    """Issue 14: the WebUI names a LoRA by its file stem, NAME_STEP, in ``<lora:NAME:WEIGHT>``: a model name with
+    ':', '>' or '=' is refused before the run, in one sentence; a full run may keep such a name."""
+    for name in ("ring:v2", "a>b", "x=y"):
+        refused = host.check_settings(host.prepare(make_settings(training_method="lora", model_name=name)))
+        [problem] = [p for p in refused if p.startswith("model_name:")]
+        assert f"'{name}' cannot name a LoRA" in problem and "`<lora:NAME:WEIGHT>`" in problem
+    assert host.check_settings(host.prepare(make_settings(training_method="lora", model_name="ring_v2"))) == []
+    outside = tmp_path.parent / "elsewhere.safetensors"  # network_init_from is read: under the read roots only
+    refused = host.check_settings(host.prepare(make_settings(training_method="lora", network_init_from=str(outside))))
+    assert any(p.startswith("network_init_from:") and "outside the folders" in p for p in refused)
