@@ -11,6 +11,8 @@ Commands:
   tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
   prepare SRC DST   crop and scale a folder of images to training size (square or aspect buckets), with a report
   caption FOLDER    write IMAGE.txt captions beside a folder's images with a local BLIP model (never downloads)
+  merge-lora BASE LORA OUT      merge a LoRA / LoHa / LoKr into a checkpoint at a weight
+  extract-lora TUNED BASE OUT   extract a LoRA from a full fine-tune (SVD of the weight difference)
 """
 
 from __future__ import annotations
@@ -529,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     caption.set_defaults(func=cmd_caption)
+
+    from .cli_tools import add_parsers
+
+    add_parsers(commands)
     return parser
 
 
