@@ -442,6 +442,7 @@ def test_rest_start_status_and_cancel(webui, make_settings):
     payload = make_settings(pretrained_model_name_or_path=str(w.base), max_train_steps=400).to_dict()
     started = client.post("/dreambooth/start", json=payload)
     assert started.status_code == 200, started.text
+    assert started.json()["lora_dir"] == str(w.glue.runner().host.lora_dir)
     runner = w.glue.runner()
     assert wait_for(lambda: runner.snapshot().losses)
     assert client.post("/dreambooth/start", json=payload).status_code == 409  # one job at a time
