@@ -23,16 +23,6 @@ VARIANTS = {
 }
 
 
-def _trains_networks() -> bool:
-    from dreambooth.settings import Settings
-
-    return "training_method" in Settings.__dataclass_fields__
-
-
-# Issue 14: tests of the LoRA glue that need the LoRA trainer (another branch); they run once it is merged.
-needs_lora_trainer = pytest.mark.skipif(not _trains_networks(), reason="needs the LoRA trainer (training_method)")
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A folder with one tiny single-file checkpoint (+ sidecar yaml) per variant."""

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import draw_subject, needs_lora_trainer
+from conftest import draw_subject
 
 pytestmark = [pytest.mark.browser, pytest.mark.gradio]
 
@@ -292,7 +292,6 @@ def _choose(page, field: str, value: str, group: str = "") -> None:
     option.click()
 
 
-@needs_lora_trainer
 @pytest.mark.slow
 def test_use_in_txt2img_of_a_lora_switches_the_model_and_adds_the_tag_to_the_users_prompt(fake_webui):
     """Issue 14: train a LoRA in the tab; "Use in txt2img" loads the base model it was trained on (the user had
@@ -344,7 +343,6 @@ def test_use_in_txt2img_of_a_lora_switches_the_model_and_adds_the_tag_to_the_use
     assert card == {"sd version": "SD1", "activation text": "photo of sks ring"}
 
 
-@needs_lora_trainer
 @pytest.mark.slow
 def test_train_a_lora_from_the_browser(sd_shaped_app):
     """Issue 14: choose the LoRA method in the tab of the standalone app, train 2 steps on a tiny SD-shaped model:

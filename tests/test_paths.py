@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import draw_subject, needs_lora_trainer
+from conftest import draw_subject
 
 from dreambooth.host import Host
 from dreambooth.runner import Runner
@@ -133,7 +133,6 @@ def test_lora_files_go_to_the_hosts_lora_folder_and_nowhere_else(host, make_sett
     assert not (tmp_path / "elsewhere").exists()
 
 
-@needs_lora_trainer
 def test_a_lora_model_name_the_prompt_tag_cannot_say_is_refused(host, make_settings, tmp_path):
     """Issue 14: the WebUI names a LoRA by its file stem, NAME_STEP, in ``<lora:NAME:WEIGHT>``: a model name with
     ':', '>' or '=' is refused before the run, in one sentence; a full run may keep such a name."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_lora_trainer
 
 pytestmark = pytest.mark.gradio
 
@@ -700,7 +699,6 @@ def _unet_output(w):
         return unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
 
 
-@needs_lora_trainer
 @pytest.mark.parametrize("no_half", [True, False])
 def test_a_lora_run_on_the_loaded_model_leaves_its_weights_and_forward_as_they_were(webui, make_settings, no_half):
     """Issue 14: a LoRA run trains on the WebUI's loaded tensors themselves (no copy); the adapter wraps forwards
