@@ -67,6 +67,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  prediction type: {arch.prediction_type} (from {arch.prediction_source})")
     print(f"  UNet channels {arch.unet['block_out_channels']}, context {arch.unet['cross_attention_dim']}")
     print(f"  text encoder: {arch.text['num_hidden_layers']} layers, hidden {arch.text['hidden_size']}")
+    if arch.text_2:
+        print(
+            f"  second text encoder: {arch.text_2['num_hidden_layers']} layers, hidden {arch.text_2['hidden_size']}, "
+            f"projection {arch.text_2['projection_dim']}"
+        )
     print(f"  tensors kept as they are: {len(components.extras)}")
     print(f"  needs a sidecar .yaml in the WebUI: {'yes' if arch.needs_sidecar_yaml else 'no'}")
     return 0
@@ -457,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="DIR",
         help="a folder the app may also write to: class images, prepared datasets, captions (repeatable; default: "
-        "only the models dir's Stable-diffusion and dreambooth folders)",
+        "only the models dir's Stable-diffusion, Lora and dreambooth folders)",
     )
     ui.add_argument(
         "--auth",

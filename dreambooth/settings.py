@@ -27,6 +27,8 @@ MAX_SEED = 2**32 - 1  # numpy and torch generators both take seeds up to here
 MAX_STEPS = 10_000_000
 MAX_CLASS_IMAGES = 100_000
 MAX_BUCKET_SIDE = 8192
+TRAINING_METHODS = ("full", "lora", "loha", "lokr")
+NETWORK_METHODS = TRAINING_METHODS[1:]
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -36,6 +38,10 @@ SCHEDULERS = (
     "cosine_with_hard_restarts",
     "polynomial",
 )
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "prodigy", "lion", "lion_8bit", "adamw_schedule_free")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+MAX_TIMESTEPS = 1000  # the noise schedules of SD 1.x / 2.x / SDXL have 1000 training timesteps
 
 
 class SettingsError(DreamBoothError):
@@ -151,12 +157,20 @@ class Settings:
         headless_only=True,
         label="Checkpoint folder",
     )
+    lora_dir: str = setting(
+        "",
+        "Folder of the output LoRA files (empty: output_dir; relative: inside output_dir; the tab: the WebUI's Lora "
+        "folder).",
+        "saving",
+        headless_only=True,
+        label="Lora folder",
+    )
     save_format: str = setting(
         "safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"), label="File format"
     )
     save_half: bool = setting(
         False,
-        "Store the output checkpoint in fp16 (half the size).",
+        "Store the output checkpoint (or LoRA file) in fp16 (half the size).",
         "saving",
         aliases=("save_unet_half",),
         label="Save in fp16",
@@ -369,10 +383,31 @@ class Settings:
     )
     optimizer: str = setting(
         "adamw",
-        "AdamW, or 8-bit AdamW from bitsandbytes (optimizer states in 8 bits: less memory).",
+        "AdamW; adamw_8bit and lion_8bit: bitsandbytes' 8-bit states (less memory); adafactor (transformers, a fixed "
+        "learning rate); prodigy (prodigyopt: finds its own step size, learning rate 1.0); lion (lion-pytorch: one "
+        "state, about 10x lower learning rate than AdamW); adamw_schedule_free (schedulefree: no decay schedule "
+        "needed; samples and checkpoints hold its averaged weights). The Adam betas, epsilon and weight decay below "
+        "apply to each that has them.",
         "optimizer",
-        choices=("adamw", "adamw_8bit"),
+        choices=OPTIMIZERS,
         label="Optimizer",
+    )
+    prodigy_d_coef: float = setting(
+        1.0,
+        "Prodigy: multiplier of the step size it estimates (below 1: more careful).",
+        "optimizer",
+        minimum=0.0,
+        maximum=100.0,
+        label="Prodigy d_coef",
+    )
+    prodigy_use_bias_correction: bool = setting(
+        False, "Prodigy: Adam's bias correction of its moments.", "optimizer", label="Prodigy bias correction"
+    )
+    prodigy_safeguard_warmup: bool = setting(
+        False,
+        "Prodigy: keep the learning-rate warm-up out of its step-size estimate (use with warm-up steps).",
+        "optimizer",
+        label="Prodigy safeguard warm-up",
     )
     adam_beta1: float = setting(0.9, "Adam beta1.", "optimizer", minimum=0.0, maximum=0.9999, label="Adam beta1")
     adam_beta2: float = setting(0.999, "Adam beta2.", "optimizer", minimum=0.0, maximum=0.99999, label="Adam beta2")
@@ -388,6 +423,94 @@ class Settings:
         minimum=0.0,
         maximum=1e6,
         label="Gradient clipping",
+    )
+
+    # --- loss weighting and noise
+    loss_type: str = setting(
+        "l2",
+        "The loss of each prediction: l2 (mean squared error), huber (pseudo-Huber: 2c(sqrt(d² + c²) - c), less "
+        "pulled by outliers), smooth_l1 (2(sqrt(d² + c²) - c)).",
+        "loss",
+        choices=LOSS_TYPES,
+        label="Loss type",
+    )
+    huber_c: float = setting(
+        0.1,
+        "c of the huber and smooth_l1 losses (where they change from quadratic to linear).",
+        "loss",
+        minimum=0.001,
+        maximum=1.0,
+        label="Huber c",
+    )
+    huber_schedule: str = setting(
+        "snr",
+        "c over the timesteps: constant; exponential (1 at t=0 down to huber_c at the last timestep); snr "
+        "((1 - huber_c) / (1 + sigma_t)² + huber_c, sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t)).",
+        "loss",
+        choices=HUBER_SCHEDULES,
+        label="Huber schedule",
+    )
+    min_snr_gamma: float = setting(
+        0.0,
+        "Min-SNR weighting (0: off; 5 is usual): each sample's loss times min(SNR, gamma) / SNR (v-prediction: "
+        "/ (SNR + 1)), so the low-noise timesteps weigh less.",
+        "loss",
+        minimum=0.0,
+        maximum=100.0,
+        label="Min-SNR gamma",
+    )
+    debiased_estimation: bool = setting(
+        False,
+        "Weight each sample's loss by 1 / sqrt(SNR) (v-prediction: 1 / sqrt(SNR + 1)), SNR capped at 1000 as kohya "
+        "does and the weight at 1000 (zero terminal SNR).",
+        "loss",
+        label="Debiased estimation",
+    )
+    noise_offset: float = setting(
+        0.0,
+        "Add this x N(0, 1) per image and channel to the noise (0: off; 0.05-0.1 usual): lets the model learn very "
+        "dark and very bright images.",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Noise offset",
+    )
+    noise_offset_random_strength: bool = setting(
+        False,
+        "Scale each image's noise offset by a random U(0, 1) factor.",
+        "loss",
+        label="Random noise-offset strength",
+    )
+    input_perturbation: float = setting(
+        0.0,
+        "Noise the UNet input with noise + this x N(0, 1) while the target keeps the plain noise (0: off; 0.1 usual).",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Input perturbation",
+    )
+    zero_terminal_snr: bool = setting(
+        False,
+        "Rescale the noise schedule so its last timestep is pure noise (zero terminal SNR); samples then use "
+        "trailing timesteps. For v-prediction models.",
+        "loss",
+        label="Zero terminal SNR",
+    )
+    min_timestep: int = setting(
+        0,
+        "Smallest timestep drawn for training.",
+        "loss",
+        minimum=0,
+        maximum=MAX_TIMESTEPS - 1,
+        label="Smallest timestep",
+    )
+    max_timestep: int | None = setting(
+        None,
+        "Timesteps are drawn below this one (empty: the schedule's 1000).",
+        "loss",
+        minimum=1,
+        maximum=MAX_TIMESTEPS,
+        label="Timesteps below",
     )
 
     # --- memory and speed
@@ -488,6 +611,88 @@ class Settings:
         minimum=1,
         maximum=12,
         label="CLIP skip",
+    )
+
+    # --- LoRA / LoHa / LoKr (dreambooth/network): a small adapter trained on the frozen model
+    training_method: str = setting(
+        "full",
+        "What is trained: full (every UNet weight: a checkpoint), or a small adapter on the frozen model, saved as "
+        "one file for the WebUI's Lora folder: lora (LoRA; LoCon with a conv rank), loha (LyCORIS LoHa), lokr "
+        "(LyCORIS LoKr).",
+        "network",
+        choices=TRAINING_METHODS,
+        label="Training method",
+    )
+    network_rank: int = setting(
+        16,
+        "Rank (dim) of the adapter on attention and linear layers: its size and capacity.",
+        "network",
+        minimum=1,
+        maximum=1024,
+        label="Rank (dim)",
+    )
+    network_alpha: float = setting(
+        8.0,
+        "Alpha: the adapter's output is scaled by alpha / rank (8 with rank 16: half, as kohya's defaults; 0: "
+        "alpha = rank, no scaling). LoKr with both factors full (a rank too large to factor) uses scale 1, as the "
+        "WebUI does.",
+        "network",
+        minimum=0.0,
+        maximum=1024.0,
+        label="Alpha",
+    )
+    network_dropout: float = setting(
+        0.0,
+        "Dropout on the adapter's output while training (0: none).",
+        "network",
+        minimum=0.0,
+        maximum=0.9,
+        label="Adapter dropout",
+    )
+    network_conv_rank: int = setting(
+        0,
+        "Rank of adapters on the 3x3 convolutions of the resnets and samplers (LoCon); 0: attention and linear "
+        "layers only.",
+        "network",
+        minimum=0,
+        maximum=1024,
+        label="Conv rank",
+    )
+    network_conv_alpha: float = setting(
+        0.0,
+        "Alpha of the conv adapters (scale conv alpha / conv rank); 0: the conv rank (no scaling).",
+        "network",
+        minimum=0.0,
+        maximum=1024.0,
+        label="Conv alpha",
+    )
+    network_train_text_encoder: bool = setting(
+        False,
+        "Train adapters on the text encoder's attention and MLP layers too (lora_te keys).",
+        "network",
+        label="Adapt the text encoder",
+    )
+    network_unet_lr: float = setting(
+        1e-4,
+        "Learning rate of the UNet's adapters (learning_rate is for full training).",
+        "network",
+        minimum=0.0,
+        maximum=1.0,
+        label="UNet adapter learning rate",
+    )
+    network_text_encoder_lr: float = setting(
+        5e-5,
+        "Learning rate of the text encoder's adapters.",
+        "network",
+        minimum=0.0,
+        maximum=1.0,
+        label="Text encoder adapter learning rate",
+    )
+    network_init_from: str = setting(
+        "",
+        "A LoRA file to continue from (its layers and shapes must match these settings); empty: a new adapter.",
+        "network",
+        label="Start from LoRA file",
     )
 
     # --- saving
@@ -597,6 +802,11 @@ class Settings:
     @property
     def has_prior_preservation(self) -> bool:
         return self.with_prior_preservation
+
+    @property
+    def trains_network(self) -> bool:
+        """An adapter (LoRA / LoHa / LoKr) is trained on the frozen model, not the model itself."""
+        return self.training_method in NETWORK_METHODS
 
     def text_encoder_lr(self) -> float:
         return self.learning_rate if self.text_encoder_learning_rate is None else self.text_encoder_learning_rate
@@ -797,6 +1007,8 @@ PATH_FIELDS = frozenset(
         "pretrained_vae_name_or_path",
         "output_dir",
         "checkpoint_dir",
+        "lora_dir",
+        "network_init_from",
         "resume_from",
         "test_prompts_file",
         "logging_dir",

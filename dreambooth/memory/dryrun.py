@@ -33,6 +33,7 @@ from ..train.loop import Trainer
 from .tracker import MemoryTracker
 
 DRY_RUN_STEPS = 2
+READS_NUMBERS = frozenset({"prodigy"})  # optimizers whose step reads numbers from tensors (see _numbers_as_one)
 TEXT_CACHE_LABEL = "cached text embeddings"
 
 
@@ -42,6 +43,8 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
     modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    if trainer.method is not None:  # a LoRA / LoHa / LoKr adapter: its weights beside the frozen model's
+        modules.append(trainer.method.network)
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
@@ -122,6 +125,7 @@ class DryRun(Trainer):
         settings = dataclasses.replace(
             settings,
             resume_from="",
+            network_init_from="",
             pretrained_vae_name_or_path="",
             attention="sdpa",
             report_to="none",
@@ -203,6 +207,16 @@ class DryRun(Trainer):
 
         return unset_fake_temporarily()
 
+    def _build_network(self, components: Any) -> Any:
+        """A LoRA / LoHa / LoKr adapter: built of real tensors (LyCORIS reads some shapes back as numbers, which fake
+        tensors cannot give; an adapter is small), then made fake like the model's modules."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            network = super()._build_network(components)
+        _convert_by_replacing(network)
+        return network.to_empty(device="cpu")
+
     # ---------------------------------------------------------------------------------------- the run
 
     def _fake_components(self) -> Any:
@@ -252,6 +266,8 @@ class DryRun(Trainer):
                 _convert_by_replacing(module)
             self.components = components
             run = self._setup()
+            if self.settings.optimizer in READS_NUMBERS:
+                run.optimizer.step = _numbers_as_one(run.optimizer.step)
             if run.scaler is not None:
                 run.scaler = _always_stepping(run.scaler)
             tracker = tracked_steps(self, run, DRY_RUN_STEPS, "cpu", self.off_device)
@@ -282,6 +298,28 @@ def _replacing_apply(module: Any, fn: Any, recurse: bool = True) -> Any:
         if buffer is not None:
             module._buffers[key] = fn(buffer)
     return module
+
+
+def _numbers_as_one(step: Any) -> Any:
+    """The optimizer's ``step``, with every number it reads from a tensor (``.item()``) read as 1: a fake tensor holds
+    none, and the memory of a step does not depend on them (Prodigy's step-size estimate is such a number).  Only the
+    optimizer's step reads them so: the trainer's own code must stay free of data-dependent branches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NumbersAsOne(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                dtype = args[0].dtype
+                return 1.0 if dtype.is_floating_point else (True if dtype == torch.bool else 1)
+            return func(*args, **(kwargs or {}))
+
+    @functools.wraps(step)
+    def stepping(*args: Any, **kwargs: Any) -> Any:
+        with NumbersAsOne():
+            return step(*args, **kwargs)
+
+    return stepping
 
 
 def _always_stepping(scaler: Any) -> Any:

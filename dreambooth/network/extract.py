@@ -145,6 +145,11 @@ def extract_lora(
         if not path.exists():
             raise ModelFileError(f"{path}: no such file or folder; give {what}.")
     tuned_model = load_components(tuned_path)
+    from ..models.architecture import training_unsupported
+
+    refusal = training_unsupported(str(tuned_path), tuned_model.arch, "extracting a LoRA from")  # SDXL names: later
+    if refusal:
+        raise refusal
     base_model = load_components(base_path)
     _same_model(tuned_model, base_model, tuned_path, base_path)
 

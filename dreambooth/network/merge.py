@@ -254,6 +254,11 @@ def merge_lora(
     if not base.exists():
         raise ModelFileError(f"{base}: no such file or folder; give the checkpoint to merge into.")
     components = load_components(base)
+    from ..models.architecture import training_unsupported
+
+    refusal = training_unsupported(str(base), components.arch, "merging a LoRA into")  # SDXL LoRA names come later
+    if refusal:
+        raise refusal
     model_name = f"{base.name} ({components.arch.name})"
     problem = _family_problem(network, components.arch.family, model_name)
     if problem:
