@@ -8,10 +8,6 @@ import pytest
 
 from dreambooth import bench, bench_lora
 
-# the LoRA trainer (training_method, dreambooth/network/adapter.py) lands from its own branch; until it has, these
-# tests have nothing to measure
-pytest.importorskip("dreambooth.network.adapter", reason="the LoRA trainer (issue 14) is not merged yet")
-
 
 def _spec(**changes):
     return {
