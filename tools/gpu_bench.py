@@ -8,10 +8,11 @@ here.  Each configuration trains ``--steps`` steps on its own freshly built mode
 the median of the steps after the first ``--warmup``.  The peak statistics are reset when the steps begin (loading
 and caching are not steps), as tests/test_gpu_estimate.py does.
 
-Configurations: *default*; the fit preset of a 6 GiB card (bf16 mixed precision, 8-bit AdamW, bf16 weights, fused
-backward) and of a 5 GiB card (the same + gradient checkpointing) -- what ``low_memory`` chooses for those cards
-(docs/benchmarks.md's estimate table); *default + xformers* only where xformers is installed; and, where this
-checkout has the LoRA trainer (a ``training_method`` setting), LoRA rank 16 plain and with bf16 + checkpointing.
+Configurations: *default* (fp32); *default-tf32* (the same with TF32 matrix products allowed, which the trainer does
+not do); *bf16* (bf16 mixed precision alone); the fit preset of a 6 GiB card (bf16 mixed precision, 8-bit AdamW, bf16
+weights, fused backward) and of a 5 GiB card (the same + gradient checkpointing) -- what ``low_memory`` chooses for
+those cards (docs/benchmarks.md's estimate table); *default + xformers* only where xformers is installed; and, where
+this checkout has the LoRA trainer (a ``training_method`` setting), LoRA rank 16 plain and with bf16 + checkpointing.
 
 ``--device cpu --arch bench-tiny --resolution 64`` runs the same code on the CPU in seconds (a dry run of this
 script; its figures mean nothing).  Usage (from the repository root):
@@ -39,6 +40,8 @@ GIB = 2**30
 FIT_6GIB = {"mixed_precision": "bf16", "optimizer": "adamw_8bit", "full_bf16": True, "fused_backward": True}
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
+    "default-tf32": {},  # + TF32 matrix products (MATMUL_PRECISION): what fp32 training would gain from allowing them
+    "bf16": {"mixed_precision": "bf16"},
     "fit-preset-6gib": FIT_6GIB,
     "fit-preset-5gib": {**FIT_6GIB, "gradient_checkpointing": True},
     "default-xformers": {"attention": "xformers"},
@@ -50,6 +53,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "mixed_precision": "bf16",
     },
 }
+
+# torch.set_float32_matmul_precision per configuration ("highest", torch's default, for the others): the trainer
+# itself leaves it at the default, so fp32 products run in full fp32 (no TF32) on the GPU.
+MATMUL_PRECISION = {"default-tf32": "high"}
 
 
 def why_not(changes: dict[str, Any], device: str) -> str | None:
@@ -152,7 +159,12 @@ def measure(name: str, changes: dict[str, Any], arch: Any, args: argparse.Namesp
     components = tiny_components(arch, seed=0)
     row["build_seconds"] = time.perf_counter() - started
     trainer = PeakOfSteps(settings, components=components, final_save=False, check_model_path=False)
-    result = trainer.run()
+    row["float32_matmul_precision"] = MATMUL_PRECISION.get(name, "highest")
+    torch.set_float32_matmul_precision(row["float32_matmul_precision"])
+    try:
+        result = trainer.run()
+    finally:
+        torch.set_float32_matmul_precision("highest")
     steady = result.step_seconds[args.warmup :] or result.step_seconds
     seconds = statistics.median(steady)
     row.update(

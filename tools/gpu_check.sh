@@ -12,6 +12,7 @@
 # first on PYTHONPATH; CLIP's vocabulary file (bpe_simple_vocab_16e6.txt.gz, from open-clip-torch, which such a
 # machine lacks: the tiny and random-weight models' tokenizer is built from it) is taken from there when
 # DREAMBOOTH_CLIP_BPE is unset.  Without CUDA every part still imports, the tests skip and the bench runs a tiny CPU dry run.
+# GPU_BENCH_ARGS: more arguments for tools/gpu_bench.py (e.g. "--steps 3 --warmup 1" for a quick CPU dry run).
 # Each part has its own time limit (TESTS_TIMEOUT, BENCH_TIMEOUT, ESTIMATE_TIMEOUT seconds), so one that hangs does
 # not take the others' time.  Logs: $OUT/tests.txt, $OUT/bench.json (and whatever the caller tees).
 set -u -o pipefail
@@ -23,6 +24,13 @@ export PYTHONPATH="${GPU_SITE:+$GPU_SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${DREAMBOOTH_CLIP_BPE:-}" ] && [ -f "${GPU_SITE:-/nonexistent}/bpe_simple_vocab_16e6.txt.gz" ]; then
     export DREAMBOOTH_CLIP_BPE="$GPU_SITE/bpe_simple_vocab_16e6.txt.gz"
 fi
+# bitsandbytes' CUDA library needs libcudart/libcublas of torch's CUDA: torch's own copies (the nvidia-* packages)
+# go last on the library path, where the system has none
+nvlibs=$($PY -c "import glob, os, importlib.util as u; s = u.find_spec('nvidia')
+dirs = s.submodule_search_locations if s else []
+print(':'.join(sorted({os.path.dirname(p) for d in dirs for p in glob.glob(d + '/**/lib*.so*', recursive=True)})))" \
+    2>/dev/null)
+if [ -n "$nvlibs" ]; then export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$nvlibs"; fi
 status=0
 section() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
@@ -55,7 +63,7 @@ timeout "${TESTS_TIMEOUT:-230}" $PY -m pytest -q -s -p no:cacheprovider -rA -m g
     tests/test_gpu.py tests/test_gpu_estimate.py 2>&1 | tee "$OUT/tests.txt" || status=1
 
 section bench
-timeout "${BENCH_TIMEOUT:-130}" $PY "$HERE/gpu_bench.py" --json "$OUT/bench.json" || status=1
+timeout "${BENCH_TIMEOUT:-170}" $PY "$HERE/gpu_bench.py" --json "$OUT/bench.json" ${GPU_BENCH_ARGS:-} || status=1
 
 section "LoRA estimate"
 if $PY -c "import dataclasses, sys; from dreambooth.settings import Settings
