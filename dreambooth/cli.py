@@ -11,6 +11,8 @@ Commands:
   tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
   prepare SRC DST   crop and scale a folder of images to training size (square or aspect buckets), with a report
   caption FOLDER    write IMAGE.txt captions beside a folder's images with a local BLIP model (never downloads)
+  merge-lora BASE LORA OUT      merge a LoRA / LoHa / LoKr into a checkpoint at a weight
+  extract-lora TUNED BASE OUT   extract a LoRA from a full fine-tune (SVD of the weight difference)
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  prediction type: {arch.prediction_type} (from {arch.prediction_source})")
     print(f"  UNet channels {arch.unet['block_out_channels']}, context {arch.unet['cross_attention_dim']}")
     print(f"  text encoder: {arch.text['num_hidden_layers']} layers, hidden {arch.text['hidden_size']}")
+    if arch.text_2:
+        print(
+            f"  second text encoder: {arch.text_2['num_hidden_layers']} layers, hidden {arch.text_2['hidden_size']}, "
+            f"projection {arch.text_2['projection_dim']}"
+        )
     print(f"  tensors kept as they are: {len(components.extras)}")
     print(f"  needs a sidecar .yaml in the WebUI: {'yes' if arch.needs_sidecar_yaml else 'no'}")
     return 0
@@ -529,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     caption.set_defaults(func=cmd_caption)
+
+    from .cli_tools import add_parsers
+
+    add_parsers(commands)
     return parser
 
 

@@ -36,13 +36,15 @@ def text_encoder_state_dict(model: Any) -> dict[str, Any]:
     """The text encoder's weights with transformers-4 names (``text_model.`` prefix), without ``position_ids``.
 
     transformers 5 drops the ``text_model.`` prefix from ``CLIPTextModel.state_dict()`` and no longer saves
-    ``position_ids``; transformers 4.30 has both.
+    ``position_ids``; transformers 4.30 has both.  ``CLIPTextModelWithProjection`` (SDXL's second encoder) keeps
+    its ``text_model`` wrapper in both, beside ``text_projection.weight``, which stays as it is.
     """
+    wrapped = hasattr(model, "text_model")
     out = {}
     for key, value in model.state_dict().items():
         if key.endswith("embeddings.position_ids"):
             continue
-        out[key if key.startswith(TEXT_PREFIX) else TEXT_PREFIX + key] = value
+        out[key if wrapped or key.startswith(TEXT_PREFIX) else TEXT_PREFIX + key] = value
     return out
 
 

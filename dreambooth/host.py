@@ -31,6 +31,9 @@ LOCAL_BLIP = "BLIP (local model)"
 OPTIONAL_PACKAGES = {
     "bitsandbytes": "8-bit AdamW (optimizer adamw_8bit) is unavailable: pip install bitsandbytes",
     "xformers": "the xformers attention backend is unavailable (PyTorch SDPA is used): pip install xformers",
+    "prodigyopt": "optimizer prodigy is unavailable: pip install prodigyopt",
+    "lion_pytorch": "optimizer lion is unavailable: pip install lion-pytorch",
+    "schedulefree": "optimizer adamw_schedule_free is unavailable: pip install schedulefree",
 }
 
 

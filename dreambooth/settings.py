@@ -36,6 +36,10 @@ SCHEDULERS = (
     "cosine_with_hard_restarts",
     "polynomial",
 )
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "prodigy", "lion", "lion_8bit", "adamw_schedule_free")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+MAX_TIMESTEPS = 1000  # the noise schedules of SD 1.x / 2.x / SDXL have 1000 training timesteps
 
 
 class SettingsError(DreamBoothError):
@@ -369,10 +373,31 @@ class Settings:
     )
     optimizer: str = setting(
         "adamw",
-        "AdamW, or 8-bit AdamW from bitsandbytes (optimizer states in 8 bits: less memory).",
+        "AdamW; adamw_8bit and lion_8bit: bitsandbytes' 8-bit states (less memory); adafactor (transformers, a fixed "
+        "learning rate); prodigy (prodigyopt: finds its own step size, learning rate 1.0); lion (lion-pytorch: one "
+        "state, about 10x lower learning rate than AdamW); adamw_schedule_free (schedulefree: no decay schedule "
+        "needed; samples and checkpoints hold its averaged weights). The Adam betas, epsilon and weight decay below "
+        "apply to each that has them.",
         "optimizer",
-        choices=("adamw", "adamw_8bit"),
+        choices=OPTIMIZERS,
         label="Optimizer",
+    )
+    prodigy_d_coef: float = setting(
+        1.0,
+        "Prodigy: multiplier of the step size it estimates (below 1: more careful).",
+        "optimizer",
+        minimum=0.0,
+        maximum=100.0,
+        label="Prodigy d_coef",
+    )
+    prodigy_use_bias_correction: bool = setting(
+        False, "Prodigy: Adam's bias correction of its moments.", "optimizer", label="Prodigy bias correction"
+    )
+    prodigy_safeguard_warmup: bool = setting(
+        False,
+        "Prodigy: keep the learning-rate warm-up out of its step-size estimate (use with warm-up steps).",
+        "optimizer",
+        label="Prodigy safeguard warm-up",
     )
     adam_beta1: float = setting(0.9, "Adam beta1.", "optimizer", minimum=0.0, maximum=0.9999, label="Adam beta1")
     adam_beta2: float = setting(0.999, "Adam beta2.", "optimizer", minimum=0.0, maximum=0.99999, label="Adam beta2")
@@ -388,6 +413,94 @@ class Settings:
         minimum=0.0,
         maximum=1e6,
         label="Gradient clipping",
+    )
+
+    # --- loss weighting and noise
+    loss_type: str = setting(
+        "l2",
+        "The loss of each prediction: l2 (mean squared error), huber (pseudo-Huber: 2c(sqrt(d² + c²) - c), less "
+        "pulled by outliers), smooth_l1 (2(sqrt(d² + c²) - c)).",
+        "loss",
+        choices=LOSS_TYPES,
+        label="Loss type",
+    )
+    huber_c: float = setting(
+        0.1,
+        "c of the huber and smooth_l1 losses (where they change from quadratic to linear).",
+        "loss",
+        minimum=0.001,
+        maximum=1.0,
+        label="Huber c",
+    )
+    huber_schedule: str = setting(
+        "snr",
+        "c over the timesteps: constant; exponential (1 at t=0 down to huber_c at the last timestep); snr "
+        "((1 - huber_c) / (1 + sigma_t)² + huber_c, sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t)).",
+        "loss",
+        choices=HUBER_SCHEDULES,
+        label="Huber schedule",
+    )
+    min_snr_gamma: float = setting(
+        0.0,
+        "Min-SNR weighting (0: off; 5 is usual): each sample's loss times min(SNR, gamma) / SNR (v-prediction: "
+        "/ (SNR + 1)), so the low-noise timesteps weigh less.",
+        "loss",
+        minimum=0.0,
+        maximum=100.0,
+        label="Min-SNR gamma",
+    )
+    debiased_estimation: bool = setting(
+        False,
+        "Weight each sample's loss by 1 / sqrt(SNR) (v-prediction: 1 / sqrt(SNR + 1)), SNR capped at 1000 as kohya "
+        "does and the weight at 1000 (zero terminal SNR).",
+        "loss",
+        label="Debiased estimation",
+    )
+    noise_offset: float = setting(
+        0.0,
+        "Add this x N(0, 1) per image and channel to the noise (0: off; 0.05-0.1 usual): lets the model learn very "
+        "dark and very bright images.",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Noise offset",
+    )
+    noise_offset_random_strength: bool = setting(
+        False,
+        "Scale each image's noise offset by a random U(0, 1) factor.",
+        "loss",
+        label="Random noise-offset strength",
+    )
+    input_perturbation: float = setting(
+        0.0,
+        "Noise the UNet input with noise + this x N(0, 1) while the target keeps the plain noise (0: off; 0.1 usual).",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Input perturbation",
+    )
+    zero_terminal_snr: bool = setting(
+        False,
+        "Rescale the noise schedule so its last timestep is pure noise (zero terminal SNR); samples then use "
+        "trailing timesteps. For v-prediction models.",
+        "loss",
+        label="Zero terminal SNR",
+    )
+    min_timestep: int = setting(
+        0,
+        "Smallest timestep drawn for training.",
+        "loss",
+        minimum=0,
+        maximum=MAX_TIMESTEPS - 1,
+        label="Smallest timestep",
+    )
+    max_timestep: int | None = setting(
+        None,
+        "Timesteps are drawn below this one (empty: the schedule's 1000).",
+        "loss",
+        minimum=1,
+        maximum=MAX_TIMESTEPS,
+        label="Timesteps below",
     )
 
     # --- memory and speed

@@ -24,6 +24,7 @@ TITLES = {
     "dataset": "Aspect-ratio buckets and augmentation",
     "prior": "Prior preservation",
     "optimizer": "Learning rate and optimiser",
+    "loss": "Loss weighting and noise",
     "memory": "Memory and speed",
     "text_encoder": "Text encoder",
     "saving": "Saving",

@@ -9,6 +9,8 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .train.optimizers import optimizer_problems, optimizer_warnings
+
 if TYPE_CHECKING:
     from .settings import Settings
 
@@ -190,10 +192,11 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
     if s.mixed_precision == "fp16" and s.device == "cpu":
         problems.append("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     problems.extend(_memory_problems(s))
-    if s.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+    problems.extend(optimizer_problems(s))
+    if isinstance(s.max_timestep, int) and isinstance(s.min_timestep, int) and s.min_timestep >= s.max_timestep:
         problems.append(
-            "optimizer adamw_8bit needs the bitsandbytes package, which is not installed: "
-            "'pip install bitsandbytes' (CUDA GPUs), or choose adamw"
+            f"min_timestep {s.min_timestep} and max_timestep {s.max_timestep} leave no timestep to train: "
+            "min_timestep must be below max_timestep"
         )
     if s.attention == "xformers" and importlib.util.find_spec("xformers") is None:
         problems.append("attention xformers needs the xformers package, which is not installed; choose sdpa")
@@ -339,8 +342,16 @@ def prompt_warnings(settings: Settings, count_tokens: Any) -> list[str]:
 
 
 def training_warnings(settings: Settings, arch: Any, tokenizer: Any = None) -> list[str]:
-    """What the trainer logs once the model is loaded: resolution vs the model, prompts longer than CLIP reads."""
+    """What the trainer logs once the model is loaded: resolution vs the model, prompts longer than CLIP reads,
+    zero terminal SNR on an epsilon model, Prodigy's learning rate."""
     found = resolution_warnings(settings, arch)
+    if settings.zero_terminal_snr and getattr(arch, "prediction_type", "epsilon") != "v_prediction":
+        found.append(
+            "zero_terminal_snr is on but this model predicts epsilon: at the last timestep (pure noise) the noise "
+            "is trivial to predict and the image cannot be learnt, so zero terminal SNR needs a v-prediction model "
+            "(or one converted to it); turn it off for this model"
+        )
+    found += optimizer_warnings(settings)
     if tokenizer is not None:
 
         def count_tokens(text: str) -> int:

@@ -19,6 +19,7 @@ VARIANTS = {
     # the real SD UNet's shape (two resnets per level, attention on all but the last): LoRA files are named for it
     "sd1-sd": {"family": "sd1", "layout": "sd"},
     "sd2-v-sd": {"family": "sd2", "layout": "sd"},
+    "sdxl": {"family": "sdxl"},  # SDXL's shape at a test size (models/tiny.py: tiny_sdxl_architecture)
 }
 
 

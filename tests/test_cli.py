@@ -20,7 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2-v"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2-v", "sdxl"])
 def test_convert_both_ways(tiny_checkpoint, tmp_path, variant):
     source = tiny_checkpoint(variant)
     folder = tmp_path / "diffusers"

@@ -202,7 +202,24 @@ ROWS = {
         {"lr_scheduler": "polynomial", "max_train_steps": 3, "lr_power": 2.0},
         differs("lrs"),
     ),
+    # each optimizer trains, resumes exactly and is refused with a sentence without its package:
+    # tests/test_optimizers.py; the Prodigy fields reach Prodigy (test_each_optimizer_is_its_librarys_with_...)
     "optimizer": None,
+    "prodigy_d_coef": None,
+    "prodigy_use_bias_correction": None,
+    "prodigy_safeguard_warmup": None,
+    # the loss terms against hand-computed values and their effect in a run: tests/test_loss_options.py
+    "loss_type": None,  # test_huber_and_smooth_l1_losses_by_hand, test_min_snr_and_huber_weigh_the_reported_loss
+    "huber_c": None,  # test_huber_and_smooth_l1_losses_by_hand, test_huber_c_schedules_by_hand
+    "huber_schedule": None,  # test_huber_c_schedules_by_hand
+    "min_snr_gamma": None,  # test_min_snr_weights_epsilon_and_v_prediction, test_min_snr_and_huber_weigh_the_...
+    "debiased_estimation": None,  # test_debiased_weights_cap_..., test_min_snr_and_huber_weigh_the_reported_loss
+    "noise_offset": None,  # test_noise_offset_and_input_perturbation_change_the_input_as_stated
+    "noise_offset_random_strength": None,  # the same test: one U(0, 1) factor per image
+    "input_perturbation": None,  # the same test, and test_input_perturbation_keeps_the_target
+    "zero_terminal_snr": None,  # test_zero_terminal_snr_*: the last alpha-bar 0, trailing samples, the warning
+    "min_timestep": None,  # test_timesteps_are_drawn_in_the_range
+    "max_timestep": None,  # test_timesteps_are_drawn_in_the_range
     "adam_beta1": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta1": 0.5}, differs("unet")),
     "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
     "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),

@@ -98,6 +98,21 @@ AGREEMENT_CONFIGURATIONS = {
     },
     "text-frozen-uncached": {"cache_latents": False},
     "adamw-8bit": {"optimizer": "adamw_8bit"},
+    "prodigy": {"optimizer": "prodigy", "learning_rate": 1.0},
+    "adafactor": {"optimizer": "adafactor"},
+    "lion": {"optimizer": "lion"},
+    "lion-8bit": {"optimizer": "lion_8bit"},
+    "schedule-free": {"optimizer": "adamw_schedule_free"},
+    "loss-and-noise-options": {
+        "noise_offset": 0.1,
+        "noise_offset_random_strength": True,
+        "input_perturbation": 0.1,
+        "min_snr_gamma": 5.0,
+        "debiased_estimation": True,
+        "loss_type": "huber",
+        "zero_terminal_snr": True,
+        "min_timestep": 100,
+    },
     "fused-backward": {"fused_backward": True},
     "full-bf16": {"full_bf16": True, "mixed_precision": "bf16"},
     "fused-full-bf16-text-trained-checkpointing": {
@@ -335,6 +350,23 @@ def test_the_estimate_covers_8bit_adamw():
     assert adamw.breakdown[OPTIMIZER_STATES] >= 2 * adamw.breakdown["weights, trained (fp32)"]  # 2 x fp32
     # two bytes per weight, but fp32 for the many small tensors of this tiny model
     assert eight_bit.breakdown[OPTIMIZER_STATES] < 0.4 * adamw.breakdown[OPTIMIZER_STATES]
+
+
+def test_the_estimate_counts_each_optimizers_states():
+    """Prodigy keeps four fp32 tensors per weight (two moments, its s and the initial weights), schedule-free AdamW
+    two (z and the second moment), Lion one, Adafactor less than one (its second moments factored over the last two
+    dimensions of each matrix and kernel)."""
+    arch = bench_architecture("bench-tiny")
+    base = Settings(pretrained_model_name_or_path="x", resolution=64)
+    weights = estimate(base, arch).breakdown["weights, trained (fp32)"]
+
+    def states(optimizer):
+        return estimate(dataclasses.replace(base, optimizer=optimizer), arch).breakdown.get(OPTIMIZER_STATES, 0)
+
+    assert states("prodigy") == pytest.approx(4 * weights, rel=0.01)
+    assert states("adamw_schedule_free") == pytest.approx(2 * weights, rel=0.01)
+    assert states("lion") == pytest.approx(weights, rel=0.01)
+    assert 0 < states("adafactor") < 0.7 * weights
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2-v", "sd1-inpainting"])

@@ -301,8 +301,8 @@ def test_importing_bitsandbytes_prints_nothing_and_leaves_its_loggers_as_they_we
         "from dreambooth.models.components import load_components\n"
         "load_components(sys.argv[1])\n"
         "import bitsandbytes\n"  # imported by diffusers above (quietly)
-        "from dreambooth.train.optim import _adamw_8bit_class\n"
-        "_adamw_8bit_class('cpu')\n"
+        "from dreambooth.train.optim import _eight_bit_class\n"
+        "_eight_bit_class('adamw_8bit', 'cpu')\n"
     )
     command = [sys.executable, "-c", script, str(tiny_checkpoint("sd1"))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)

@@ -364,31 +364,25 @@ def test_base_ema_is_dropped_from_outputs_and_the_log_says_so(
 
 
 def _sdxl_folder(tiny_checkpoint, tmp_path, with_index: bool = True) -> Path:
-    """A diffusers folder laid out as SDXL's: a second text encoder and a UNet with ``addition_embed_type``."""
-    import json
+    """An SDXL diffusers folder as other tools write it (no record of ours), with or without model_index.json."""
+    from dreambooth.models.components import save_diffusers_folder
 
-    folder = _diffusers_folder(tiny_checkpoint, tmp_path)
-    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
-    config = json.loads((folder / "unet" / "config.json").read_text())
-    config.update(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
-    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    folder = save_diffusers_folder(load_components(tiny_checkpoint("sdxl")), tmp_path / "sdxl")
     (folder / "dreambooth.json").unlink()
-    index = json.loads((folder / "model_index.json").read_text())
-    if with_index:
-        index["_class_name"] = "StableDiffusionXLPipeline"
-        (folder / "model_index.json").write_text(json.dumps(index))
-    else:
+    if not with_index:
         (folder / "model_index.json").unlink()
     return folder
 
 
 @pytest.mark.parametrize("with_index", [True, False], ids=["model_index", "layout-only"])
-def test_sdxl_folder_is_refused_in_validation_by_name(tiny_checkpoint, make_settings, tmp_path, with_index):
+def test_sdxl_folder_loads_and_its_training_is_refused_by_name(tiny_checkpoint, make_settings, tmp_path, with_index):
+    """Recognised from its layout (text_encoder_2/, the UNet's addition_embed_type), never taken for SD 1.x."""
     folder = _sdxl_folder(tiny_checkpoint, tmp_path, with_index)
     problems = make_settings(pretrained_model_name_or_path=str(folder)).validate()
-    assert any("SDXL" in p and "not supported yet" in p and str(folder) in p for p in problems), problems
-    with pytest.raises(ModelFileError, match=r"model is SDXL .*text_encoder_2.*not supported yet"):
-        load_components(folder)
+    assert any("the model is SDXL; training SDXL is not supported yet" in p and str(folder) in p for p in problems), (
+        problems
+    )
+    assert load_components(folder).arch.family == "sdxl"
 
 
 def test_transformer_folder_is_refused_by_family(tmp_path, make_settings):
@@ -406,16 +400,9 @@ def test_transformer_folder_is_refused_by_family(tmp_path, make_settings):
         load_components(folder)
 
 
-def test_sdxl_single_file_is_refused_in_validation_with_the_same_words(tmp_path, make_settings):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "sd_xl_base_1.0.safetensors"
-    save_file(
-        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "conditioner.embedders.0.x": torch.zeros(1)},
-        str(path),
-    )
-    problems = make_settings(pretrained_model_name_or_path=str(path)).validate()
-    assert any("the model is SDXL" in p and "not supported yet" in p for p in problems), problems
+def test_sdxl_single_file_is_refused_in_validation_with_the_same_words(tiny_checkpoint, make_settings):
+    problems = make_settings(pretrained_model_name_or_path=str(tiny_checkpoint("sdxl"))).validate()
+    assert any("the model is SDXL; training SDXL is not supported yet" in p for p in problems), problems
 
 
 # -------------------------------------------------------------------------------------------------- the CLI

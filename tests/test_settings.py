@@ -143,7 +143,7 @@ CASES = {
     "fp16 on cpu": (_set(mixed_precision="fp16", device="cpu"), ["mixed_precision fp16 needs a CUDA GPU"]),
     "adamw_8bit without bitsandbytes": (
         _bitsandbytes_missing,
-        ["optimizer adamw_8bit needs the bitsandbytes package", "choose adamw"],
+        ["optimizer adamw_8bit needs the bitsandbytes package", "choose optimizer adamw"],
     ),
     "xformers missing": (_xformers_missing, ["attention xformers needs the xformers package", "choose sdpa"]),
     "empty instance_prompt": (_concept(instance_prompt="  "), ["concept 1: instance_prompt is empty"]),

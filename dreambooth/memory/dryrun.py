@@ -36,6 +36,7 @@ from .cuda_autocast import normalize_in_float32
 from .tracker import MemoryTracker
 
 DRY_RUN_STEPS = 2
+READS_NUMBERS = frozenset({"prodigy"})  # optimizers whose step reads numbers from tensors (see _numbers_as_one)
 TEXT_CACHE_LABEL = "cached text embeddings"
 
 
@@ -257,6 +258,8 @@ class DryRun(Trainer):
                     normalize_in_float32(module)
             self.components = components
             run = self._setup()
+            if self.settings.optimizer in READS_NUMBERS:
+                run.optimizer.step = _numbers_as_one(run.optimizer.step)
             if run.scaler is not None:
                 run.scaler = _always_stepping(run.scaler)
             tracker = tracked_steps(self, run, DRY_RUN_STEPS, "cpu", self.off_device)
@@ -287,6 +290,28 @@ def _replacing_apply(module: Any, fn: Any, recurse: bool = True) -> Any:
         if buffer is not None:
             module._buffers[key] = fn(buffer)
     return module
+
+
+def _numbers_as_one(step: Any) -> Any:
+    """The optimizer's ``step``, with every number it reads from a tensor (``.item()``) read as 1: a fake tensor holds
+    none, and the memory of a step does not depend on them (Prodigy's step-size estimate is such a number).  Only the
+    optimizer's step reads them so: the trainer's own code must stay free of data-dependent branches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NumbersAsOne(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                dtype = args[0].dtype
+                return 1.0 if dtype.is_floating_point else (True if dtype == torch.bool else 1)
+            return func(*args, **(kwargs or {}))
+
+    @functools.wraps(step)
+    def stepping(*args: Any, **kwargs: Any) -> Any:
+        with NumbersAsOne():
+            return step(*args, **kwargs)
+
+    return stepping
 
 
 def _always_stepping(scaler: Any) -> Any:

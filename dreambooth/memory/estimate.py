@@ -215,7 +215,12 @@ def estimate(
 
     started = time.perf_counter()
     if arch is None:
+        from ..models.architecture import training_unsupported
+
         arch = architecture_of(settings.pretrained_model_name_or_path)
+        refusal = training_unsupported(settings.pretrained_model_name_or_path, arch)
+        if refusal:  # SDXL loads, but its training step (what the dry run measures) comes later
+            raise refusal
     arch = copy.deepcopy(arch)
     tracker = DryRun(settings, arch, device_type=device_type, cache_text=cache_text).measure()
     constants = {}

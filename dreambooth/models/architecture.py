@@ -21,6 +21,7 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "cond_stage_model.transformer.text_model."  # SD 1.x: transformers' CLIPTextModel inside ldm
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP's text transformer
+CONDITIONER = "conditioner.embedders."  # sgm layout (SDXL): models/sdxl.py
 
 METADATA_KEY = "dreambooth.architecture"
 
@@ -38,7 +39,7 @@ class Architecture:
     transformer blocks the single file holds (SD 2.x files hold one more than the penultimate-layer encoder uses).
     """
 
-    family: str  # "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H text encoder)
+    family: str  # "sd1" (CLIP ViT-L), "sd2" (OpenCLIP ViT-H) or "sdxl" (CLIP ViT-L + OpenCLIP ViT-bigG)
     prediction_type: str  # "epsilon" or "v_prediction"
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -48,6 +49,10 @@ class Architecture:
     scale_factor: float = SD_SCALE_FACTOR
     clip_version: str | None = None  # SD 1.x: the text-encoder/tokenizer folder a sidecar yaml names
     prediction_source: str = "default"  # where prediction_type came from: metadata, yaml, default, guess
+    text_2: dict[str, Any] | None = None  # SDXL: CLIPTextConfig arguments of the second (OpenCLIP bigG) encoder
+    # SDXL: how the file stores bigG's projection: "openclip" (``text_projection``, used as x @ P, the released
+    # layout) or "linear" (``text_projection.weight`` = P transposed, found in some merged files); written back alike
+    projection_layout: str = "openclip"
 
     @property
     def is_v_prediction(self) -> bool:
@@ -58,8 +63,14 @@ class Architecture:
         return self.unet["in_channels"] == 9
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
     def name(self) -> str:
-        if self.family == "sd1":
+        if self.family == "sdxl":
+            label = "SDXL (v-prediction)" if self.is_v_prediction else "SDXL"
+        elif self.family == "sd1":
             label = "SD 1.x"
         else:
             label = "SD 2.x 768 (v-prediction)" if self.is_v_prediction else "SD 2.x 512 (epsilon)"
@@ -71,7 +82,11 @@ class Architecture:
 
     @property
     def is_standard_size(self) -> bool:
-        """True for the sizes of the released SD 1.x / 2.x models (the WebUI needs no yaml for those)."""
+        """True for the sizes of the released SD 1.x / 2.x / SDXL models (the WebUI needs no yaml for those)."""
+        if self.family == "sdxl":
+            from .sdxl import is_standard_sdxl
+
+            return is_standard_sdxl(self)
         want_context, want_hidden = (768, 768) if self.family == "sd1" else (1024, 1024)
         return (
             list(self.unet["block_out_channels"]) == [320, 640, 1280, 1280]
@@ -83,6 +98,8 @@ class Architecture:
     @property
     def needs_sidecar_yaml(self) -> bool:
         """Whether the WebUI needs ``NAME.yaml`` beside the file to build the right model."""
+        if self.family == "sdxl":  # the WebUI picks sd_xl_base.yaml from the keys: epsilon at the released size
+            return not self.is_standard_size or self.is_v_prediction or self.is_inpainting
         return not (self.family == "sd1" and self.is_standard_size and not self.is_inpainting)
 
     def scheduler_config(self) -> dict[str, Any]:
@@ -118,7 +135,7 @@ def _require(state_dict: dict[str, Any], key: str, source: str) -> Any:
     if key not in state_dict:
         raise ModelFileError(
             f"{source}: expected tensor '{key}' is missing; the file is not a complete Stable Diffusion "
-            "checkpoint (SD 1.x / 2.x). Check that it is not a LoRA, an embedding or a VAE-only file."
+            "checkpoint (SD 1.x / 2.x / SDXL). Check that it is not a LoRA, an embedding or a VAE-only file."
         )
     return state_dict[key]
 
@@ -149,7 +166,13 @@ def unet_structure(sd: dict[str, Any], source: str) -> dict[str, Any]:
     if first_attn is None:
         raise ModelFileError(f"{source}: the UNet has no cross-attention; the file is not an SD 1.x/2.x model.")
     prefix = UNET + f"input_blocks.{first_attn}.1."
-    depth = len(_indices(keys, re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
+    # Transformer blocks per level (SDXL: 1, 2, 10 at full size); one number when all attention levels agree.
+    depths = [
+        len(_indices(keys, re.escape(UNET + f"input_blocks.{blocks[0]}.1.") + r"transformer_blocks\.(\d+)\."))
+        for blocks in levels
+    ]
+    used = {d for d, a in zip(depths, has_attention) if a}
+    depth: int | list[int] = used.pop() if len(used) == 1 else [d if a else 1 for d, a in zip(depths, has_attention)]
     context_dim = int(_require(sd, prefix + "transformer_blocks.0.attn2.to_k.weight", source).shape[1])
     linear = _require(sd, prefix + "proj_in.weight", source).ndim == 2
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention]
@@ -190,49 +213,82 @@ def vae_structure(sd: dict[str, Any], source: str) -> dict[str, Any]:
     }
 
 
-def text_structure(sd: dict[str, Any], family: str, source: str) -> tuple[dict[str, Any], int]:
-    """CLIPTextConfig arguments that follow from the weights, and the number of blocks in the file."""
-    keys = list(sd)
-    if family == "sd1":
-        token = _require(sd, CLIP_L + "embeddings.token_embedding.weight", source)
-        positions = _require(sd, CLIP_L + "embeddings.position_embedding.weight", source)
-        blocks = len(_indices(keys, re.escape(CLIP_L) + r"encoder\.layers\.(\d+)\."))
-        inner = _require(sd, CLIP_L + "encoder.layers.0.mlp.fc1.weight", source)
-        layers, act, pad = blocks, "quick_gelu", 49407
-    else:
-        token = _require(sd, OPEN_CLIP + "token_embedding.weight", source)
-        positions = _require(sd, OPEN_CLIP + "positional_embedding", source)
-        blocks = len(_indices(keys, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\."))
-        inner = _require(sd, OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight", source)
-        # SD 2.x conditions on the penultimate block: the encoder we train has one block less than the file.
-        layers, act, pad = blocks - 1, "gelu", 0
+def clip_structure(sd: dict[str, Any], prefix: str, source: str) -> tuple[dict[str, Any], int]:
+    """CLIPTextConfig arguments of a transformers-layout CLIP text model under ``prefix`` (``...text_model.``)."""
+    token = _require(sd, prefix + "embeddings.token_embedding.weight", source)
+    positions = _require(sd, prefix + "embeddings.position_embedding.weight", source)
+    blocks = len(_indices(list(sd), re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
+    inner = _require(sd, prefix + "encoder.layers.0.mlp.fc1.weight", source)
     hidden = int(token.shape[1])
-    projection = sd.get(OPEN_CLIP + "text_projection")
+    return _clip_config(token, positions, inner, blocks, "quick_gelu", 49407, hidden), blocks
+
+
+def open_clip_structure(sd: dict[str, Any], prefix: str, source: str) -> tuple[dict[str, Any], int]:
+    """CLIPTextConfig arguments of an OpenCLIP text transformer under ``prefix`` (all its blocks as layers)."""
+    token = _require(sd, prefix + "token_embedding.weight", source)
+    positions = _require(sd, prefix + "positional_embedding", source)
+    blocks = len(_indices(list(sd), re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+    inner = _require(sd, prefix + "transformer.resblocks.0.mlp.c_fc.weight", source)
+    projection, linear = sd.get(prefix + "text_projection"), sd.get(prefix + "text_projection.weight")
+    if projection is not None:
+        projection_dim = int(projection.shape[1])  # stored for x @ P: (hidden, projection)
+    elif linear is not None:
+        projection_dim = int(linear.shape[0])  # a Linear's weight: (projection, hidden)
+    else:
+        projection_dim = int(token.shape[1])
+    # OpenCLIP pads with id 0 (the token "!")
+    return _clip_config(token, positions, inner, blocks, "gelu", 0, projection_dim), blocks
+
+
+def _clip_config(token: Any, positions: Any, inner: Any, layers: int, act: str, pad: int, projection: int) -> dict:
+    hidden = int(token.shape[1])
     return {
         "vocab_size": int(token.shape[0]),
         "hidden_size": hidden,
         "intermediate_size": int(inner.shape[0]),
         "num_hidden_layers": layers,
-        "num_attention_heads": max(1, hidden // 64),
+        "num_attention_heads": max(1, hidden // 64),  # not in the weights: the released models' 64 per head
         "max_position_embeddings": int(positions.shape[0]),
         "hidden_act": act,
-        "projection_dim": int(projection.shape[1]) if projection is not None else hidden,
+        "projection_dim": projection,
         "pad_token_id": pad,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
-    }, blocks
+    }
+
+
+def text_structure(sd: dict[str, Any], family: str, source: str) -> tuple[dict[str, Any], int]:
+    """CLIPTextConfig arguments that follow from the weights, and the number of blocks in the file."""
+    if family == "sd1":
+        return clip_structure(sd, CLIP_L, source)
+    text, blocks = open_clip_structure(sd, OPEN_CLIP, source)
+    # SD 2.x conditions on the penultimate block: the encoder we train has one block less than the file.
+    text["num_hidden_layers"] = blocks - 1
+    return text, blocks
 
 
 def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelError:
     """The one wording for a model of another family, for single files and diffusers folders alike."""
     return UnsupportedModelError(
         f"{source}: the model is {family} ({evidence}); {family} is not supported yet: "
-        "choose an SD 1.x or SD 2.x base model."
+        "choose an SD 1.x, SD 2.x or SDXL base model."
+    )
+
+
+def training_unsupported(source: str, arch: Architecture, doing: str = "training") -> UnsupportedModelError | None:
+    """Why a model that loads and converts cannot be trained yet (SDXL: the trainer's conditioning comes later).
+
+    ``doing`` names the refused work ("training", "merging a LoRA into", ...) in the sentence."""
+    if not arch.is_sdxl:
+        return None
+    return UnsupportedModelError(
+        f"{source}: the model is SDXL; {doing} SDXL is not supported yet (SDXL files can be inspected and converted "
+        "with 'python -m dreambooth info' and 'convert'): choose an SD 1.x or SD 2.x model."
     )
 
 
 def detect_family(sd: dict[str, Any], source: str) -> str:
-    """The family ("sd1" or "sd2") from the key names; other families are refused by name."""
+    """The family ("sd1", "sd2" or "sdxl") from the key names; other families are refused by name."""
     if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in sd):
         raise unsupported(source, "Flux-class", "it has double_blocks.* weights")
     if any(k.startswith(UNET + "joint_blocks.") for k in sd):
@@ -240,17 +296,19 @@ def detect_family(sd: dict[str, Any], source: str) -> str:
     if not any(k.startswith(UNET) for k in sd):
         raise ModelFileError(
             f"{source}: no UNet weights (model.diffusion_model.*) found; this is not a Stable Diffusion "
-            "checkpoint. LoRA, VAE-only, embedding and SDXL files cannot be trained here."
+            "checkpoint. LoRA, VAE-only and embedding files cannot be trained here."
         )
-    if any(k.startswith("conditioner.") for k in sd):
-        raise unsupported(source, "SDXL", "it has conditioner.embedders.* text encoders")
+    if any(k.startswith(CONDITIONER) for k in sd):
+        from .sdxl import sgm_family
+
+        return sgm_family(sd, source)
     if any(k.startswith(CLIP_L) for k in sd):
         return "sd1"
     if any(k.startswith(OPEN_CLIP) for k in sd):
         return "sd2"
     raise ModelFileError(
         f"{source}: no text encoder weights (cond_stage_model.*) found; a DreamBooth base model must be a "
-        "complete SD 1.x or 2.x checkpoint."
+        "complete SD 1.x, 2.x or SDXL checkpoint."
     )
 
 
@@ -275,7 +333,11 @@ def detect_architecture(
         # model folder it names (the WebUI loads through the yaml; the folder may have moved since the header).
         arch = Architecture.from_json(metadata[METADATA_KEY])
         arch.prediction_source = "metadata"
-        if yaml_config is not None:
+        if yaml_config is not None and arch.family == "sdxl":
+            from .sdxl import apply_sgm_yaml
+
+            apply_sgm_yaml(arch, yaml_config)
+        elif yaml_config is not None:
             params = _yaml_params(yaml_config)
             parameterization = params.get("parameterization", "eps")
             arch.prediction_type = "v_prediction" if parameterization == "v" else "epsilon"
@@ -285,6 +347,10 @@ def detect_architecture(
                 arch.clip_version = str(cond_params["version"])
         return arch
     family = detect_family(sd, source)
+    if family == "sdxl":
+        from .sdxl import sdxl_architecture
+
+        return sdxl_architecture(sd, source, yaml_config)
     unet = unet_structure(sd, source)
     vae = vae_structure(sd, source)
     text, blocks = text_structure(sd, family, source)
@@ -341,6 +407,10 @@ def detect_architecture(
 
 def ldm_yaml(arch: Architecture) -> dict[str, Any]:
     """The ldm inference config (the WebUI's sidecar yaml) that builds this architecture."""
+    if arch.family == "sdxl":
+        from .sdxl import sgm_yaml
+
+        return sgm_yaml(arch)
     unet, vae = arch.unet, arch.vae
     base = unet["block_out_channels"][0]
     attention = [2**i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]

@@ -38,9 +38,16 @@ class Components:
     arch: Architecture
     extras: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP ViT-bigG)
+    tokenizer_2: Any = None  # SDXL: the same CLIP BPE, padding with "!"
+
+    @property
+    def modules(self) -> list[Any]:
+        """The networks: UNet, VAE and the text encoder(s)."""
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
     def to(self, device: Any = None, dtype: Any = None) -> Components:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules:
             current = next(module.parameters())
             if dtype is not None and current.dtype != dtype:
                 module.to(dtype=dtype)
@@ -110,6 +117,15 @@ def build_text_encoder(arch: Architecture) -> Any:
     return CLIPTextModel(CLIPTextConfig(**arch.text))
 
 
+def build_text_encoder_2(arch: Architecture) -> Any:
+    """SDXL's second text encoder (None for the other families)."""
+    if arch.text_2 is None:
+        return None
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_2))
+
+
 def build_scheduler(arch: Architecture) -> Any:
     from diffusers import DDPMScheduler
 
@@ -124,7 +140,25 @@ def build_tokenizer(arch: Architecture) -> Any:
         return CLIPTokenizer.from_pretrained(arch.clip_version, local_files_only=True)
     from .tokenizer import clip_tokenizer
 
-    return clip_tokenizer(arch.family, max_length=arch.text["max_position_embeddings"])
+    # SDXL's first tokenizer is SD 1.x's (pads with <|endoftext|>)
+    return clip_tokenizer("sd1" if arch.is_sdxl else arch.family, max_length=arch.text["max_position_embeddings"])
+
+
+def build_tokenizer_2(arch: Architecture) -> Any:
+    """SDXL's second tokenizer: the same BPE, padding with "!" as OpenCLIP does (diffusers' ``tokenizer_2``)."""
+    if arch.text_2 is None:
+        return None
+    from .tokenizer import clip_tokenizer
+
+    return clip_tokenizer("sd2", max_length=arch.text_2["max_position_embeddings"])
+
+
+def _load_text_encoder(module: Any, state_dict: dict[str, Any], what: str, source: str) -> None:
+    try:
+        load_text_encoder_state_dict(module, state_dict, assign=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{source}: the {what} weights do not fit: {one_line(error)}") from error
+    _materialize_buffers(module, what, source)
 
 
 def guess_v_prediction(unet: Any) -> bool:
@@ -168,11 +202,11 @@ def components_from_state_dict(
     vae = _on_meta(lambda: build_vae(arch))
     _load_into(vae, parts["vae"], "VAE", source)
     text_encoder = _on_meta(lambda: build_text_encoder(arch))
-    try:
-        load_text_encoder_state_dict(text_encoder, parts["text_encoder"], assign=True)
-    except RuntimeError as error:
-        raise ModelFileError(f"{source}: the text encoder weights do not fit: {one_line(error)}") from error
-    _materialize_buffers(text_encoder, "text encoder", source)
+    _load_text_encoder(text_encoder, parts["text_encoder"], "text encoder", source)
+    text_encoder_2 = None
+    if arch.text_2 is not None:
+        text_encoder_2 = _on_meta(lambda: build_text_encoder_2(arch))
+        _load_text_encoder(text_encoder_2, parts["text_encoder_2"], "second text encoder", source)
     if arch.family == "sd2" and arch.prediction_source == "default" and arch.is_standard_size:
         if guess_v_prediction(unet):
             arch.prediction_type = "v_prediction"
@@ -186,8 +220,10 @@ def components_from_state_dict(
         arch=arch,
         extras=parts["extras"],
         source=source,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tokenizer_2(arch),
     )
-    for module in (unet, vae, text_encoder):
+    for module in components.modules:
         module.requires_grad_(False).eval()
     return components.to(device=device, dtype=dtype or torch.float32)
 
@@ -263,8 +299,12 @@ def arch_from_diffusers_configs(folder: Path) -> Architecture:
     from .architecture import SD_SCHEDULE
     from .folders import check_family
 
-    check_family(folder)
+    family = check_family(folder)
     unet, vae, text, scheduler = read("unet"), read("vae"), read("text_encoder"), read("scheduler")
+    if family == "sdxl":
+        from .sdxl import arch_from_sdxl_configs
+
+        return arch_from_sdxl_configs(unet, vae, text, read("text_encoder_2"), scheduler)
     family = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
     text_keys = [
         "vocab_size",
@@ -328,6 +368,13 @@ def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     else:
         tokenizer = build_tokenizer(arch)
+    text_encoder_2 = tokenizer_2 = None
+    if arch.is_sdxl:
+        text_encoder_2 = load_text_encoder(folder / "text_encoder_2", with_projection=True)
+        if (folder / "tokenizer_2" / "vocab.json").is_file():
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+        else:
+            tokenizer_2 = build_tokenizer_2(arch)
     extras = {}
     if (folder / EXTRAS_FILE).is_file():
         extras, _ = files.read_state_dict(folder / EXTRAS_FILE)
@@ -340,8 +387,10 @@ def load_diffusers_folder(folder: str | os.PathLike, device: Any = "cpu", dtype:
         arch=arch,
         extras=extras,
         source=str(folder),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
-    for module in (unet, vae, text_encoder):
+    for module in components.modules:
         module.requires_grad_(False).eval()
     return components.to(device=device, dtype=dtype or torch.float32)
 
@@ -355,8 +404,10 @@ def to_original_state_dict(components: Components, half: bool = False) -> dict[s
 
     arch = components.arch
     extras = dict(components.extras)
-    if arch.family == "sd1":
-        key = CLIP_L + "embeddings.position_ids"
+    if arch.family in ("sd1", "sdxl"):  # the CLIP ViT-L buffer that the released files (and the WebUI's model) hold
+        from .sdxl import CLIP_L_XL
+
+        key = (CLIP_L if arch.family == "sd1" else CLIP_L_XL) + "embeddings.position_ids"
         extras.setdefault(key, torch.arange(arch.text["max_position_embeddings"]).unsqueeze(0))
     state_dict = join_original(
         _cpu(components.unet.state_dict()),
@@ -364,6 +415,9 @@ def to_original_state_dict(components: Components, half: bool = False) -> dict[s
         _cpu(text_encoder_state_dict(components.text_encoder)),
         arch,
         extras,
+        text_2_sd=(
+            _cpu(text_encoder_state_dict(components.text_encoder_2)) if components.text_encoder_2 is not None else None
+        ),
     )
     dtype = torch.float16 if half else torch.float32  # fp32 also for weights trained in bf16 (full_bf16): exact
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -420,9 +474,12 @@ def save_diffusers_folder(components: Components, destination: str | os.PathLike
             _save_module(module, temp / name, dtype)
         _save_module(components.text_encoder, temp / "text_encoder", dtype)
         components.tokenizer.save_pretrained(str(temp / "tokenizer"))
+        if components.text_encoder_2 is not None:
+            _save_module(components.text_encoder_2, temp / "text_encoder_2", dtype)
+            components.tokenizer_2.save_pretrained(str(temp / "tokenizer_2"))
         components.noise_scheduler.save_pretrained(str(temp / "scheduler"))
         (temp / ARCH_FILE).write_text(components.arch.to_json())
-        (temp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        (temp / "model_index.json").write_text(json.dumps(_model_index(components.arch), indent=2))
         if components.extras:
             extras = components.extras
             if half:
@@ -443,7 +500,11 @@ def _save_module(module: Any, folder: Path, dtype: Any) -> None:
     module.save_pretrained(str(folder), safe_serialization=True)
 
 
-def _model_index() -> dict[str, Any]:
+def _model_index(arch: Architecture) -> dict[str, Any]:
+    if arch.is_sdxl:
+        from .sdxl import model_index
+
+        return model_index(_version("diffusers"))
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": _version("diffusers"),

@@ -49,10 +49,13 @@ def architecture_of(path: str | os.PathLike) -> Architecture:
 def describe_checkpoint(path: str | os.PathLike) -> str:
     """Two lines for people: family, prediction type and where it came from, and the network sizes."""
     arch = architecture_of(path)
+    text = f"text encoder {arch.text['num_hidden_layers']} layers of {arch.text['hidden_size']}"
+    if arch.text_2:
+        text += f" + {arch.text_2['num_hidden_layers']} layers of {arch.text_2['hidden_size']}"
     return (
         f"**{arch.name}**, {arch.prediction_type} (from {arch.prediction_source})  \n"
-        f"UNet channels {arch.unet['block_out_channels']}, text encoder {arch.text['num_hidden_layers']} layers "
-        f"of {arch.text['hidden_size']}{'; needs a sidecar .yaml in the WebUI' if arch.needs_sidecar_yaml else ''}"
+        f"UNet channels {arch.unet['block_out_channels']}, {text}"
+        f"{'; needs a sidecar .yaml in the WebUI' if arch.needs_sidecar_yaml else ''}"
     )
 
 
@@ -65,10 +68,13 @@ def unsupported_family(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not (path.is_dir() or path.suffix.lower() == ".safetensors"):
         return None
+    from .architecture import training_unsupported
+
     try:
-        architecture_of(path)
+        arch = architecture_of(path)
     except UnsupportedModelError as error:
         return str(error)
     except ModelFileError:
         return None
-    return None
+    refusal = training_unsupported(str(path), arch)
+    return str(refusal) if refusal else None

@@ -23,7 +23,6 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 # model_index.json ``_class_name`` prefixes of the pipelines whose models we cannot train (yet).
 OTHER_FAMILIES = (
-    ("StableDiffusionXL", "SDXL"),
     ("StableDiffusion3", "SD3"),
     ("StableDiffusionUpscale", "SD x4 upscaler"),
     ("StableDiffusionLatentUpscale", "SD latent upscaler"),
@@ -46,12 +45,15 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_family(folder: Path) -> None:
-    """Refuse a diffusers folder of a family other than SD 1.x / 2.x, naming the family.
+def check_family(folder: Path) -> str | None:
+    """ "sdxl" for an SDXL base folder, None for SD 1.x / 2.x; other families are refused, naming the family.
 
     Reads only small config files.  SDXL is recognised by its second text encoder or by its UNet's
-    ``addition_embed_type``; SD3 / Flux-class models by a ``transformer/`` in place of ``unet/``.
+    ``addition_embed_type`` (models/sdxl.py: the refiner and SDXL inpainting are refused); SD3 / Flux-class models
+    by a ``transformer/`` in place of ``unet/``.
     """
+    from .sdxl import folder_family
+
     index = folder / "model_index.json"
     class_name = str(_json(index).get("_class_name", "")) if index.is_file() else ""
     unet_config = folder / "unet" / "config.json"
@@ -63,15 +65,12 @@ def check_family(folder: Path) -> None:
             f"{from_index}, it has transformer/ instead of unet/" if named else "it has transformer/ instead of unet/"
         )
         raise unsupported(str(folder), named or "SD3 / Flux-class", evidence)
-    if (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type"):
-        evidence = [from_index] if named else []
-        if (folder / "text_encoder_2").is_dir():
-            evidence.append("it has a second text encoder, text_encoder_2/")
-        if unet.get("addition_embed_type"):
-            evidence.append(f"its UNet has addition_embed_type '{unet['addition_embed_type']}'")
-        raise unsupported(str(folder), named or "SDXL", ", ".join(evidence))
+    family = folder_family(folder, class_name, unet)
+    if family:
+        return family
     if named:
         raise unsupported(str(folder), named, from_index)
+    return None
 
 
 def _pickle_weights(folder: Path, names: tuple[str, str]) -> list[Path]:
@@ -122,26 +121,28 @@ def load_diffusers_model(cls: Any, folder: Path, what: str) -> Any:
     return model
 
 
-def load_text_encoder(folder: Path) -> Any:
-    """transformers' ``CLIPTextModel`` from its folder; pickles read safely."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def load_text_encoder(folder: Path, with_projection: bool = False) -> Any:
+    """transformers' ``CLIPTextModel`` (``CLIPTextModelWithProjection``: SDXL's second encoder) from its folder;
+    pickles read safely."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ..compat import TEXT_PREFIX, load_text_encoder_state_dict
     from .components import _materialize_buffers, _on_meta
 
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     pickles = _pickle_weights(folder, TRANSFORMERS_WEIGHTS)
     try:
         if not pickles:
-            return CLIPTextModel.from_pretrained(str(folder), local_files_only=True)
+            return model_class.from_pretrained(str(folder), local_files_only=True)
         config = CLIPTextConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelFileError(f"{folder}: cannot load the text encoder ({one_line(error)}).") from error
     state = {
-        (k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v
+        (k if k.startswith((TEXT_PREFIX, "text_projection.")) else TEXT_PREFIX + k): v
         for k, v in _read_pickles(pickles, "text encoder").items()
         if not k.endswith("position_ids")
     }
-    model = _on_meta(lambda: CLIPTextModel(config))
+    model = _on_meta(lambda: model_class(config))
     try:
         load_text_encoder_state_dict(model, state, assign=True)
     except RuntimeError as error:

@@ -52,6 +52,11 @@ def unet_table(arch: Architecture) -> Table:
         ("mid_block.attentions.0.", "middle_block.1.", "plain"),
         ("mid_block.resnets.1.", "middle_block.2.", "unet_resnet"),
     ]
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: the pooled text + time ids embedding
+        table += [
+            ("add_embedding.linear_1.", "label_emb.0.0.", "plain"),
+            ("add_embedding.linear_2.", "label_emb.0.2.", "plain"),
+        ]
     for i in range(levels):
         for j in range(n):
             block = 1 + i * (n + 1) + j
@@ -235,11 +240,16 @@ def transformers_to_open_clip(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_original(sd: dict[str, Any], arch: Architecture, source: str) -> dict[str, dict[str, Any]]:
-    """Original single-file state dict -> ``{"unet", "vae", "text_encoder", "extras"}`` (diffusers names).
+    """Original single-file state dict -> ``{"unet", "vae", "text_encoder", "extras"}`` (diffusers names), plus
+    ``"text_encoder_2"`` for SDXL (models/sdxl.py).
 
     ``extras`` holds every tensor that belongs to no trained component (EMA weights, ldm's noise-schedule
     buffers, the last OpenCLIP block, ...), under its original name, so that writing back loses nothing.
     """
+    if arch.family == "sdxl":
+        from .sdxl import split_sdxl
+
+        return split_sdxl(sd, arch, source)
     unet_sd, vae_sd, text_sd, extras = {}, {}, {}, {}
     for key, tensor in sd.items():
         if key.startswith(UNET):
@@ -269,11 +279,19 @@ def join_original(
     text_sd: dict[str, Any],
     arch: Architecture,
     extras: dict[str, Any] | None = None,
+    text_2_sd: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Component state dicts (diffusers / transformers-4 names) -> one original single-file state dict."""
+    """Component state dicts (diffusers / transformers-4 names) -> one original single-file state dict.
+
+    ``text_2_sd``: SDXL's second text encoder (``CLIPTextModelWithProjection``), required for that family.
+    """
     out = _convert(unet_sd, unet_table(arch), UNET, to_original=True, what="UNet")
     out.update(_convert(vae_sd, vae_table(arch), VAE, to_original=True, what="VAE"))
-    if arch.family == "sd1":
+    if arch.family == "sdxl":
+        from .sdxl import join_sdxl_text
+
+        out.update(join_sdxl_text(text_sd, text_2_sd or {}, arch))
+    elif arch.family == "sd1":
         out.update({CLIP_L + k.removeprefix("text_model."): v for k, v in text_sd.items()})
     else:
         out.update({OPEN_CLIP + k: v for k, v in transformers_to_open_clip(text_sd).items()})

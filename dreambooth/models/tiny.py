@@ -18,6 +18,8 @@ from .components import (
     Components,
     build_scheduler,
     build_text_encoder,
+    build_text_encoder_2,
+    build_tokenizer_2,
     build_unet,
     build_vae,
     save_single_file,
@@ -35,8 +37,12 @@ def tiny_architecture(
     UNet's shape at two levels: two resnets per down level, attention on every level but the last.  The WebUI's
     Lora loader maps diffusers layer names to its own by that shape, so LoRA files are tested on "sd".
     """
+    if family == "sdxl":
+        if inpainting or layout != "small":
+            raise ValueError("the tiny SDXL has one layout and no inpainting variant (SDXL inpainting is refused)")
+        return tiny_sdxl_architecture(prediction_type or "epsilon")
     if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be 'sd1' or 'sd2', not {family!r}")
+        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', not {family!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     sd_shaped = layout == "sd"
@@ -91,6 +97,36 @@ def tiny_architecture(
     )
 
 
+def tiny_sdxl_architecture(prediction_type: str = "epsilon") -> Architecture:
+    """SDXL at a test size: the released model's shape (attention-free first level, more transformer blocks deeper,
+    linear projections, the text_time added embedding) at 32/64 channels, and two text encoders of different widths
+    (32 and 64, as 768 and 1280: diffusers' single-file loader tells the two CLIPs apart by their width)."""
+    from .sdxl import SDXL_SCALE_FACTOR, TIME_IDS, standard_sdxl_architecture, text_config
+
+    arch = standard_sdxl_architecture(prediction_type)
+    text = text_config(32, 64, 4, 1, "quick_gelu", 49407, 32)
+    text_2 = text_config(64, 128, 4, 1, "gelu", 0, 64)
+    time_dim = 8
+    arch.unet.update(
+        sample_size=8,
+        block_out_channels=[32, 64, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=2,
+        cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],  # both encoders' states concatenated
+        attention_head_dim=[1, 2, 2],  # 32 channels per head
+        transformer_layers_per_block=[1, 1, 2],  # as SDXL's 1, 2, 10: the first level has no attention
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=TIME_IDS * time_dim + text_2["projection_dim"],
+    )
+    arch.vae.update(sample_size=64, block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+    arch.vae["scaling_factor"] = SDXL_SCALE_FACTOR
+    arch.text, arch.text_2 = text, text_2
+    arch.text_blocks_in_file = text["num_hidden_layers"]
+    arch.prediction_source = "metadata"
+    return arch
+
+
 def tiny_components(arch: Architecture | None = None, seed: int = 0) -> Components:
     """Random-weight components for ``arch`` (default: tiny SD 1.x), reproducible from ``seed``."""
     import torch
@@ -124,19 +160,27 @@ def tiny_components(arch: Architecture | None = None, seed: int = 0) -> Componen
             extras = {block + name: torch.randn(shape) * 0.02 for name, shape in shapes.items()}
             extras["cond_stage_model.model.text_projection"] = torch.randn(hidden, arch.text["projection_dim"])
             extras["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+        text_encoder_2 = build_text_encoder_2(arch)
+        if text_encoder_2 is not None:
+            from .sdxl import BIG_G
+
+            extras = {BIG_G + "logit_scale": torch.tensor(4.6052)}  # OpenCLIP's, kept although no module uses it
     finally:
         torch.random.set_rng_state(generator_state)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval()
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
     return Components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(arch.family),
+        tokenizer=clip_tokenizer("sd1" if arch.is_sdxl else arch.family),
         noise_scheduler=build_scheduler(arch),
         arch=arch,
         extras=extras,
         source=f"tiny-{arch.family}",
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tokenizer_2(arch),
     )
 
 
@@ -163,7 +207,7 @@ def write_tiny_checkpoint(
     if components is None:
         components = tiny_components(tiny_architecture(family, prediction_type, inpainting, layout), seed=seed)
     arch = components.arch
-    if family == "sd1":
+    if family in ("sd1", "sdxl"):  # the CLIP ViT-L folder the yaml names (SDXL: its first embedder)
         clip_dir = (directory / f"{name}-clip").resolve()
         with quiet_library_notices():  # no "Writing model shards" progress bar in the demo's output
             components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)

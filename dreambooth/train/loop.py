@@ -26,7 +26,9 @@ from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
-from .loss import combine_losses, sample_losses, training_target
+from .loss import combine_losses, training_target
+from .noising import draw_noise, timestep_range, weighted_sample_losses, zero_terminal_snr_scheduler
+from .optimizers import use_averaged_weights, use_training_weights
 from .outputs import Outputs, RunState, TrainResult
 from .precision import FrozenModules, Placement, frozen_placement, move
 from .sampling import encode_prompts, generate
@@ -116,6 +118,7 @@ class Trainer(Outputs):
     def _load(self, device: Any) -> Any:
         import torch
 
+        from ..models.architecture import training_unsupported
         from ..models.components import drop_base_ema, load_components
         from ..validation import training_warnings
 
@@ -124,6 +127,9 @@ class Trainer(Outputs):
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
+        refusal = training_unsupported(components.source, components.arch)
+        if refusal:
+            raise refusal
         dropped = drop_base_ema(components)
         if dropped:
             self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
@@ -306,6 +312,14 @@ class Trainer(Outputs):
                 self.text_cache[prompt] = hidden.float()  # fp32 also when the encoder ran in half precision
         return torch.stack([self.text_cache[p] for p in prompts])
 
+    def _noise_scheduler(self) -> Any:
+        """The training noise schedule: the model's, or its zero-terminal-SNR rescaling (made once)."""
+        if not self.settings.zero_terminal_snr:
+            return self.components.noise_scheduler
+        if getattr(self, "_rescaled_scheduler", None) is None:
+            self._rescaled_scheduler = zero_terminal_snr_scheduler(self.components.noise_scheduler)
+        return self._rescaled_scheduler
+
     def _loss(
         self,
         samples: list[Sample],
@@ -321,10 +335,11 @@ class Trainer(Outputs):
         import torch
 
         components, s = self.components, self.settings
-        scheduler = components.noise_scheduler
+        scheduler = self._noise_scheduler()
+        low, high = timestep_range(s, scheduler)
         started = time.perf_counter()
         inpainting = self._inpainting()
-        latents, noise, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], []
+        latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
@@ -338,8 +353,11 @@ class Trainer(Outputs):
                     masks.append(inpainting.mask(image, mix_seed(s.seed, "mask", sample.index, role)))
                 latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
-                noise.append(torch.randn(latent.shape, generator=generator))
-                timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
+                plain = torch.randn(latent.shape, generator=generator)
+                timesteps.append(torch.randint(low, high, (1,), generator=generator))
+                target_noise, input_noise = draw_noise(s, plain, generator)  # offset noise, input perturbation
+                noise.append(target_noise)
+                inputs.append(input_noise)
                 prompts.append(example.prompt)
                 is_prior.append(role == "prior")
         self.timings["data"] += time.perf_counter() - started
@@ -352,7 +370,8 @@ class Trainer(Outputs):
             group_latents = torch.stack([latents[i] for i in indices]).to(device)
             group_noise = torch.stack([noise[i] for i in indices]).to(device)
             group_steps = torch.cat([timesteps[i] for i in indices]).to(device)
-            noisy = scheduler.add_noise(group_latents, group_noise, group_steps)
+            group_inputs = torch.stack([inputs[i] for i in indices]).to(device)
+            noisy = scheduler.add_noise(group_latents, group_inputs, group_steps)
             if inpainting is not None:  # + the mask and the masked image's latents (9 input channels)
                 encode_started = time.perf_counter()
                 conditioning = inpainting.conditioning(
@@ -365,7 +384,9 @@ class Trainer(Outputs):
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
-            per_sample = per_sample.index_put(where, sample_losses(prediction, target))
+            per_sample = per_sample.index_put(
+                where, weighted_sample_losses(s, scheduler, prediction, target, group_steps)
+            )
         counts = global_counts or (is_prior.count(False), is_prior.count(True))  # counted here, not from a tensor
         return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, counts)
 
@@ -405,6 +426,7 @@ class Trainer(Outputs):
             batch_size=s.sample_batch_size,
             device=device,
             autocast_dtype=self._autocast_dtype(),
+            zero_terminal_snr=s.zero_terminal_snr,
         )
         return self._write_images(images, folder)
 
@@ -588,6 +610,7 @@ class Trainer(Outputs):
             if due or save_now:
                 self._save_and_sample(run)
             elif sample_now:
+                use_averaged_weights(run.optimizer)  # schedule-free: samples of the averaged weights
                 if dist.is_main:
                     self._samples(run.step, run.result, run.device)
                 dist.barrier()
@@ -602,6 +625,7 @@ class Trainer(Outputs):
         if s.train_text_encoder and not train_text and text_encoder.training:
             text_encoder.requires_grad_(False).eval()
             self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
+        use_training_weights(run.optimizer)  # schedule-free: from its averaged weights (after a save) back to these
         losses = []
         if s.fused_backward or s.full_bf16:  # a ParamwiseOptimizer: the step seeds full_bf16's stochastic rounding
             run.optimizer.step_number = step
@@ -680,6 +704,7 @@ class Trainer(Outputs):
     def _outputs(self, run: RunState) -> None:
         """The final save and samples; a cancelled run saves a resumable state (and its checkpoint)."""
         step, cancelled = run.step, run.result.cancelled
+        use_averaged_weights(run.optimizer)  # schedule-free: the output (and the modules after the run) averaged
         if cancelled:
             self._emit(
                 "cancelled", f"cancelled at step {step}; saving a resumable state", step=step, total_steps=run.total

@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules.
 
 AdamW is torch's, fused when this torch and device support it (detected at run time: the WebUI's torch may be
-older than the one we test with); 8-bit AdamW is bitsandbytes', tried on the device first (a one-step probe) so that a
-device it cannot run on gets a clear error before training.  With ``fused_backward`` or ``full_bf16`` the optimizer
+older than the one we test with); 8-bit AdamW and 8-bit Lion are bitsandbytes', tried on the device first (a one-step
+probe) so that a device they cannot run on gets a clear error before training; the others come from their libraries
+(train/optimizers.py).  With ``fused_backward`` or ``full_bf16`` the optimizer
 steps parameter by parameter (train/paramwise.py).  Schedules come from ``diffusers.optimization.get_scheduler``.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..compat import quiet_bitsandbytes
 from ..errors import DreamBoothError
+from .optimizers import builder
 
 # diffusers' "cosine_with_restarts" is the hard-restart cosine; the guide's two names mean the same schedule.
 SCHEDULER_NAMES = {"cosine_with_hard_restarts": "cosine_with_restarts"}
@@ -48,14 +50,19 @@ def make_optimizer(
         "eps": settings.adam_epsilon,
         "weight_decay": settings.adam_weight_decay,
     }
-    if settings.optimizer == "adamw_8bit":
+    other = builder(settings)
+    if settings.optimizer in EIGHT_BIT:
         with construct():
-            eight_bit = _adamw_8bit_class(device)
+            eight_bit = _eight_bit_class(settings.optimizer, device)
+        if settings.optimizer == "lion_8bit":  # Lion has no epsilon
+            common.pop("eps")
 
         def build(groups: list[dict[str, Any]]) -> Any:
             with construct():
                 return eight_bit(groups, **common)
 
+    elif other is not None:
+        build = other
     else:
         fused = {"fused": True} if supports_fused_adamw(device) else {}
 
@@ -75,29 +82,36 @@ def make_optimizer(
     return build(param_groups)
 
 
-def _adamw_8bit_class(device: Any) -> Any:
-    """bitsandbytes' AdamW8bit, after one probe step on ``device`` (8-bit states: a tensor of 4096 values)."""
+# optimizer -> (bitsandbytes class, its name in messages)
+EIGHT_BIT = {"adamw_8bit": ("AdamW8bit", "8-bit AdamW"), "lion_8bit": ("Lion8bit", "8-bit Lion")}
+
+
+def _eight_bit_class(name: str, device: Any) -> Any:
+    """bitsandbytes' 8-bit AdamW or Lion, after one probe step on ``device`` (8-bit states: a tensor of 4096
+    values)."""
     import torch
 
+    class_name, words = EIGHT_BIT[name]
     try:
         with quiet_bitsandbytes():
             import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library
         raise DreamBoothError(
-            f"optimizer adamw_8bit needs bitsandbytes, which cannot be imported ({error}). Install it with "
+            f"optimizer {name} needs bitsandbytes, which cannot be imported ({error}). Install it with "
             "'pip install bitsandbytes', or choose optimizer adamw."
         ) from error
     device = torch.device(device)
+    optimizer_class = getattr(bnb.optim, class_name)
     try:
         probe = torch.nn.Parameter(torch.ones(4096, device=device))
         probe.grad = torch.ones_like(probe)
-        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        optimizer_class([probe], lr=1e-3).step()
     except Exception as error:  # no kernel for this device in this bitsandbytes build
         raise DreamBoothError(
-            f"optimizer adamw_8bit: bitsandbytes {getattr(bnb, '__version__', '')} cannot run 8-bit AdamW on the "
+            f"optimizer {name}: bitsandbytes {getattr(bnb, '__version__', '')} cannot run {words} on the "
             f"{device.type} device ({type(error).__name__}: {error}). Update bitsandbytes, or choose optimizer adamw."
         ) from error
-    return bnb.optim.AdamW8bit
+    return optimizer_class
 
 
 def make_lr_scheduler(optimizer: Any, settings: Any, total_steps: int) -> Any:

@@ -26,6 +26,7 @@ from .failures import (
     resume_hint,
     tensor_bytes,
 )
+from .optimizers import use_averaged_weights
 from .state import STATE_NAME
 
 
@@ -167,7 +168,9 @@ class Outputs:
                 run.result.checkpoints.remove(path)
 
     def _save_and_sample(self, run: RunState, samples: bool = True) -> None:
-        """Only the main process writes (checkpoint, state, samples); the others wait for it."""
+        """Only the main process writes (checkpoint, state, samples); the others wait for it.  A schedule-free
+        optimizer's averaged weights are the ones saved and sampled (the next step switches back)."""
+        use_averaged_weights(run.optimizer)
         if self.dist.is_main:
             self._save(run)
             if samples:

@@ -67,6 +67,7 @@ def generate(
     autocast_dtype: Any = None,
     on_batch: Callable[[list[Any]], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    zero_terminal_snr: bool = False,
 ) -> list[Any]:
     """PIL images, ``images_per_prompt`` for each prompt, in order; the k-th image of a prompt uses seed + k.
 
@@ -75,7 +76,8 @@ def generate(
 
     ``autocast_dtype`` (torch.float16 / bfloat16): the text encoder and UNet run under autocast in that dtype (the
     run's mixed precision); the VAE decodes in its own dtype (see :func:`decode`).  An inpainting model gets a full
-    mask over a blank image (its txt2img, as in the WebUI).
+    mask over a blank image (its txt2img, as in the WebUI).  ``zero_terminal_snr``: the model was trained with
+    that schedule; sampling uses it too, with trailing timesteps (see train/noising.py).
     """
     import torch
 
@@ -90,7 +92,7 @@ def generate(
         text_encoder=text_encoder,
         tokenizer=components.tokenizer,
         unet=unet,
-        scheduler=_sampling_scheduler(components),
+        scheduler=_sampling_scheduler(components, zero_terminal_snr),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -167,7 +169,13 @@ def decode(vae: Any, latents: Any) -> Any:
     return decoded
 
 
-def _sampling_scheduler(components: Any) -> Any:
+def _sampling_scheduler(components: Any, zero_terminal_snr: bool = False) -> Any:
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(components.noise_scheduler.config)
+    from .noising import sampling_scheduler_options
+
+    # An epsilon model cannot predict from pure noise (x0 = (x - eps) / 0): its samples keep its own schedule (the
+    # trainer warns that zero terminal SNR needs v-prediction).
+    v_prediction = components.noise_scheduler.config.prediction_type == "v_prediction"
+    options = sampling_scheduler_options(zero_terminal_snr and v_prediction)
+    return DDIMScheduler.from_config(components.noise_scheduler.config, **options)

@@ -32,6 +32,7 @@ SECTIONS = (
     ("dataset", "Aspect-ratio buckets and augmentation"),
     ("basics", "Epochs, accumulation and seed"),
     ("optimizer", "Learning rate schedule and optimiser"),
+    ("loss", "Loss weighting and noise"),
     ("prior", "Prior preservation: class images"),
     ("memory", "Memory and speed"),
     ("text_encoder", "Text encoder"),

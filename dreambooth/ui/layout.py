@@ -66,9 +66,11 @@ def build_layout(tab: Any, css: str | None = None) -> gr.Blocks:
         with gr.Tab("Run", elem_id="db_panel_run"):
             _run_panel(tab)
         with gr.Tab("Dataset tools", elem_id="db_panel_tools"):
+            from .model_tools import ModelTools
             from .tools import DatasetTools
 
             DatasetTools(tab.host).build()
+            ModelTools(tab.host).build()
         _wire(tab, blocks)
     return blocks
 
