@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="DIR",
         help="a folder the app may also write to: class images, prepared datasets, captions (repeatable; default: "
-        "only the models dir's Stable-diffusion and dreambooth folders)",
+        "only the models dir's Stable-diffusion, Lora and dreambooth folders)",
     )
     ui.add_argument(
         "--auth",

@@ -1,7 +1,8 @@
 """Where the tab runs: the folders it may use, the checkpoints it offers, and what wraps a training job.
 
 :class:`Host` is the standalone app (``python -m dreambooth ui``): a models folder laid out like the WebUI's
-(``DIR/Stable-diffusion`` holds the checkpoints), our own folder ``DIR/dreambooth`` for runs and saved settings.
+(``DIR/Stable-diffusion`` holds the checkpoints, ``DIR/Lora`` the LoRA files), our own folder ``DIR/dreambooth`` for
+runs and saved settings.
 The WebUI's host (:mod:`dreambooth.webui.host`) overrides the hooks that reach into the WebUI: the loaded model, the
 queue lock, the checkpoint list, switching models.  Everything here is plain Python: no gradio, no ``modules``.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from .paths import is_within as is_within  # re-exported for callers of the old 
 from .settings import Settings
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+log = logging.getLogger(__name__)
 LAST_USED = "last_used.json"
 LOCAL_BLIP = "BLIP (local model)"
 OPTIONAL_PACKAGES = {
@@ -119,11 +122,13 @@ class Host:
             self.write_roots = default_write_roots()
         else:
             self.write_roots = [Path(p).expanduser().resolve() for p in write_roots]
+        self._network_bases: dict[str, str] = {}  # LoRA file written by a job here -> that job's base model
 
     @property
     def paths(self) -> PathPolicy:
-        """What requests may read and write here (made on each use: the WebUI's ``--ckpt-dir`` is read live)."""
-        own = [self.checkpoint_dir, self.data_dir]
+        """What requests may read and write here (made on each use: the WebUI's ``--ckpt-dir`` and ``--lora-dir``
+        are read live)."""
+        own = [self.checkpoint_dir, self.lora_dir, self.data_dir]
         return PathPolicy(
             read_roots=(*self.allowed_roots, *own),
             write_roots=(*own, *self.write_roots),
@@ -137,6 +142,11 @@ class Host:
     def checkpoint_dir(self) -> Path:
         """Where base models are found and trained checkpoints land (WebUI: ``--ckpt-dir`` or its models folder)."""
         return self.models_dir / "Stable-diffusion"
+
+    @property
+    def lora_dir(self) -> Path:
+        """Where trained LoRA / LoHa / LoKr files land (WebUI: its Lora extension's ``--lora-dir``, which it scans)."""
+        return self.models_dir / "Lora"
 
     @property
     def runs_dir(self) -> Path:
@@ -170,6 +180,47 @@ class Host:
         """Switch txt2img to ``path``; returns (done, message)."""
         return False, f"The standalone app has no txt2img: copy {path} into the WebUI's models/Stable-diffusion."
 
+    # ----------------------------------------------------------------------------------------- LoRA files
+
+    def is_network_file(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a LoRA / LoHa / LoKr file: in the Lora folder, or with kohya's network metadata."""
+        from .network.card import read_metadata
+
+        path = Path(path)
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            return False
+        if is_within(path, [self.lora_dir.resolve()]):
+            return True
+        try:
+            return "ss_network_module" in read_metadata(path)
+        except Exception:  # not a readable safetensors file: not one of ours
+            return False
+
+    def refresh_networks(self) -> None:
+        """Make a newly written LoRA file visible (the WebUI re-scans its Lora list; here there is none)."""
+
+    def network_base(self, path: str) -> str:
+        """The base model the LoRA file ``path`` was trained on: the job's (when this host ran it), else the one
+        its metadata names; '' when neither is known."""
+        from .network.card import base_model_of
+
+        return self._network_bases.get(str(Path(path))) or base_model_of(path)
+
+    def use_network(self, path: str) -> tuple[bool, str, str, str]:
+        """Switch txt2img to the LoRA file's base model and hand back its prompt tag; returns
+        (done, message, tag, base model path)."""
+        from .network.card import lora_tag
+
+        base = self.network_base(path)
+        with_base = f" with its base model {base}" if base else ""
+        return (
+            False,
+            f"The standalone app has no txt2img: copy {path} into the WebUI's models/Lora folder and put "
+            f"`{lora_tag(path)}` into a txt2img prompt{with_base}.",
+            "",
+            "",
+        )
+
     # ----------------------------------------------------------------------------------------- jobs
 
     def prepare(self, settings: Settings) -> Settings:
@@ -182,7 +233,11 @@ class Host:
                 if not concept.class_data_dir:
                     concept.class_data_dir = str(run_dir / f"class_images_{index}")
         return dataclasses.replace(
-            settings, output_dir=str(run_dir), checkpoint_dir=str(self.checkpoint_dir), concepts=concepts
+            settings,
+            output_dir=str(run_dir),
+            checkpoint_dir=str(self.checkpoint_dir),
+            lora_dir=str(self.lora_dir),
+            concepts=concepts,
         )
 
     def check_settings(self, settings: Settings) -> list[str]:
@@ -198,6 +253,7 @@ class Host:
             ("pretrained_vae_name_or_path", settings.pretrained_vae_name_or_path),
             ("test_prompts_file", settings.test_prompts_file),
             ("resume_from", settings.resume_from),
+            ("network_init_from", getattr(settings, "network_init_from", "")),
         ]
         for index, concept in enumerate(settings.concepts, start=1):
             readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))
@@ -210,9 +266,14 @@ class Host:
             for name, value in (
                 ("output_dir", out),
                 ("checkpoint_dir", out / settings.checkpoint_dir),
+                ("lora_dir", out / settings.lora_dir),
                 ("logging_dir", out / settings.logging_dir),
             ):
                 refused.append(policy.check_write(value, name))
+        if getattr(settings, "training_method", "full") != "full":
+            from .network.card import prompt_name_problem
+
+            refused.append(prompt_name_problem(settings.model_name))
         refused = [p for p in refused if p]
         return settings.validate(check_files=not refused) + refused
 
@@ -251,8 +312,26 @@ class Host:
     def samples_written(self, paths: list[Path]) -> None:
         """Show the newest sample where the host shows previews (the WebUI's live preview)."""
 
-    def checkpoint_written(self, paths: list[Path]) -> None:
-        self.refresh_checkpoints()
+    def checkpoint_written(self, paths: list[Path], settings: Settings | None = None) -> None:
+        """After the job of ``settings`` wrote ``paths``: the LoRA files get their card sidecar (``NAME.json``) and
+        the Lora list is refreshed; checkpoints refresh the checkpoint list."""
+        files = [Path(p) for p in paths if Path(p).suffix.lower() in CHECKPOINT_SUFFIXES]
+        method = getattr(settings, "training_method", "full")
+        networks = [p for p in files if method != "full" or self.is_network_file(p)]
+        for path in networks:
+            if settings is None:
+                continue
+            self._network_bases[str(path)] = settings.pretrained_model_name_or_path
+            try:
+                from .network.card import write_user_metadata
+
+                write_user_metadata(path, settings)
+            except Exception as error:  # the card's extras only: the LoRA file itself is written
+                log.warning("could not write the Lora card's sidecar for %s: %s", path, error)
+        if networks:
+            self.refresh_networks()
+        if len(networks) < len(files) or not files:
+            self.refresh_checkpoints()
 
     def job_ended(self, state: str, error: str) -> None:
         """Called on the trainer thread after every job, whatever its end."""

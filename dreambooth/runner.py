@@ -74,8 +74,8 @@ def _carry_forward(last: Progress, new: Progress) -> Progress:
 class _JobCallbacks(Callbacks):
     """Trainer events -> the runner's snapshot (and the host, e.g. the WebUI's ``shared.state``)."""
 
-    def __init__(self, runner: Runner, job_id: int):
-        self.runner, self.job_id = runner, job_id
+    def __init__(self, runner: Runner, job_id: int, settings: Settings | None = None):
+        self.runner, self.job_id, self.settings = runner, job_id, settings
 
     def on_progress(self, progress: Progress) -> None:
         runner = self.runner
@@ -96,7 +96,7 @@ class _JobCallbacks(Callbacks):
         files = [str(p) for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]  # not the sidecar yaml
         kept = [p for p in self.runner.snapshot().checkpoints if Path(p).is_file()]  # save_total_limit removes some
         self.runner._update(self.job_id, checkpoints=(*kept, *files))
-        self.runner.host.checkpoint_written(paths)
+        self.runner.host.checkpoint_written(paths, self.settings)
 
     def on_log(self, message: str) -> None:
         self.runner._append_log(self.job_id, message)
@@ -160,7 +160,7 @@ class Runner:
     def _run(self, job_id: int, settings: Settings) -> None:
         from .train.loop import Trainer
 
-        callbacks = _JobCallbacks(self, job_id)
+        callbacks = _JobCallbacks(self, job_id, settings)
         state, error = "failed", ""
         try:
             with self.host.session(settings, callbacks.on_log) as components:

@@ -27,6 +27,8 @@ MAX_SEED = 2**32 - 1  # numpy and torch generators both take seeds up to here
 MAX_STEPS = 10_000_000
 MAX_CLASS_IMAGES = 100_000
 MAX_BUCKET_SIDE = 8192
+TRAINING_METHODS = ("full", "lora", "loha", "lokr")
+NETWORK_METHODS = TRAINING_METHODS[1:]
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -155,12 +157,20 @@ class Settings:
         headless_only=True,
         label="Checkpoint folder",
     )
+    lora_dir: str = setting(
+        "",
+        "Folder of the output LoRA files (empty: output_dir; relative: inside output_dir; the tab: the WebUI's Lora "
+        "folder).",
+        "saving",
+        headless_only=True,
+        label="Lora folder",
+    )
     save_format: str = setting(
         "safetensors", "Output file format.", "saving", choices=("safetensors", "ckpt"), label="File format"
     )
     save_half: bool = setting(
         False,
-        "Store the output checkpoint in fp16 (half the size).",
+        "Store the output checkpoint (or LoRA file) in fp16 (half the size).",
         "saving",
         aliases=("save_unet_half",),
         label="Save in fp16",
@@ -603,6 +613,88 @@ class Settings:
         label="CLIP skip",
     )
 
+    # --- LoRA / LoHa / LoKr (dreambooth/network): a small adapter trained on the frozen model
+    training_method: str = setting(
+        "full",
+        "What is trained: full (every UNet weight: a checkpoint), or a small adapter on the frozen model, saved as "
+        "one file for the WebUI's Lora folder: lora (LoRA; LoCon with a conv rank), loha (LyCORIS LoHa), lokr "
+        "(LyCORIS LoKr).",
+        "network",
+        choices=TRAINING_METHODS,
+        label="Training method",
+    )
+    network_rank: int = setting(
+        16,
+        "Rank (dim) of the adapter on attention and linear layers: its size and capacity.",
+        "network",
+        minimum=1,
+        maximum=1024,
+        label="Rank (dim)",
+    )
+    network_alpha: float = setting(
+        8.0,
+        "Alpha: the adapter's output is scaled by alpha / rank (8 with rank 16: half, as kohya's defaults; 0: "
+        "alpha = rank, no scaling). LoKr with both factors full (a rank too large to factor) uses scale 1, as the "
+        "WebUI does.",
+        "network",
+        minimum=0.0,
+        maximum=1024.0,
+        label="Alpha",
+    )
+    network_dropout: float = setting(
+        0.0,
+        "Dropout on the adapter's output while training (0: none).",
+        "network",
+        minimum=0.0,
+        maximum=0.9,
+        label="Adapter dropout",
+    )
+    network_conv_rank: int = setting(
+        0,
+        "Rank of adapters on the 3x3 convolutions of the resnets and samplers (LoCon); 0: attention and linear "
+        "layers only.",
+        "network",
+        minimum=0,
+        maximum=1024,
+        label="Conv rank",
+    )
+    network_conv_alpha: float = setting(
+        0.0,
+        "Alpha of the conv adapters (scale conv alpha / conv rank); 0: the conv rank (no scaling).",
+        "network",
+        minimum=0.0,
+        maximum=1024.0,
+        label="Conv alpha",
+    )
+    network_train_text_encoder: bool = setting(
+        False,
+        "Train adapters on the text encoder's attention and MLP layers too (lora_te keys).",
+        "network",
+        label="Adapt the text encoder",
+    )
+    network_unet_lr: float = setting(
+        1e-4,
+        "Learning rate of the UNet's adapters (learning_rate is for full training).",
+        "network",
+        minimum=0.0,
+        maximum=1.0,
+        label="UNet adapter learning rate",
+    )
+    network_text_encoder_lr: float = setting(
+        5e-5,
+        "Learning rate of the text encoder's adapters.",
+        "network",
+        minimum=0.0,
+        maximum=1.0,
+        label="Text encoder adapter learning rate",
+    )
+    network_init_from: str = setting(
+        "",
+        "A LoRA file to continue from (its layers and shapes must match these settings); empty: a new adapter.",
+        "network",
+        label="Start from LoRA file",
+    )
+
     # --- saving
     save_model_every_n_steps: int = setting(
         0,
@@ -710,6 +802,11 @@ class Settings:
     @property
     def has_prior_preservation(self) -> bool:
         return self.with_prior_preservation
+
+    @property
+    def trains_network(self) -> bool:
+        """An adapter (LoRA / LoHa / LoKr) is trained on the frozen model, not the model itself."""
+        return self.training_method in NETWORK_METHODS
 
     def text_encoder_lr(self) -> float:
         return self.learning_rate if self.text_encoder_learning_rate is None else self.text_encoder_learning_rate
@@ -910,6 +1007,8 @@ PATH_FIELDS = frozenset(
         "pretrained_vae_name_or_path",
         "output_dir",
         "checkpoint_dir",
+        "lora_dir",
+        "network_init_from",
         "resume_from",
         "test_prompts_file",
         "logging_dir",

@@ -27,6 +27,7 @@ TITLES = {
     "loss": "Loss weighting and noise",
     "memory": "Memory and speed",
     "text_encoder": "Text encoder",
+    "network": "LoRA / LoHa / LoKr",
     "saving": "Saving",
     "samples": "Samples and tests",
     "logging": "Logging",

@@ -132,6 +132,7 @@ def _output_problems(s: Settings) -> list[str]:
     for name, value in (
         ("output_dir", out),
         ("checkpoint_dir", out / s.checkpoint_dir),
+        ("lora_dir", out / s.lora_dir),
         ("logging_dir", out / s.logging_dir),
     ):
         if _probe(str(value), "exists") and not _probe(str(value), "is_dir"):
@@ -160,6 +161,39 @@ def _memory_problems(s: Settings) -> list[str]:
             "full_bf16 needs mixed_precision bf16 (the bf16 weights compute under bf16 autocast); set "
             "mixed_precision bf16 or turn full_bf16 off"
         )
+    return problems
+
+
+def _network_problems(s: Settings, check_files: bool) -> list[str]:
+    """A LoRA / LoHa / LoKr training_method against what it cannot do (the network_* fields of a full run are
+    simply unused)."""
+    if not s.trains_network:
+        return []
+    method = f"training_method {s.training_method}"
+    problems = []
+    if s.train_text_encoder:
+        problems.append(
+            f"train_text_encoder trains every weight of the text encoder, which {method} does not: turn it off and "
+            "turn network_train_text_encoder on to train adapters on the text encoder"
+        )
+    if s.save_format != "safetensors":
+        problems.append(
+            f"{method} writes .safetensors LoRA files only (a pickled .ckpt LoRA can run code when loaded): set "
+            "save_format safetensors"
+        )
+    if isinstance(s.model_name, str) and "=" in s.model_name:
+        problems.append(
+            f"model_name '{s.model_name[:60]}' may not contain '=' with {method}: the WebUI's <lora:NAME:WEIGHT> "
+            "prompt tag could not name the file"
+        )
+    if s.network_init_from and check_files:
+        path = s.network_init_from
+        if not _probe(path, "is_file"):
+            problems.append(f"network_init_from: '{path}' is not a file: choose a LoRA .safetensors file or clear it")
+        elif not path.lower().endswith(".safetensors"):
+            problems.append(
+                f"network_init_from: '{path}' is not a .safetensors file: LoRA files are read as .safetensors"
+            )
     return problems
 
 
@@ -192,6 +226,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
     if s.mixed_precision == "fp16" and s.device == "cpu":
         problems.append("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     problems.extend(_memory_problems(s))
+    problems.extend(_network_problems(s, check_files))
     problems.extend(optimizer_problems(s))
     if isinstance(s.max_timestep, int) and isinstance(s.min_timestep, int) and s.min_timestep >= s.max_timestep:
         problems.append(
@@ -285,6 +320,12 @@ def _resume_problems(s: Settings) -> list[str]:
         return [f"resume_from: '{found}/state.json' is not readable JSON: choose another training state or clear it"]
     problems = []
     step, name = info.get("step"), info.get("model_name")
+    method = info.get("training_method", "full")  # states of earlier versions are full runs
+    if isinstance(method, str) and method != s.training_method:
+        problems.append(
+            f"resume_from: the state in '{s.resume_from}' trained with training_method {method}, these settings use "
+            f"{s.training_method}: set training_method {method} to continue it, or clear resume_from"
+        )
     if isinstance(step, int) and isinstance(s.max_train_steps, int) and step >= s.max_train_steps:
         problems.append(
             f"resume_from: the state in '{s.resume_from}' is at step {step} and max_train_steps is "

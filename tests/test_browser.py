@@ -10,6 +10,7 @@ In CI (``CI=true``) a missing Chromium or Playwright fails the test; elsewhere i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -81,13 +82,12 @@ def _serve(command: list[str], port: int, log_path: Path, env: dict[str, str] | 
         log.close()
 
 
-@pytest.fixture
-def app(tmp_path, tiny_checkpoint):
-    """The standalone app on 127.0.0.1 with the tiny model in its models folder."""
+@contextlib.contextmanager
+def _standalone(tmp_path: Path, source: Path) -> Iterator[dict]:
+    """The standalone app on 127.0.0.1 with the tiny model ``source`` in its models folder."""
     models = tmp_path / "models"
     checkpoints = models / "Stable-diffusion"
     checkpoints.mkdir(parents=True)
-    source = tiny_checkpoint("sd1")
     shutil.copy(source, checkpoints / source.name)
     shutil.copy(source.with_suffix(".yaml"), checkpoints / f"{source.stem}.yaml")
     draw_subject(tmp_path / "ring", count=3)
@@ -98,14 +98,31 @@ def app(tmp_path, tiny_checkpoint):
 
 
 @pytest.fixture
+def app(tmp_path, tiny_checkpoint):
+    with _standalone(tmp_path, tiny_checkpoint("sd1")) as served:
+        yield served
+
+
+@pytest.fixture
+def sd_shaped_app(tmp_path, tiny_checkpoint):
+    """The app with a tiny model of the real SD UNet's shape (which LoRA names follow)."""
+    with _standalone(tmp_path, tiny_checkpoint("sd1-sd")) as served:
+        yield served
+
+
+@pytest.fixture
 def fake_webui(tmp_path, tiny_checkpoint):
     """The fake WebUI's page with the extension's tab, the tiny model loaded."""
     draw_subject(tmp_path / "ring", count=2)
     port = _free_port()
     env = {"DREAMBOOTH_ALLOWED_ROOTS": str(tmp_path), "DREAMBOOTH_DATA_DIR": str(tmp_path / "extension-data")}
     command = [sys.executable, str(ROOT / "tests" / "fake_webui" / "webui.py"), str(tmp_path / "webui"), str(port)]
-    with _serve([*command, str(tiny_checkpoint("sd1"))], port, tmp_path / "webui.log", env) as url:
-        yield {"url": url, "data": tmp_path / "ring", "log": tmp_path / "webui.log"}
+    source = tiny_checkpoint("sd1")
+    other = tmp_path / "other.safetensors"  # a second model the user may have loaded (issue 14: the switch back)
+    shutil.copy(source, other)
+    shutil.copy(source.with_suffix(".yaml"), other.with_suffix(".yaml"))
+    with _serve([*command, str(source), str(other)], port, tmp_path / "webui.log", env) as url:
+        yield {"url": url, "data": tmp_path / "ring", "log": tmp_path / "webui.log", "root": tmp_path / "webui"}
 
 
 def _browser():
@@ -247,6 +264,118 @@ def test_use_in_txt2img_updates_the_webuis_checkpoint_dropdown(fake_webui):
         shown = top.input_value()
         browser.close()
     assert shown.startswith("ring_2.safetensors"), f"the WebUI's dropdown shows {shown!r}"
+
+
+def _wait_value(locator, wanted, seconds: float = START_SECONDS) -> str:
+    """The input's value once ``wanted(value)`` holds (bounded)."""
+    deadline = time.monotonic() + seconds
+    value = locator.input_value()
+    while not wanted(value) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        value = locator.input_value()
+    return value
+
+
+def _choose(page, field: str, value: str, group: str = "") -> None:
+    """Pick ``value`` in the dropdown of settings field ``field`` (first unfolding its ``group`` if it is folded)."""
+    if group and not page.locator(f"#db_{field} input").is_visible():
+        page.locator(f"#db_group_{group}").click()
+    option = page.locator(f'ul.options li[data-value="{value}"]').first
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:  # the choices may still be on their way (a Refresh)
+        page.locator(f"#db_{field} input").click()
+        try:
+            option.wait_for(timeout=2_000)
+            break
+        except Exception:
+            page.keyboard.press("Escape")
+    option.click()
+
+
+@pytest.mark.slow
+def test_use_in_txt2img_of_a_lora_switches_the_model_and_adds_the_tag_to_the_users_prompt(fake_webui):
+    """Issue 14: train a LoRA in the tab; "Use in txt2img" loads the base model it was trained on (the user had
+    switched to another) and appends ``<lora:NAME:1>`` to what the user typed in the txt2img prompt, once; the
+    WebUI's txt2img receives that prompt with that model."""
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(fake_webui["url"])
+        prompt = page.locator("#txt2img_prompt textarea")
+        prompt.fill("a photo of a ring, best quality")
+        _tab(page, "DreamBooth").click()
+        page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()
+        page.locator("#db_model_name input").fill("ringlora")
+        _choose(page, "training_method", "lora", group="network")
+        _fill_a_short_run(page, fake_webui["data"], steps=2)
+        page.locator("#db_n_save_sample input").fill("0")
+        _tab(page, "Run").click()
+        page.locator("#db_train").click()
+        page.locator("#db_message").first.get_by_text("Started").wait_for()
+        _wait_text(page, r"Finished: ringlora", RUN_SECONDS)
+        assert "ringlora_2.safetensors" in _wait_value(
+            page.locator("#db_checkpoints input"), lambda v: "ringlora_2.safetensors" in v
+        )
+
+        top = page.locator("#setting_sd_model_checkpoint input")  # the user switches to another model
+        top.click()
+        page.locator("ul.options li", has_text="other.safetensors").first.click()
+        assert _wait_value(top, lambda v: v.startswith("other.safetensors")).startswith("other.safetensors")
+
+        for _ in range(2):  # the second click adds nothing
+            page.locator("#db_use_checkpoint").click()
+            page.locator("#db_message").first.get_by_text("<lora:ringlora_2:1>").wait_for()
+        shown = _wait_value(top, lambda v: v.startswith("tiny-sd1.safetensors"))
+        _tab(page, "txt2img").click()
+        typed = _wait_value(prompt, lambda v: "<lora:" in v)
+        page.locator("#txt2img_generate").click()
+        generated = page.locator("#txt2img_generated textarea")
+        asked = _wait_value(generated, bool)
+        browser.close()
+    assert shown.startswith("tiny-sd1.safetensors"), f"the WebUI's dropdown shows {shown!r}"
+    assert typed == "a photo of a ring, best quality <lora:ringlora_2:1>"
+    assert asked.startswith("tiny-sd1.safetensors") and asked.endswith(": " + typed)  # what txt2img was given
+    lora_dir = fake_webui["root"] / "models" / "Lora"
+    assert (lora_dir / "ringlora_2.safetensors").is_file()
+    card = json.loads((lora_dir / "ringlora_2.json").read_text())
+    assert card == {"sd version": "SD1", "activation text": "photo of sks ring"}
+
+
+@pytest.mark.slow
+def test_train_a_lora_from_the_browser(sd_shaped_app):
+    """Issue 14: choose the LoRA method in the tab of the standalone app, train 2 steps on a tiny SD-shaped model:
+    the file appears in the app's Lora folder and in the tab's outputs, with no full checkpoint beside it."""
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        app = sd_shaped_app
+        page.goto(app["url"])
+        _tab(page, "Setup").click()
+        page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()
+        assert page.locator("#db_pretrained_model_name_or_path input").input_value() == "tiny-sd1-sd.safetensors"
+        page.locator("#db_model_name input").fill("ringlora")
+        _choose(page, "training_method", "lora", group="network")
+        _fill_a_short_run(page, app["data"], steps=2)
+        page.locator("#db_group_samples").click()
+        page.locator("#db_n_save_sample input").fill("0")
+        _tab(page, "Run").click()
+        page.locator("#db_train").click()
+        page.locator("#db_message").first.get_by_text("Started").wait_for()
+        _wait_text(page, r"Finished: ringlora", RUN_SECONDS)
+        listed = _wait_value(page.locator("#db_checkpoints input"), lambda v: "ringlora_2.safetensors" in v)
+        browser.close()
+    lora = app["models"] / "Lora" / "ringlora_2.safetensors"
+    assert "ringlora_2.safetensors" in listed and lora.is_file()
+    assert not list((app["models"] / "Stable-diffusion").glob("ringlora*"))
+    from dreambooth.network.files import read_network_file
+
+    network = read_network_file(lora)
+    assert network.algorithm == "lora"
+    assert any(name.startswith("lora_unet_down_blocks_0_attentions_0") for name in network.layers)
 
 
 def _estimate_mib(page, other_than: int | None = None) -> int:

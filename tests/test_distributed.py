@@ -91,6 +91,33 @@ def test_two_processes_of_batch_1_train_like_one_process_of_batch_2(setup, prior
     assert result.stdout.count("resumable state:") == 1  # the summary of one process only
 
 
+def test_two_processes_train_a_lora_like_one_process(setup, tmp_path):
+    """LoRA with prior preservation and the text encoder's adapters: two processes of batch 1 train the adapter
+    one process of batch 2 trains, and one process writes the LoRA files."""
+    from dreambooth.models.components import load_components
+    from dreambooth.network.adapter import build_network
+    from dreambooth.network.files import read_network_file
+
+    make, _ = setup
+    common = {
+        "max_train_steps": 3,
+        "with_prior_preservation": True,
+        "training_method": "lora",
+        "network_train_text_encoder": True,
+        "network_unet_lr": 1e-3,
+    }
+    one, _ = make("lora-one", train_batch_size=2, **common)
+    reference = Trainer(one).run()
+    start = build_network(load_components(one.pretrained_model_name_or_path), one).kohya_tensors()
+    _, config = make("lora-two", train_batch_size=1, save_model_every_n_steps=2, **common)
+    result = torchrun(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "lora-two"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["dreambooth_2.safetensors", "dreambooth_3.safetensors"]
+    two = read_network_file(out / "dreambooth_3.safetensors").tensors
+    assert_same_training(two, read_network_file(reference.checkpoints[0]).tensors, start)
+
+
 def test_a_failure_in_one_process_ends_the_run_with_its_message(setup):
     make, _ = setup
     _, config = make("failing", max_train_steps=50)

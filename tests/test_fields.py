@@ -48,6 +48,32 @@ class Run:
     def text(self) -> str:
         return digest(self.trainer.components.text_encoder.state_dict())
 
+    @property
+    def lora(self):
+        """The LoRA file the run wrote last (dreambooth/network/files.py)."""
+        from dreambooth.network.files import read_network_file
+
+        return read_network_file(self.result.checkpoints[-1])
+
+    @property
+    def adapter(self) -> str:
+        return digest(self.lora.tensors)
+
+    @property
+    def adapted(self):
+        """The UNet's output with the trained adapter applied, on a fixed input (the adapter is taken off again)."""
+        network = self.trainer.method.network
+        unet = self.trainer.components.unet
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn((1, 4, 8, 8), generator=generator)
+        hidden = torch.randn((1, 77, unet.config.cross_attention_dim), generator=generator)
+        network.apply()
+        try:
+            with torch.no_grad():
+                return unet.eval()(latents, torch.tensor([500]), encoder_hidden_states=hidden).sample
+        finally:
+            network.restore()
+
     def images(self, folder: str) -> list[bytes]:
         import numpy as np
         from PIL import Image
@@ -86,6 +112,9 @@ PRIOR = {"with_prior_preservation": True}
 SAMPLES = {"n_save_sample": 1}
 TESTS = {"test_prompt": "photo of zwx ring on a table"}
 TEXT = {"train_text_encoder": True}
+LORA = {"training_method": "lora"}
+LORA_TE = {**LORA, "network_train_text_encoder": True}
+LOCON = {**LORA, "network_conv_rank": 4}
 
 
 def differs(attribute):
@@ -109,6 +138,25 @@ def count(folder, expected):
         assert len(variant.images(folder)) == expected
 
     return check
+
+
+def outputs_differ(base: Run, variant: Run) -> None:
+    assert not torch.allclose(base.adapted, variant.adapted)
+
+
+def untrained_unet(run: Run) -> str:
+    """The digest of the base model's UNet as the file holds it."""
+    from dreambooth.models.components import load_components
+
+    return digest(load_components(run.trainer.settings.pretrained_model_name_or_path).unet.state_dict())
+
+
+def ranks(run: Run) -> set[int]:
+    return {v.shape[0] for k, v in run.lora.tensors.items() if k.endswith("lora_down.weight")}
+
+
+def layers(run: Run, prefix: str) -> set[str]:
+    return {name for name in run.lora.layers if name.startswith(prefix)}
 
 
 def bf16_values(module) -> bool:
@@ -250,6 +298,78 @@ ROWS = {
     "train_text_encoder": ({}, TEXT, differs("text")),
     "text_encoder_learning_rate": (TEXT, {**TEXT, "text_encoder_learning_rate": 1e-2}, differs("text")),
     "stop_text_encoder": None,
+    # LoRA / LoHa / LoKr: the adapter's file, shapes and output (tests/test_lora.py: alpha's exact scale, the WebUI's
+    # math, LoHa / LoKr key families, resume, the base model untouched, diffusers reading the file)
+    "training_method": (
+        {},
+        LORA,
+        lambda b, v: v.lora.algorithm == "lora" and b.unet != v.unet and v.unet == untrained_unet(v),
+    ),
+    "network_rank": (
+        LORA,
+        {**LORA, "network_rank": 4},
+        lambda b, v: ranks(b) == {16} and ranks(v) == {4} and outputs_differ(b, v) is None,
+    ),
+    "network_alpha": (
+        LORA,
+        {**LORA, "network_alpha": 16.0},
+        lambda b, v: (
+            {b.lora.alpha(n) for n in b.lora.layers} == {8.0}
+            and {v.lora.alpha(n) for n in v.lora.layers} == {16.0}
+            and outputs_differ(b, v) is None
+        ),
+    ),
+    "network_dropout": (LORA, {**LORA, "network_dropout": 0.5}, differs("adapter")),
+    "network_conv_rank": (
+        LORA,
+        LOCON,
+        lambda b, v: (
+            "lora_unet_down_blocks_0_resnets_0_conv1" in v.lora.layers - b.lora.layers
+            and v.lora.tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[:2] == (4, 32)
+        ),
+    ),
+    "network_conv_alpha": (
+        LOCON,
+        {**LOCON, "network_conv_alpha": 2.0},
+        lambda b, v: (
+            (
+                b.lora.alpha("lora_unet_down_blocks_0_resnets_0_conv1"),
+                v.lora.alpha("lora_unet_down_blocks_0_resnets_0_conv1"),
+            )
+            == (4.0, 2.0)
+            and b.adapter != v.adapter
+        ),
+    ),
+    "network_train_text_encoder": (
+        LORA,
+        LORA_TE,
+        lambda b, v: (
+            not layers(b, "lora_te_")
+            and "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in layers(v, "lora_te_")
+        ),
+    ),
+    "network_unet_lr": (
+        LORA,
+        {**LORA, "network_unet_lr": 1e-2},
+        lambda b, v: (b.lrs[0]["group0"], v.lrs[0]["group0"]) == (1e-4, 1e-2) and b.adapter != v.adapter,
+    ),
+    "network_text_encoder_lr": (
+        LORA_TE,
+        {**LORA_TE, "network_text_encoder_lr": 1e-2},
+        lambda b, v: (
+            (b.lrs[0]["group1"], v.lrs[0]["group1"]) == (5e-5, 1e-2)
+            and digest(b.lora.tensors) != digest(v.lora.tensors)
+        ),
+    ),
+    "network_init_from": None,  # tests/test_lora.py: test_network_init_from_continues_from_the_file
+    "lora_dir": (
+        LORA,
+        {**LORA, "lora_dir": "loras"},
+        lambda b, v: (
+            (v.out / "loras" / "dreambooth_2.safetensors").is_file()
+            and not (v.out / "dreambooth_2.safetensors").exists()
+        ),
+    ),
     "clip_skip": None,  # test_clip_skip_uses_the_nth_last_layer
     "save_model_every_n_steps": (
         {},

@@ -129,6 +129,21 @@ AGREEMENT_CONFIGURATIONS = {
         "mixed_precision": "bf16",
         "gradient_checkpointing": True,
     },
+    # LoRA / LoHa / LoKr: the frozen model in the run's dtype, the adapter's weights, gradients and states
+    "lora-text-conv-checkpointing-bf16": {
+        "training_method": "lora",
+        "network_train_text_encoder": True,
+        "network_conv_rank": 4,
+        "gradient_checkpointing": True,
+        "mixed_precision": "bf16",
+    },
+    "loha-conv": {"training_method": "loha", "network_conv_rank": 4},
+    "lokr-fused-full-bf16": {
+        "training_method": "lokr",
+        "fused_backward": True,
+        "full_bf16": True,
+        "mixed_precision": "bf16",
+    },
 }
 SCALES = {"bench-tiny": 64, "bench-small": 128}
 

@@ -6,6 +6,8 @@ refusal names the folders and the setting that allows more.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import draw_subject
 
@@ -56,6 +58,7 @@ def test_a_class_folder_outside_the_write_roots_is_refused_before_anything_is_wr
     [problem] = [p for p in error.value.problems if p.startswith("concept 1 class_data_dir")]
     assert "may write to (2 missing class image(s) would be generated there)" in problem
     assert str(host.checkpoint_dir) in problem and str(host.data_dir) in problem and "--allow-write" in problem
+    assert str(host.lora_dir) in problem  # the README's promise: the checkpoint, Lora and own folders, no other
     assert runner.snapshot().state == "idle" and not (tmp_path / "class").exists()
 
 
@@ -114,3 +117,30 @@ def test_every_path_a_job_reads_is_checked_with_the_same_sentence(host, make_set
     assert [p for p in host.check_settings(hidden) if "/no/such" in p] == [
         host.paths.check_read("/no/such/model.safetensors", "pretrained_model_name_or_path")
     ]
+
+
+def test_lora_files_go_to_the_hosts_lora_folder_and_nowhere_else(host, make_settings, tmp_path):
+    """Issue 14: the tab's jobs write LoRA files into the Lora folder (``DIR/Lora`` here, the WebUI's ``--lora-dir``
+    there), a write root of its own; a request naming another folder is refused before anything is written."""
+    settings = host.prepare(make_settings(lora_dir=str(tmp_path / "elsewhere")))
+    assert settings.lora_dir == str(tmp_path / "models" / "Lora") == str(host.lora_dir)
+    assert host.paths.may_write(host.lora_dir / "ring_2.safetensors")
+    assert host.check_settings(settings) == []
+    for wanted in (str(tmp_path / "elsewhere"), "../../../../escape"):  # absolute; relative to output_dir
+        refused = host.check_settings(dataclasses.replace(settings, lora_dir=wanted))
+        [problem] = [p for p in refused if p.startswith("lora_dir:")]
+        assert "outside the folders this server may write to" in problem and str(host.lora_dir) in problem
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_lora_model_name_the_prompt_tag_cannot_say_is_refused(host, make_settings, tmp_path):
+    """Issue 14: the WebUI names a LoRA by its file stem, NAME_STEP, in ``<lora:NAME:WEIGHT>``: a model name with
+    ':', '>' or '=' is refused before the run, in one sentence; a full run may keep such a name."""
+    for name in ("ring:v2", "a>b", "x=y"):
+        refused = host.check_settings(host.prepare(make_settings(training_method="lora", model_name=name)))
+        [problem] = [p for p in refused if p.startswith("model_name:")]
+        assert f"'{name}' cannot name a LoRA" in problem and "`<lora:NAME:WEIGHT>`" in problem
+    assert host.check_settings(host.prepare(make_settings(training_method="lora", model_name="ring_v2"))) == []
+    outside = tmp_path.parent / "elsewhere.safetensors"  # network_init_from is read: under the read roots only
+    refused = host.check_settings(host.prepare(make_settings(training_method="lora", network_init_from=str(outside))))
+    assert any(p.startswith("network_init_from:") and "outside the folders" in p for p in refused)

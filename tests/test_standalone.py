@@ -75,4 +75,6 @@ def test_allow_adds_read_roots_and_allow_write_adds_write_roots(launched, tmp_pa
     policy = tab.host.paths
     assert policy.may_read(tmp_path / "data" / "set") and not policy.may_write(tmp_path / "data" / "set")
     assert policy.may_write(tmp_path / "class") and policy.may_write(tab.host.checkpoint_dir / "x.safetensors")
+    assert tab.host.lora_dir == tmp_path / "models" / "Lora" and tab.host.lora_dir.is_dir()  # made at start
+    assert policy.may_write(tab.host.lora_dir / "x.safetensors")
     assert policy.may_read(tab.host.models_dir)  # the defaults stay: --allow adds

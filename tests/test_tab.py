@@ -56,6 +56,7 @@ CONTROLS = {  # widgets that are not settings fields: buttons, reports, the run 
     "db_poll",
     "db_several_gpus",
     "db_switched_checkpoint",
+    "db_lora_tag",
 }
 
 
@@ -127,7 +128,7 @@ def test_every_settings_field_has_exactly_one_widget_and_every_widget_a_field(ta
     expected |= {f"db_concept_{f.name}" for f in dataclasses.fields(Concept)}
     assert set(ids) - CONTROLS == expected
     headless = {f"db_{f.name}" for f in fields() if f.metadata["headless_only"]}
-    assert headless == {"db_output_dir", "db_checkpoint_dir", "db_device"} and not headless & set(ids)
+    assert headless == {"db_output_dir", "db_checkpoint_dir", "db_lora_dir", "db_device"} and not headless & set(ids)
 
 
 def _places(tab) -> dict:
@@ -456,6 +457,12 @@ def test_model_description_and_the_standalone_switch_message(tab, tiny_checkpoin
     assert "Cannot read" in named(tab, tab.describe_model("/nonexistent.safetensors"))["architecture"]
     switched = named(tab, tab.use_checkpoint("/some/file.safetensors"))
     assert "Not switched" in switched["message"] and switched["switched"] == ""
+    lora = tab.host.lora_dir / "ring_2.safetensors"  # issue 14: a LoRA output says how to use it in the WebUI
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    lora.write_bytes(b"")
+    used = named(tab, tab.use_checkpoint(str(lora)))
+    assert "Not used" in used["message"] and "<lora:ring_2:1>" in used["message"] and "models/Lora" in used["message"]
+    assert used["lora_tag"] == "" and used["switched"] == ""
 
 
 def test_low_memory_preset_sets_its_fields(tab):

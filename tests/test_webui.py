@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import shutil
 import sys
 import threading
@@ -162,6 +163,23 @@ def test_ckpt_dir_is_honoured(webui, make_settings, tmp_path):
     runner.start(settings)
     assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished"
     assert (tmp_path / "my-models" / "ring_2.safetensors").is_file()
+
+
+def test_lora_dir_is_the_lora_extensions_folder(webui, make_settings, tmp_path):
+    """Issue 14: LoRA files go where the built-in Lora extension scans: ``--lora-dir`` (read live), else
+    ``models/Lora``; the path policy lets jobs write there."""
+    w = webui()
+    from modules import paths, shared
+
+    host = w.glue.runner().host
+    assert host.lora_dir == Path(paths.models_path) / "Lora"
+    shared.cmd_opts.lora_dir = str(tmp_path / "my-loras")
+    assert host.lora_dir == tmp_path / "my-loras"
+    _, settings = settings_for(w, make_settings, model_name="ring")
+    assert settings.lora_dir == str(tmp_path / "my-loras")
+    assert host.paths.may_write(tmp_path / "my-loras" / "ring_2.safetensors") and host.check_settings(settings) == []
+    shared.cmd_opts.lora_dir = None  # the Lora extension disabled: its preload never ran
+    assert host.lora_dir == Path(paths.models_path) / "Lora"
 
 
 def test_use_in_txt2img_switches_and_checks_the_switch(webui, make_settings):
@@ -423,6 +441,7 @@ def test_rest_start_status_and_cancel(webui, make_settings):
     payload = make_settings(pretrained_model_name_or_path=str(w.base), max_train_steps=400).to_dict()
     started = client.post("/dreambooth/start", json=payload)
     assert started.status_code == 200, started.text
+    assert started.json()["lora_dir"] == str(w.glue.runner().host.lora_dir)
     runner = w.glue.runner()
     assert wait_for(lambda: runner.snapshot().losses)
     assert client.post("/dreambooth/start", json=payload).status_code == 409  # one job at a time
@@ -544,3 +563,163 @@ def test_the_fake_safe_unpickler_accepts_a_release_shaped_ckpt_as_the_real_one_d
 def _with_forbidden_global(path):
     torch.save({"x": torch.nn.Linear}, path, _use_new_zipfile_serialization=False)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ LoRA (issue 14)
+
+
+def _lora_file(path, base="", **metadata):
+    """A small kohya-named LoRA file (the tensors do not matter here, the name and metadata do)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {f"{name}.lora_down.weight": torch.zeros(4, 32), f"{name}.lora_up.weight": torch.ones(32, 4)}
+    header = {"ss_network_module": "lycoris.kohya", "ss_output_name": path.stem, **metadata}
+    if base:
+        header["dreambooth.base_model"] = base
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def test_a_written_lora_is_listed_at_once_and_gets_its_card(webui, make_settings):
+    """Issue 14: after a LoRA file is written, the WebUI's Lora list knows it (the Lora extension's
+    ``networks.list_available_networks``) and its card's ``NAME.json`` holds the version and the activation text,
+    keeping what the user wrote there."""
+    w = webui()
+    import networks
+
+    host = w.glue.runner().host
+    _, settings = settings_for(w, make_settings, model_name="ring")
+    path = _lora_file(host.lora_dir / "ring_2.safetensors", ss_v2="True")
+    path.with_suffix(".json").write_text('{"notes": "mine", "sd version": "SD1"}')
+    host.checkpoint_written([path], settings)
+    assert "networks.list_available_networks" in w.fake.call_names()
+    assert networks.available_networks["ring_2"].filename == str(path)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card == {"notes": "mine", "sd version": "SD2", "activation text": "photo of zwx ring"}
+    assert not list(w.folder.glob("ring_2*"))  # not a checkpoint
+
+
+def test_without_the_lora_extension_a_written_lora_is_no_error(webui, make_settings, monkeypatch):
+    w = webui()
+    host = w.glue.runner().host
+    monkeypatch.delitem(sys.modules, "networks", raising=False)  # the Lora extension disabled
+    _, settings = settings_for(w, make_settings, model_name="ring")
+    path = _lora_file(host.lora_dir / "ring_2.safetensors")
+    host.checkpoint_written([path], settings)
+    assert json.loads(path.with_suffix(".json").read_text())["sd version"] == "SD1"
+    broken = types.ModuleType("networks")
+    broken.list_available_networks = lambda: 1 / 0  # another extension's module of that name, or a bug
+    monkeypatch.setitem(sys.modules, "networks", broken)
+    host.refresh_networks()
+
+
+def _tab(w):
+    from dreambooth.ui.tab import build_tab
+
+    runner = w.glue.runner()
+    _, tab = build_tab(runner.host, runner)
+    return tab
+
+
+def test_use_in_txt2img_of_a_lora_switches_to_its_base_model_and_hands_over_its_tag(webui):
+    """Issue 14: one click on a LoRA output: the WebUI loads the base model the LoRA was trained on (named in its
+    metadata) and the page's script gets ``<lora:NAME:1>`` for the txt2img prompt (the browser test shows the
+    prompt)."""
+    w = webui()
+    from modules import sd_models
+
+    other = w.folder / "other.safetensors"
+    shutil.copy(w.base, other)
+    shutil.copy(w.base.with_suffix(".yaml"), other.with_suffix(".yaml"))
+    tab = _tab(w)
+    w.glue.runner().host.use_checkpoint(str(other))
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(other)
+    lora = _lora_file(tab.host.lora_dir / "ring_2.safetensors", base=str(w.base))
+    c = tab.controls
+    out = tab.use_checkpoint(str(lora))
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(w.base), out[c["message"]]
+    assert out[c["lora_tag"]] == "<lora:ring_2:1>" and out[c["switched"]].startswith("base.safetensors")
+    assert "<lora:ring_2:1>" in out[c["message"]]
+    again = tab.use_checkpoint(str(lora))  # already loaded: no second load, the tag again
+    assert again[c["lora_tag"]] == "<lora:ring_2:1>" and "already" in again[c["message"]]
+
+    w.glue.runner().host.use_checkpoint(str(other))
+    moved = _lora_file(tab.host.lora_dir / "made_elsewhere.safetensors", base="/another/machine/base.safetensors")
+    out = tab.use_checkpoint(str(moved))  # its base named by a path that is not here: found by its file name
+    assert out[c["lora_tag"]] == "<lora:made_elsewhere:1>", out[c["message"]]
+    assert sd_models.model_data.sd_model.sd_checkpoint_info.filename == str(w.base)
+
+    unknown = _lora_file(tab.host.lora_dir / "nobase.safetensors")
+    out = tab.use_checkpoint(str(unknown))
+    assert out[c["lora_tag"]] == "" and "which base model" in out[c["message"]]
+    bad = _lora_file(tab.host.lora_dir / "a=b.safetensors", base=str(w.base))
+    out = tab.use_checkpoint(str(bad))
+    assert out[c["lora_tag"]] == "" and "cannot hold '='" in out[c["message"]]
+    out = tab.use_checkpoint(str(w.base))  # a checkpoint: as before, no tag
+    assert out[c["lora_tag"]] == "" and "now uses" in out[c["message"]]
+
+
+def test_a_loaded_lora_network_makes_the_loaded_weights_unclean(webui):
+    """Facts §1.6: while the Lora extension holds loaded networks, its class-level forwards patch the loaded
+    model's layers again: the weights are read from the file."""
+    w = webui(no_half=True)
+    import networks
+
+    host = w.glue.runner().host
+    assert host._memory_is_clean(w.model, str(w.base)) == ""
+    networks.loaded_networks.append(types.SimpleNamespace(name="other_lora"))
+    assert "a Lora network is loaded in the WebUI (other_lora" in host._memory_is_clean(w.model, str(w.base))
+
+
+def test_a_lora_run_takes_the_loaded_half_weights_as_they_are(webui):
+    """Issue 14: with an adapter the base stays frozen, so the WebUI's fp16 weights are clean for it and are taken
+    without a copy (the same storage, no fp32 copy); a full fine-tune still refuses them."""
+    w = webui()  # the WebUI casts to fp16
+    host = w.glue.runner().host
+    assert "torch.float16 while the file holds torch.float32" in host._memory_is_clean(w.model, str(w.base))
+    assert host._memory_is_clean(w.model, str(w.base), frozen=True) == ""
+    components = host._components_from_memory(w.model, str(w.base), shared=True)
+    loaded = {t.data_ptr() for t in w.model.state_dict().values()}
+    unet = list(components.unet.parameters())
+    assert all(p.dtype == torch.float16 for p in unet)
+    assert all(p.data_ptr() in loaded for p in unet)  # the WebUI's tensors themselves
+    assert not any(p.requires_grad for p in unet)
+
+
+def _unet_output(w):
+    """The UNet of the WebUI's loaded model (an fp32 copy of its weights) on a fixed input."""
+    host = w.glue.runner().host
+    unet = host._components_from_memory(w.model, str(w.base)).unet
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("no_half", [True, False])
+def test_a_lora_run_on_the_loaded_model_leaves_its_weights_and_forward_as_they_were(webui, make_settings, no_half):
+    """Issue 14: a LoRA run trains on the WebUI's loaded tensors themselves (no copy); the adapter wraps forwards
+    at instance level and is taken off at the end: afterwards the loaded model's weights are the same tensors with
+    the same values, no module keeps a forward of its own, and its UNet computes exactly what it did."""
+    w = webui(no_half=no_half)
+    before = {k: (t.data_ptr(), t.clone()) for k, t in w.model.state_dict().items()}
+    output = _unet_output(w)
+    linear_forward, conv_forward = torch.nn.Linear.forward, torch.nn.Conv2d.forward
+    runner, settings = settings_for(w, make_settings, model_name="ringlora", training_method="lora")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    log = "\n".join(runner.snapshot().log)
+    dtype = "float32" if no_half else "float16"
+    assert f"training the lora on the weights already loaded in the WebUI ({dtype}, shared" in log
+    assert runner.snapshot().checkpoints == (str(runner.host.lora_dir / "ringlora_2.safetensors"),)
+    after = w.model.state_dict()
+    assert after.keys() == before.keys()
+    for key, (pointer, value) in before.items():
+        assert after[key].data_ptr() == pointer and torch.equal(after[key], value), key
+    assert not [name for name, module in w.model.named_modules() if "forward" in vars(module)]
+    assert (torch.nn.Linear.forward, torch.nn.Conv2d.forward) == (linear_forward, conv_forward)
+    assert torch.equal(_unet_output(w), output)
+    assert w.model.location == "cuda"

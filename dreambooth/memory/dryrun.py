@@ -46,6 +46,8 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
     modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    if trainer.method is not None:  # a LoRA / LoHa / LoKr adapter: its weights beside the frozen model's
+        modules.append(trainer.method.network)
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
@@ -126,6 +128,7 @@ class DryRun(Trainer):
         settings = dataclasses.replace(
             settings,
             resume_from="",
+            network_init_from="",
             pretrained_vae_name_or_path="",
             attention="sdpa",
             report_to="none",
@@ -206,6 +209,16 @@ class DryRun(Trainer):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         return unset_fake_temporarily()
+
+    def _build_network(self, components: Any) -> Any:
+        """A LoRA / LoHa / LoKr adapter: built of real tensors (LyCORIS reads some shapes back as numbers, which fake
+        tensors cannot give; an adapter is small), then made fake like the model's modules."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            network = super()._build_network(components)
+        _convert_by_replacing(network)
+        return network.to_empty(device="cpu")
 
     # ---------------------------------------------------------------------------------------- the run
 

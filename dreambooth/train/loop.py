@@ -27,11 +27,12 @@ from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
 from .loss import combine_losses, training_target
+from .method import NetworkMethod
 from .noising import draw_noise, timestep_range, weighted_sample_losses, zero_terminal_snr_scheduler
 from .optimizers import use_averaged_weights, use_training_weights
 from .outputs import Outputs, RunState, TrainResult
 from .precision import FrozenModules, Placement, frozen_placement, move
-from .sampling import encode_prompts, generate
+from .sampling import encode_prompts, eval_mode, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
 
@@ -97,6 +98,7 @@ class Trainer(Outputs):
         self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
         self.frozen: FrozenModules | None = None  # the VAE / frozen text encoder in the run's dtype (precision.py)
+        self.method: NetworkMethod | None = None  # a LoRA / LoHa / LoKr run's adapter (train/method.py)
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
@@ -142,7 +144,8 @@ class Trainer(Outputs):
             raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
         for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
             self.log(f"warning: {warning}")
-        move(components.unet, device, torch.float32)
+        if not s.trains_network:  # a frozen UNet is placed with the other frozen modules
+            move(components.unet, device, torch.float32)
         self.frozen = FrozenModules(components, self.frozen_placement(components, device), device)
         if s.attention == "xformers":
             components.unet.enable_xformers_memory_efficient_attention()
@@ -412,8 +415,14 @@ class Trainer(Outputs):
     def _images(
         self, prompts: list[str], negative: str, seed: int, count: int, folder: Path, device: Any
     ) -> list[Path]:
+        adapter = self.method.network if self.method is not None else None
+        with eval_mode(adapter) if adapter is not None else contextlib.nullcontext():  # no adapter dropout
+            images = self._generate(prompts, negative, seed, count, device)
+        return self._write_images(images, folder)
+
+    def _generate(self, prompts: list[str], negative: str, seed: int, count: int, device: Any) -> list[Any]:
         s = self.settings
-        images = generate(
+        return generate(
             self.components,
             prompts,
             negative_prompt=negative,
@@ -428,7 +437,6 @@ class Trainer(Outputs):
             autocast_dtype=self._autocast_dtype(),
             zero_terminal_snr=s.zero_terminal_snr,
         )
-        return self._write_images(images, folder)
 
     def _samples(self, step: int, result: TrainResult, device: Any) -> None:
         s = self.settings
@@ -521,7 +529,7 @@ class Trainer(Outputs):
                     for variant in variants:
                         self.latent_cache.get(example.path, flip, self._size(example), variant)
                 self._emit("caching", f"latents {number} of {len(examples)}", step=number, total_steps=len(examples))
-        if not s.train_text_encoder and self.cache_text:
+        if not self._trains_text() and self.cache_text:
             self._text([e.prompt for e in examples], train_text=False)  # every embedding now: the encoder may go
 
     def _new_latent_cache(self) -> Any:
@@ -542,6 +550,12 @@ class Trainer(Outputs):
         """The context optimizer objects are built in (the memory dry run's differs)."""
         return contextlib.nullcontext()
 
+    def _build_network(self, components: Any) -> Any:
+        """The run's adapter (dreambooth/network/adapter.py; the memory dry run builds it otherwise)."""
+        from ..network.adapter import build_network
+
+        return build_network(components, self.settings)
+
     def _optimization(self, plan: SamplePlan, global_batch: int, total: int) -> RunState:
         import torch
 
@@ -551,15 +565,19 @@ class Trainer(Outputs):
         s, dist = self.settings, self.dist
         device = dist.device
         unet, text_encoder = self.components.unet, self.components.text_encoder
-        if s.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if s.full_bf16:  # the trained weights in bf16 (see train/paramwise.py)
-            unet.bfloat16()
         per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
         scale = per_step if s.scale_lr else 1
-        groups = [{"params": list(unet.parameters()), "lr": s.learning_rate * scale}]
-        modules = {"unet": unet}
-        unet.requires_grad_(True).train()
+        if s.trains_network:
+            self.method = NetworkMethod(self)
+            groups, modules = self.method.setup(scale)
+        else:
+            if s.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            if s.full_bf16:  # the trained weights in bf16 (see train/paramwise.py)
+                unet.bfloat16()
+            groups = [{"params": list(unet.parameters()), "lr": s.learning_rate * scale}]
+            modules = {"unet": unet}
+            unet.requires_grad_(True).train()
         if s.train_text_encoder:
             if s.full_bf16:
                 text_encoder.bfloat16()
@@ -582,7 +600,7 @@ class Trainer(Outputs):
             lr_scheduler=make_lr_scheduler(optimizer, s, total),
             scaler=scaler,
             autocast=torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext(),
-            text_stop_step=math.ceil(s.stop_text_encoder * total) if s.train_text_encoder else 0,
+            text_stop_step=math.ceil(s.stop_text_encoder * total) if self._trains_text() else 0,
             result=TrainResult(step=0, total_steps=total, cancelled=False),
         )
         if s.resume_from:
@@ -621,8 +639,11 @@ class Trainer(Outputs):
 
         s, dist = self.settings, self.dist
         text_encoder, step = self.components.text_encoder, run.step
-        train_text = s.train_text_encoder and step < run.text_stop_step
-        if s.train_text_encoder and not train_text and text_encoder.training:
+        train_text = self._trains_text() and step < run.text_stop_step
+        if self._trains_text() and not train_text and run.text_training:
+            run.text_training = False
+            if self.method is not None:
+                self.method.freeze_text()
             text_encoder.requires_grad_(False).eval()
             self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
         use_training_weights(run.optimizer)  # schedule-free: from its averaged weights (after a save) back to these
@@ -640,9 +661,10 @@ class Trainer(Outputs):
             fb_started = time.perf_counter()
             values = [0.0, 0.0, 0.0]
             if samples:
-                loss, instance_loss, prior_loss = self._loss(
-                    samples, epoch, train_text, run.device, run.autocast, counts
-                )
+                with self.method.randomness(batch_index) if self.method else contextlib.nullcontext():
+                    loss, instance_loss, prior_loss = self._loss(
+                        samples, epoch, train_text, run.device, run.autocast, counts
+                    )
                 scaled = loss / s.gradient_accumulation_steps
                 if s.fused_backward and micro == s.gradient_accumulation_steps - 1:
                     run.updating = True  # this backward pass updates each weight as soon as its gradient is complete
@@ -672,6 +694,11 @@ class Trainer(Outputs):
         run.optimizer.zero_grad(set_to_none=True)
         self.timings["optimizer"] += time.perf_counter() - opt_started
         return losses
+
+    def _trains_text(self) -> bool:
+        """The text encoder (or its adapters) trains in this run."""
+        s = self.settings
+        return s.network_train_text_encoder if s.trains_network else s.train_text_encoder
 
     def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
         """The losses as numbers (a device sync; the memory estimate's dry run has no numbers and skips it)."""
@@ -713,7 +740,10 @@ class Trainer(Outputs):
             self._save_and_sample(run, samples=not cancelled)
 
     def _restore(self, run: RunState | None) -> None:
-        """Whatever happened: the log closed, the modules frozen and back on the training device."""
+        """Whatever happened: the log closed, an adapter taken off, the modules frozen and back on the training
+        device."""
+        if self.method is not None:
+            self.method.restore()
         if run is not None and run.writer is not None:
             run.writer.close()
         if run is not None:

@@ -66,21 +66,38 @@ class RunState:
     last_saved: int | None = None  # step of the last checkpoint
     state_step: int | None = None  # step of the newest resumable state (saved or resumed from)
     updating: bool = False  # the optimizer is changing the weights: an exception now leaves them half-updated
+    text_training: bool = True  # the text encoder (or its adapters) still trains: stop_text_encoder not reached
     step_times: list[float] = field(default_factory=list)  # seconds of each step
 
 
 class Outputs:
     """Saving and failure handling of :class:`~dreambooth.train.loop.Trainer` (which provides settings,
-    components, dist, callbacks, _emit, log, _samples, _tests)."""
+    components, dist, callbacks, method, _emit, log, _samples, _tests)."""
 
     # ------------------------------------------------------------------------------------------------ saving
 
     def _save(self, run: RunState) -> None:
-        """The checkpoint (+ sidecar yaml), the resumable state, retention, test images.  A full disk: DiskFull."""
+        """The checkpoint (+ sidecar yaml) or the LoRA file, the resumable state, retention, test images.  A full
+        disk: DiskFull."""
+        s, step = self.settings, run.step
+        self._emit("saving", f"saving step {step}", step=step, total_steps=run.total)
+        if self.method is not None:
+            paths = [self._save_network(run)]
+        else:
+            paths = self._save_checkpoint(run)
+        run.result.checkpoints.append(paths[0])
+        if s.save_training_state:
+            self._save_state(run, paths[0])
+        self._prune_checkpoints(run)
+        guarded(self.callbacks, "on_checkpoint", step, paths)
+        self.log(f"saved {paths[0]}")
+        self._tests(step, run.result, next(self.components.unet.parameters()).device)
+
+    def _save_checkpoint(self, run: RunState) -> list[Path]:
+        """The full checkpoint (+ sidecar yaml); returns the written paths, the checkpoint first."""
         from ..models.components import save_single_file
 
         s, step = self.settings, run.step
-        self._emit("saving", f"saving step {step}", step=step, total_steps=run.total)
         metadata = {
             "dreambooth.step": str(step),
             "dreambooth.base_model": Path(s.pretrained_model_name_or_path).name,
@@ -89,14 +106,19 @@ class Outputs:
         destination = self._checkpoint_folder() / f"{s.model_name}_{step}.{s.save_format}"
         checkpoint_bytes = tensor_bytes(self._component_tensors(), half=s.save_half)
         with self._disk_full_message(f"the checkpoint of step {step}", destination.parent, checkpoint_bytes):
-            paths = save_single_file(self._saved_components(), destination, half=s.save_half, metadata=metadata)
-        run.result.checkpoints.append(paths[0])
-        if s.save_training_state:
-            self._save_state(run, paths[0])
-        self._prune_checkpoints(run)
-        guarded(self.callbacks, "on_checkpoint", step, paths)
-        self.log(f"saved {paths[0]}")
-        self._tests(step, run.result, next(self.components.unet.parameters()).device)
+            return save_single_file(self._saved_components(), destination, half=s.save_half, metadata=metadata)
+
+    def _save_network(self, run: RunState) -> Path:
+        """The adapter as one kohya-format LoRA file in the Lora folder (train/method.py)."""
+        from ..network.files import write_network_file
+
+        destination = self.method.file_path(run.step)
+        tensors = self.method.tensors()
+        with self._disk_full_message(
+            f"the LoRA file of step {run.step}", destination.parent, tensor_bytes(tensors.values())
+        ):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            return write_network_file(destination, tensors, self.method.metadata(run))
 
     def _save_state(self, run: RunState, checkpoint: Path | None) -> None:
         from .state import save_state
@@ -116,6 +138,7 @@ class Outputs:
                 {
                     "model_name": self.settings.model_name,
                     "optimizer": self.settings.optimizer,  # its states are only readable by the same optimizer
+                    "training_method": self.settings.training_method,
                     "total_steps": run.total,
                     "checkpoint": str(checkpoint) if checkpoint else "",
                 },
@@ -124,7 +147,10 @@ class Outputs:
         run.state_step = run.step
 
     def _checkpoint_folder(self) -> Path:
-        return Path(self.settings.output_dir) / self.settings.checkpoint_dir
+        """Where the outputs go: the checkpoint folder, or the Lora folder for an adapter (empty: output_dir;
+        relative: inside it)."""
+        s = self.settings
+        return Path(s.output_dir) / (s.lora_dir if s.trains_network else s.checkpoint_dir)
 
     def _saved_components(self) -> Any:
         """The components as checkpoints hold them: the frozen modules' exact fp32 weights, not their copies in the

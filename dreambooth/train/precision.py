@@ -24,6 +24,12 @@ Decision (:func:`frozen_placement`, the one place it is made; the trainer and th
   stay fp32.
 
 ``low_memory`` no longer changes any of this (it turns gradient checkpointing on).
+
+With a LoRA / LoHa / LoKr ``training_method`` the UNet is frozen too (only the adapter trains, in fp32): it is
+placed like the others, on the training device in the mixed-precision dtype, and so is the text encoder (on the
+device when its adapters train or its embeddings are not cached).  Nothing saves the base weights then, but the
+modules given to the trainer are still given back unchanged: a module already in the run's dtype is used as it is
+(the WebUI's half-precision model: no copy at all), another is worked on as a half-precision copy.
 """
 
 from __future__ import annotations
@@ -67,11 +73,21 @@ def frozen_placement(
     dtype = frozen_dtype(settings, device.type)
     vae_cached = settings.cache_latents and not inpainting
     placement = {"vae": Placement(cpu if vae_cached else device, dtype)}
-    if settings.train_text_encoder:
+    if settings.trains_network:  # the adapter trains; the UNet and the text encoder stay frozen
+        placement["unet"] = Placement(device, dtype)
+        text_needed = settings.network_train_text_encoder or not cache_text
+        placement["text_encoder"] = Placement(device if text_needed else cpu, dtype)
+    elif settings.train_text_encoder:
         placement["text_encoder"] = Placement(device, torch.float32)
     else:
         placement["text_encoder"] = Placement(cpu if cache_text else device, dtype)
     return placement
+
+
+def _floating_dtype(module: Any) -> Any:
+    """The dtype of a module's floating-point parameters when they all share one, else None."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def half_copy(module: Any, device: Any, dtype: Any) -> Any:
@@ -110,11 +126,15 @@ class FrozenModules:
 
         self.placement = placement
         self.originals: dict[str, Any] = {}  # name -> the fp32 module given to the trainer, on the CPU
+        self.given_dtypes: dict[str, Any] = {}  # name -> the dtype of a given module converted in place
         try:
             for name, (_, dtype) in placement.items():
                 module = getattr(components, name)
-                if dtype == torch.float32:
-                    move(module, device, torch.float32)
+                given = _floating_dtype(module)
+                if dtype == torch.float32 or given == dtype:  # nothing to convert (or up to fp32): used in place
+                    if given is not None and given != dtype:
+                        self.given_dtypes[name] = given  # a half-precision model given: back in its dtype at the end
+                    move(module, device, dtype)
                     continue
                 move(module, "cpu", torch.float32)  # fp32 as loaded; off the GPU
                 setattr(components, name, half_copy(module, device, dtype))
@@ -134,8 +154,13 @@ class FrozenModules:
         return dataclasses.replace(components, **self.originals) if self.originals else components
 
     def restore(self, components: Any, device: Any) -> None:
-        """The fp32 modules back in ``components``, on ``device``; the copies are dropped."""
+        """The fp32 modules back in ``components``, on ``device``, a module converted in place back in the dtype it
+        was given in (a frozen one's values are exactly those: fp16 / bf16 -> fp32 -> back is exact); the copies
+        are dropped."""
         for name in self.placement:
             setattr(components, name, self.originals.get(name, getattr(components, name)))
-            getattr(components, name).to(device)
-        self.originals = {}
+            module = getattr(components, name)
+            if name in self.given_dtypes:
+                module.to(self.given_dtypes[name])
+            module.to(device)
+        self.originals, self.given_dtypes = {}, {}

@@ -69,6 +69,7 @@ def register_routes(app: Any, runner: Runner, credentials: dict[str, str] | None
             "job_id": job_id,
             "model_name": settings.model_name,
             "checkpoint_dir": settings.checkpoint_dir,
+            "lora_dir": settings.lora_dir,  # where a LoRA / LoHa / LoKr run writes its files
             "notes": notes,
         }
 

@@ -36,6 +36,7 @@ SECTIONS = (
     ("prior", "Prior preservation: class images"),
     ("memory", "Memory and speed"),
     ("text_encoder", "Text encoder"),
+    ("network", "LoRA / LoHa / LoKr: train a small adapter, saved for the WebUI's Lora folder"),
     ("saving", "Saving and output format"),
     ("samples", "Samples and test images"),
     ("logging", "Logging"),

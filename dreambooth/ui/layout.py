@@ -32,6 +32,27 @@ SYNC_CHECKPOINT_JS = """(title) => {
     if (title && typeof selectCheckpoint === "function") selectCheckpoint(title);
     return [];
 }"""
+# "Use in txt2img" of a LoRA file: its tag goes at the end of the txt2img prompt, after what the user typed, unless the
+# prompt names that network already (at any weight).  As the WebUI's own extra-network cards do (extraNetworks.js):
+# set the textarea's value, then updateInput() (javascript/ui.js) so gradio takes the new value.
+ADD_TO_PROMPT_JS = """(tag) => {
+    const app = typeof gradioApp === "function" ? gradioApp() : document;
+    const area = tag ? app.querySelector("#txt2img_prompt textarea") : null;
+    if (!area) return [];
+    const name = tag.slice(0, tag.lastIndexOf(":") + 1);  // "<lora:NAME:"
+    if (area.value.includes(name) || area.value.includes(name.replace("<lora:", "<lyco:"))) return [];
+    const typed = area.value.replace(/\\s+$/, "");
+    area.value = typed ? `${typed} ${tag}` : tag;
+    if (typeof updateInput === "function") updateInput(area);
+    else area.dispatchEvent(new Event("input", {bubbles: true}));
+    return [];
+}"""
+# Both after one click (a js-only event's own .then() does not run in gradio 3.41).
+USE_IN_TXT2IMG_JS = f"""(title, tag) => {{
+    ({SYNC_CHECKPOINT_JS})(title);
+    ({ADD_TO_PROMPT_JS})(tag);
+    return [];
+}}"""
 SMALL = {"size": "sm", "scale": 0, "min_width": 100}  # buttons beside fields: as small as their text
 
 
@@ -212,6 +233,7 @@ def _run_panel(tab: Any) -> None:
         c["checkpoints"] = gr.Dropdown(label="Checkpoints of this job", elem_id="db_checkpoints", scale=4)
         c["use_checkpoint"] = gr.Button("Use in txt2img", elem_id="db_use_checkpoint", **SMALL)
     c["switched"] = gr.Textbox(visible=False, elem_id="db_switched_checkpoint")  # read by SYNC_CHECKPOINT_JS
+    c["lora_tag"] = gr.Textbox(visible=False, elem_id="db_lora_tag")  # read by ADD_TO_PROMPT_JS
     c["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, elem_id="db_log")
     c["poll"] = gr.Button("Refresh progress", elem_id="db_poll")  # hidden by style.css, clicked by POLL_JS
     c["seen"] = gr.State({})
@@ -273,9 +295,8 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     c["train"].click(tab.train, tab.form(), c["message"])
     for what, button in (("cancel", "cancel"), ("save", "save_now"), ("sample", "sample_now")):
         c[button].click(lambda w=what: tab.command(w), None, c["message"])
-    c["use_checkpoint"].click(tab.use_checkpoint, c["checkpoints"], [c["message"], c["switched"]]).then(
-        None, c["switched"], None, _js=SYNC_CHECKPOINT_JS
-    )
+    used = c["use_checkpoint"].click(tab.use_checkpoint, c["checkpoints"], [c["message"], c["switched"], c["lora_tag"]])
+    used.then(None, [c["switched"], c["lora_tag"]], None, _js=USE_IN_TXT2IMG_JS)
     # Progress: a browser timer clicks a hidden button while the Run panel is visible.  Not gradio's `every=`: a
     # server-side loop that makes the WebUI's "Reload UI" wait forever in Blocks.close().
     progress = [c["seen"], c["status"], c["plot"], c["samples"], c["log"], c["checkpoints"]]

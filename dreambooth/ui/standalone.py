@@ -1,9 +1,9 @@
 """``python -m dreambooth ui``: the DreamBooth tab as its own Gradio app on 127.0.0.1 (no WebUI needed).
 
 The models folder is laid out like the WebUI's: base models in ``DIR/Stable-diffusion`` (trained checkpoints land
-there too), our runs and saved settings in ``DIR/dreambooth``.  The REST routes are served beside the page; with
-``auth`` ("user:pass", several separated by commas) the page asks for a login (gradio's) and the routes for HTTP
-basic auth with the same credentials.
+there too), trained LoRA files in ``DIR/Lora``, our runs and saved settings in ``DIR/dreambooth``.  The REST routes
+are served beside the page; with ``auth`` ("user:pass", several separated by commas) the page asks for a login
+(gradio's) and the routes for HTTP basic auth with the same credentials.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def launch(
     """Start the app; returns (blocks, tab, runner).  ``block=False`` returns at once (tests, embedding).
 
     ``allowed_roots`` are added to the default read roots (home, the current folder, the models folder, or
-    ``$DREAMBOOTH_ALLOWED_ROOTS``); ``write_roots`` to the folders the app may write (the checkpoint folder and
-    ``DIR/dreambooth``, plus ``$DREAMBOOTH_WRITE_ROOTS``).
+    ``$DREAMBOOTH_ALLOWED_ROOTS``); ``write_roots`` to the folders the app may write (the checkpoint folder,
+    ``DIR/Lora`` and ``DIR/dreambooth``, plus ``$DREAMBOOTH_WRITE_ROOTS``).
     """
     from ..errors import DreamBoothError
     from ..host import default_write_roots
@@ -47,6 +47,7 @@ def launch(
         write_roots=[*default_write_roots(), *(write_roots or [])],
     )
     host.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    host.lora_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(host)
     css = STYLE.read_text(encoding="utf-8") if STYLE.is_file() else None
     blocks, tab = build_tab(host, runner, css=css)

@@ -186,6 +186,8 @@ class Tab:
             return {message: "**Cannot start:**\n" + "\n".join(f"- {p}" for p in error.problems)}
         except (RunnerBusy, DreamBoothError, ValueError) as error:
             return {message: f"**Cannot start:** {error}"}
+        if getattr(settings, "training_method", "full") != "full":
+            return {message: f"Started **{settings.model_name}**; LoRA files go to `{settings.lora_dir}`."}
         return {message: f"Started **{settings.model_name}**; checkpoints go to `{settings.checkpoint_dir}`."}
 
     def command(self, what: str) -> dict[Any, Any]:
@@ -391,15 +393,24 @@ class Tab:
 
     def use_checkpoint(self, path: str) -> dict[Any, Any]:
         """Switch txt2img to ``path``.  On success the checkpoint's title goes to ``switched``, from where the
-        page's script brings the WebUI's own checkpoint dropdown up to date (:data:`layout.SYNC_CHECKPOINT_JS`)."""
-        message, switched = self.controls["message"], self.controls["switched"]
+        page's script brings the WebUI's own checkpoint dropdown up to date (:data:`layout.SYNC_CHECKPOINT_JS`).
+
+        For a LoRA file: switch to the base model it was trained on, and put ``<lora:NAME:1>`` into ``lora_tag``,
+        from where the page's script adds it to the txt2img prompt (:data:`layout.ADD_TO_PROMPT_JS`)."""
+        message, switched, tag = self.controls["message"], self.controls["switched"], self.controls["lora_tag"]
         if not path:
-            return {message: "No checkpoint yet.", switched: ""}
+            return {message: "No checkpoint yet.", switched: "", tag: ""}
+        if self.host.is_network_file(path):
+            done, text, lora_tag, base = self.host.use_network(path)
+            if not done:
+                return {message: f"**Not used:** {text}", switched: "", tag: ""}
+            listed = self._listed(base)
+            return {message: text, switched: listed.title if listed else "", tag: lora_tag}
         done, text = self.host.use_checkpoint(path)
         if not done:
-            return {message: f"**Not switched:** {text}", switched: ""}
+            return {message: f"**Not switched:** {text}", switched: "", tag: ""}
         listed = self._listed(path)
-        return {message: text, switched: listed.title if listed else ""}
+        return {message: text, switched: listed.title if listed else "", tag: ""}
 
     def poll(self, seen: dict[str, Any]) -> dict[Any, Any]:
         """Progress for the Run panel; outputs that did not change are left out (no gallery flicker).  Files

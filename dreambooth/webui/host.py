@@ -8,8 +8,14 @@ Facts of AUTOMATIC1111 v1.10.1 this relies on (measured on its source):
   (``reload_model_weights`` would return early and leave the model on the CPU).
 - ``model_data.sd_model`` is the loaded model without triggering a load; its ``state_dict()`` keys are the single
   file's keys except for ``.wrapped`` segments that the text-encoder hijack inserts.
-- The loaded weights equal the file only when no Lora deltas are patched in (``network_current_names``), no other VAE
-  is loaded (``loaded_vae_file``), nothing is fp8, and the dtype is the file's: else the file is read from disk.
+- The loaded weights equal the file only when no Lora deltas are patched in (``network_current_names``) and no Lora
+  network is loaded (the Lora extension's ``networks.loaded_networks``: its class-level forward patches re-apply
+  those to the loaded model's layers), no other VAE is loaded (``loaded_vae_file``), nothing is fp8, and the dtype is
+  the file's (a LoRA run, which never changes the base weights, also takes them in fp16 / bf16): else the file is
+  read from disk.
+- The Lora extension's module ``networks`` stays in ``sys.modules`` once its script loaded:
+  ``networks.list_available_networks()`` re-scans ``--lora-dir`` (the extra-networks page ``lora`` does the same in
+  its ``refresh()``).
 - ``opts.set`` can report success for a switch that loaded another model: a switch is checked on the loaded model.
 """
 
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,7 @@ from ..paths import READ_HINT, WRITE_HINT
 from ..settings import Settings
 
 JOB_NAME = "dreambooth"
+log = logging.getLogger(__name__)
 WEBUI_CAPTIONERS = {"BLIP (WebUI)": "blip", "DeepDanbooru (WebUI)": "deepbooru"}
 
 
@@ -101,6 +110,14 @@ class WebuiHost(Host):
         configured = getattr(shared.cmd_opts, "ckpt_dir", None)
         return Path(configured) if configured else self.models_dir / "Stable-diffusion"
 
+    @property
+    def lora_dir(self) -> Path:
+        """The folder the built-in Lora extension scans: ``--lora-dir`` (its preload sets it, default
+        ``models/Lora``); ``models/Lora`` when that extension is absent or disabled."""
+        _, _, _, _, shared = _modules()
+        configured = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(configured) if configured else self.models_dir / "Lora"
+
     def list_checkpoints(self) -> list[CheckpointChoice]:
         _, _, _, sd_models, _ = _modules()
         return [CheckpointChoice(info.title, info.filename) for info in sd_models.checkpoints_list.values()]
@@ -131,6 +148,13 @@ class WebuiHost(Host):
                 return info
         return None
 
+    def _info_named(self, name: str) -> Any:
+        """The one listed checkpoint whose file is called ``name`` (a LoRA made on another machine names its base
+        by a path that is not here); None when none or several are."""
+        _, _, _, sd_models, _ = _modules()
+        found = [info for info in sd_models.checkpoints_list.values() if Path(info.filename).name == name]
+        return found[0] if len(found) == 1 else None
+
     def use_checkpoint(self, path: str) -> tuple[bool, str]:
         """Switch txt2img to ``path`` and check on the loaded model that it happened."""
         if self.runner_busy():
@@ -152,6 +176,56 @@ class WebuiHost(Host):
         self._repair(previous)
         return False, f"{info.title}: {message}; the previous model is loaded again."
 
+    # ------------------------------------------------------------------------------------------ LoRA files
+
+    def refresh_networks(self) -> None:
+        """Re-scan the Lora extension's list, so a new file is listed (and found by its alias) at once.  Without
+        that extension (disabled, or another owns the name ``networks``) there is nothing to refresh."""
+        networks = sys.modules.get("networks")
+        try:
+            if callable(getattr(networks, "list_available_networks", None)):
+                networks.list_available_networks()
+                return
+            pages = getattr(sys.modules.get("modules.ui_extra_networks"), "extra_pages", None) or []
+            for page in list(pages):
+                if getattr(page, "name", "") == "lora":
+                    page.refresh()
+        except Exception as error:  # the list only: the file is written, and a prompt finds it by its name anyway
+            log.warning("could not refresh the WebUI's Lora list: %s", error)
+
+    def use_network(self, path: str) -> tuple[bool, str, str, str]:
+        """Switch txt2img to the base model the LoRA file ``path`` was trained on; on success hand back
+        ``<lora:NAME:1>`` for the txt2img prompt.  Returns (done, message, tag, base model path)."""
+        from ..network.card import lora_tag, prompt_name_problem
+
+        name = Path(path).stem
+        problem = prompt_name_problem(name, "the file name")
+        if problem:
+            return False, f"{problem} (rename {path}).", "", ""
+        if self.runner_busy():
+            return False, "A training job holds the GPU: switch after it ends.", "", ""
+        base = self.network_base(path)
+        if not base:
+            return False, f"{path} does not say which base model it was trained on: choose one by hand.", "", ""
+        self.refresh_checkpoints()
+        info = self._info_for(base) or self._info_named(Path(base).name)
+        if info is None:
+            return (
+                False,
+                f"its base model {base} is not in the WebUI's checkpoint list: choose a model of the same family and "
+                f"put `{lora_tag(path)}` into the prompt.",
+                "",
+                "",
+            )
+        self.refresh_networks()
+        tag, base = lora_tag(path), info.filename
+        if _same_file(self.loaded_checkpoint(), base):
+            return True, f"txt2img uses {info.title} already; `{tag}` goes into its prompt.", tag, base
+        done, text = self.use_checkpoint(base)
+        if not done:
+            return False, text, "", ""
+        return True, f"{text[:-1]}, and `{tag}` goes into its prompt.", tag, base
+
     def _repair(self, previous: Any) -> None:
         """After a failed switch the WebUI may hold a half-loaded model: load the previous one again."""
         if previous is None or _same_file(self.loaded_checkpoint(), previous.filename):
@@ -162,8 +236,9 @@ class WebuiHost(Host):
 
     # ------------------------------------------------------------------------------------------ jobs
 
-    def _memory_is_clean(self, model: Any, path: str) -> str:
-        """Why the loaded weights differ from the file ``path`` ('' when they do not)."""
+    def _memory_is_clean(self, model: Any, path: str, frozen: bool = False) -> str:
+        """Why the loaded weights differ from the file ``path`` ('' when they do not).  ``frozen``: for a run that
+        never changes them (LoRA), weights the WebUI cast to fp16 / bf16 count as clean."""
         import torch
 
         info = getattr(model, "sd_checkpoint_info", None)
@@ -172,6 +247,11 @@ class WebuiHost(Host):
         if getattr(model, "loaded_vae_file", None):
             return f"the loaded model carries another VAE ({Path(model.loaded_vae_file).name})"
         probe_key, probe = None, None
+        networks = sys.modules.get("networks")
+        loaded = getattr(networks, "loaded_networks", None)
+        if isinstance(loaded, list) and loaded:  # the Lora extension's forwards would patch them in again
+            names = ", ".join(str(getattr(n, "name", n)) for n in loaded)
+            return f"a Lora network is loaded in the WebUI ({names}; generate once without it to unload it)"
         for name, module in model.named_modules():
             if getattr(module, "network_current_names", ()):
                 return f"a Lora is patched into the loaded weights ({name})"
@@ -182,7 +262,7 @@ class WebuiHost(Host):
                 probe_key, probe = key, tensor
         if probe is None:
             return "the loaded model has no UNet weights"
-        if probe.dtype != torch.float32:
+        if probe.dtype != torch.float32 and not (frozen and probe.dtype in (torch.float16, torch.bfloat16)):
             file_dtype = self._file_dtype(path, probe_key)
             if file_dtype != probe.dtype:
                 return f"the loaded weights are {probe.dtype} while the file holds {file_dtype or 'another dtype'}"
@@ -201,17 +281,26 @@ class WebuiHost(Host):
             name = dtypes.get(handle.get_slice(key).get_dtype())
         return getattr(torch, name) if name else None
 
-    def _components_from_memory(self, model: Any, path: str) -> Any:
-        """The loaded model's weights as our components: fp32 copies, so the WebUI's model is never trained."""
+    def _components_from_memory(self, model: Any, path: str, shared: bool = False) -> Any:
+        """The loaded model's weights as our components: fp32 copies, so the WebUI's model is never trained; with
+        ``shared`` (a LoRA run: the base weights stay frozen) the loaded tensors themselves, in their dtype, with no
+        copy (the adapter wraps our modules' forwards, never the WebUI's, and the trainer restores them)."""
         import torch
 
         from ..models import files
         from ..models.components import components_from_state_dict
 
-        state = {}
+        state, dtype = {}, torch.float32
         for key, tensor in model.state_dict().items():
             key = key.replace(".wrapped.", ".")
-            state[key] = tensor.detach().to("cpu", torch.float32, copy=True) if tensor.is_floating_point() else tensor
+            if not tensor.is_floating_point():
+                state[key] = tensor
+            elif shared:
+                state[key] = tensor.detach()
+                if key.startswith("model.diffusion_model."):
+                    dtype = tensor.dtype
+            else:
+                state[key] = tensor.detach().to("cpu", torch.float32, copy=True)
         yaml_path = files.sidecar_yaml_path(path)
         metadata = {}
         if path.lower().endswith(".safetensors"):
@@ -224,6 +313,8 @@ class WebuiHost(Host):
             f"{path} (loaded in the WebUI)",
             yaml_config=files.read_yaml(yaml_path) if yaml_path.is_file() else None,
             metadata=metadata,
+            device=next(iter(state.values())).device if shared and state else "cpu",
+            dtype=dtype,
         )
 
     @contextlib.contextmanager
@@ -244,10 +335,19 @@ class WebuiHost(Host):
                 if on_gpu:
                     log(f"moved {len(on_gpu)} loaded model(s) off the GPU for training")
                 model = self._loaded_model()
-                why = self._memory_is_clean(model, settings.pretrained_model_name_or_path)
+                frozen = getattr(settings, "training_method", "full") != "full"  # an adapter: the base stays as is
+                why = self._memory_is_clean(model, settings.pretrained_model_name_or_path, frozen=frozen)
                 if not why:
-                    log("training from the model already loaded in the WebUI (no second read from disk)")
-                    components = self._components_from_memory(model, settings.pretrained_model_name_or_path)
+                    path = settings.pretrained_model_name_or_path
+                    components = self._components_from_memory(model, path, shared=frozen)
+                    if frozen:
+                        dtype = str(components.unet.dtype).replace("torch.", "")
+                        log(
+                            f"training the {settings.training_method} on the weights already loaded in the WebUI "
+                            f"({dtype}, shared: no copy, no second read from disk)"
+                        )
+                    else:
+                        log("training from the model already loaded in the WebUI (no second read from disk)")
                 elif model is not None:
                     log(f"reading the base model from disk: {why}")
                 model = None

@@ -9,19 +9,62 @@ MultiheadAttention; the first time networks are active it stores ``module.networ
 ``(name, te_multiplier, unet_multiplier, dyn_dim)``. The weights stay patched after the generation.
 
 Mirrored as in the real file: ``loaded_networks``, ``store_weights_backup``, ``restore_weights_backup``,
-``network_restore_weights_from_backup``, ``network_reset_cached_weight``. Fake only (the real deltas come from
-forward passes with a Lora in the prompt): ``apply_test_deltas(sd_model, ...)`` patches weights the same way, and
-``reset()``. MultiheadAttention's tuple backups are not simulated.
+``network_restore_weights_from_backup``, ``network_reset_cached_weight``; the list of files
+(``available_networks``, ``available_network_aliases``, ``forbidden_network_aliases``, ``list_available_networks()``:
+every ``.pt/.ckpt/.safetensors`` under ``cmd_opts.lora_dir``, named by stem, aliased by the ``ss_output_name``
+metadata; ``NetworkOnDisk`` keeps ``name``, ``filename``, ``metadata``, ``alias``; the real one also reads hashes and
+the version). Fake only (the real deltas come from forward passes with a Lora in the prompt):
+``apply_test_deltas(sd_model, ...)`` patches weights the same way, and ``reset()``. MultiheadAttention's tuple
+backups are not simulated.
 """
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from modules import devices, fake
+from modules import devices, fake, shared
 
 loaded_networks: list[Any] = []
+available_networks: dict[str, Any] = {}
+available_network_aliases: dict[str, Any] = {}
+forbidden_network_aliases: dict[str, int] = {}
+
+
+def _metadata(filename: str) -> dict[str, str]:
+    if not filename.lower().endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(filename, framework="pt", device="cpu") as handle:
+        return dict(handle.metadata() or {})
+
+
+def list_available_networks() -> None:
+    """Real (L679-688 with process_network_files L651-672): clear, then scan ``--lora-dir``."""
+    fake.record("networks.list_available_networks")
+    available_networks.clear()
+    available_network_aliases.clear()
+    forbidden_network_aliases.clear()
+    forbidden_network_aliases.update({"none": 1, "Addams": 1})
+    os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)  # noqa: PTH103  (as the real one)
+    for folder, _, files in os.walk(shared.cmd_opts.lora_dir, followlinks=True):
+        for file in sorted(files):
+            filename = os.path.join(folder, file)  # noqa: PTH118
+            name, extension = os.path.splitext(file)  # noqa: PTH122
+            if extension.lower() not in (".pt", ".ckpt", ".safetensors"):
+                continue
+            metadata = _metadata(filename)
+            entry = SimpleNamespace(
+                name=name, filename=filename, metadata=metadata, alias=metadata.get("ss_output_name", name)
+            )
+            available_networks[name] = entry
+            if entry.alias in available_network_aliases:
+                forbidden_network_aliases[entry.alias.lower()] = 1
+            available_network_aliases[name] = entry
+            available_network_aliases[entry.alias] = entry
 
 
 def store_weights_backup(weight: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,3 +141,6 @@ def apply_test_deltas(
 
 def reset() -> None:
     loaded_networks.clear()
+    available_networks.clear()
+    available_network_aliases.clear()
+    forbidden_network_aliases.clear()

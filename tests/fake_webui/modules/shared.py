@@ -1,6 +1,7 @@
 """Mirrors ``modules/shared.py`` (v1.10.1) with what ``shared_init.initialize()`` fills in.
 
 - ``cmd_opts``: an ``argparse.Namespace`` with the real flags' defaults (``ckpt_dir=None``, ``api_auth=None``,
+  ``lora_dir`` = ``models/Lora`` as the Lora extension's preload sets it,
   ``data_dir`` = the fake root, ...), plus the derived ``webui_is_non_local`` / ``disable_extension_access``.
   ``reset_cmd_opts(**changes)`` (fake only) sets them in place and recomputes the derived ones.
 - ``opts``: a real-algorithm ``options.Options`` over the subset of the WebUI's options that model loading, VAE,
@@ -48,6 +49,8 @@ def _default_cmd_opts() -> dict[str, Any]:
         "config": paths_internal.sd_default_config,
         "ckpt": paths_internal.sd_model_file,
         "ckpt_dir": None,
+        # added by the built-in Lora extension's preload.py (extensions-builtin/Lora/preload.py), so always set
+        "lora_dir": os.path.join(paths_internal.models_path, "Lora"),  # noqa: PTH118
         "vae_dir": None,
         "vae_path": None,
         "no_half": False,

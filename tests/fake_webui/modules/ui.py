@@ -5,8 +5,10 @@ from the checkpoint titles, its ``change`` event setting the option), the hidden
 real ``_js`` and ``run_settings_single`` (``modules/ui_settings.py``: ``opts.set``; when the option did not change,
 the answer is the option's value, else the value with fresh choices), the extension tabs from ``ui_tabs_callback``
 rendered as ``gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}")``, and the page's script functions that extensions
-call: ``gradioApp()`` (script.js) and ``selectCheckpoint(name)`` (javascript/ui.js).  Not mirrored: the txt2img and
-img2img tabs (a placeholder), the settings tab, themes, localisation, ``opts.save`` (no config file).
+call: ``gradioApp()`` (script.js), ``selectCheckpoint(name)`` and ``updateInput(target)`` (javascript/ui.js); of the
+txt2img tab only its prompt (``gr.Textbox(elem_id="txt2img_prompt", lines=3)``, as ``ui_toprow.Toprow`` makes it) and
+a Generate button that records the prompt gradio holds (``fake.record("txt2img", prompt=...)``; it generates
+nothing).  Not mirrored: img2img, the settings tab, themes, localisation, ``opts.save`` (no config file).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from modules import script_callbacks, sd_models, shared
+from modules import fake, script_callbacks, sd_models, shared
 
 # script.js and javascript/ui.js of v1.10.1, the parts an extension calls.  The real page loads them as <script>
 # tags; here a load event defines them on window, which is the same global scope.
@@ -28,6 +30,11 @@ PAGE_JS = """() => {
             };
         }
         return elem.shadowRoot ? elem.shadowRoot : elem;
+    };
+    window.updateInput = function(target) {
+        let e = new Event("input", {bubbles: true});
+        Object.defineProperty(e, "target", {value: target});
+        target.dispatchEvent(e);
     };
     window.desiredCheckpointName = null;
     window.selectCheckpoint = function(name) {
@@ -61,6 +68,14 @@ def run_settings_single(value: Any, key: str) -> tuple[Any, str]:
     return get_value_for_setting(key), _dumpjson()
 
 
+def _generate(prompt: str) -> str:
+    """Fake only: what txt2img would be asked for (the prompt as gradio holds it, the model loaded)."""
+    model = sd_models.model_data.sd_model
+    title = getattr(getattr(model, "sd_checkpoint_info", None), "title", "")
+    fake.record("txt2img", prompt=prompt, model=title)
+    return f"{title}: {prompt}"
+
+
 def create_ui() -> Any:
     """The page: quicksettings (the checkpoint dropdown) above the tabs, with each extension's tab."""
     import gradio as gr
@@ -78,7 +93,10 @@ def create_ui() -> Any:
         dummy_component = gr.Label(visible=False)
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                gr.Markdown("(the fake WebUI has no txt2img)")
+                prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", show_label=False, lines=3)
+                generate = gr.Button("Generate", elem_id="txt2img_generate")
+                generated = gr.Textbox(elem_id="txt2img_generated", interactive=False, show_label=False)
+                generate.click(_generate, prompt, generated)
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
