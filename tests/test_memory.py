@@ -221,8 +221,11 @@ def test_fp16_runs_the_trainers_grad_scaler_in_the_dry_run():
     base = Settings(pretrained_model_name_or_path="x", resolution=64)
     fp16 = estimate(dataclasses.replace(base, mixed_precision="fp16"), arch)
     bf16 = estimate(dataclasses.replace(base, mixed_precision="bf16"), arch)
-    for label in ("weights, trained (fp32)", GRADIENTS, OPTIMIZER_STATES):
-        assert fp16.breakdown[label] == bf16.breakdown[label]
+    assert fp16.breakdown["weights, trained (fp32)"] == bf16.breakdown["weights, trained (fp32)"] > 0
+    # at the peak of the step; with CUDA's float32 normalisation (memory/cuda_autocast.py) this model's peak is at the
+    # end of the forward pass, before any gradient exists, in both
+    for label in (GRADIENTS, OPTIMIZER_STATES):
+        assert fp16.breakdown.get(label) == bf16.breakdown.get(label)
 
 
 def test_format_and_total():

@@ -405,6 +405,23 @@ def detect_architecture(
 # --------------------------------------------------------------------------------------------------- writing
 
 
+def ldm_vae_ddconfig(vae: dict[str, Any], resolution: int) -> dict[str, Any]:
+    """The ldm / sgm yaml's ``ddconfig`` of the autoencoder described by the diffusers VAE config ``vae``."""
+    first = vae["block_out_channels"][0]
+    return {
+        "double_z": True,
+        "z_channels": vae["latent_channels"],
+        "resolution": resolution,
+        "in_channels": vae["in_channels"],
+        "out_ch": vae["out_channels"],
+        "ch": first,
+        "ch_mult": [c // first for c in vae["block_out_channels"]],
+        "num_res_blocks": vae["layers_per_block"],
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+
+
 def ldm_yaml(arch: Architecture) -> dict[str, Any]:
     """The ldm inference config (the WebUI's sidecar yaml) that builds this architecture."""
     if arch.family == "sdxl":
@@ -470,18 +487,7 @@ def ldm_yaml(arch: Architecture) -> dict[str, Any]:
             "params": {
                 "embed_dim": vae["latent_channels"],
                 "monitor": "val/rec_loss",
-                "ddconfig": {
-                    "double_z": True,
-                    "z_channels": vae["latent_channels"],
-                    "resolution": vae.get("sample_size", 256),
-                    "in_channels": vae["in_channels"],
-                    "out_ch": vae["out_channels"],
-                    "ch": vae["block_out_channels"][0],
-                    "ch_mult": [c // vae["block_out_channels"][0] for c in vae["block_out_channels"]],
-                    "num_res_blocks": vae["layers_per_block"],
-                    "attn_resolutions": [],
-                    "dropout": 0.0,
-                },
+                "ddconfig": ldm_vae_ddconfig(vae, vae.get("sample_size", 256)),
                 "lossconfig": {"target": "torch.nn.Identity"},
             },
         },
