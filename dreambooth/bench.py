@@ -13,6 +13,12 @@ For each scale and configuration three things are measured, each in its own proc
 With ``--reference SCRIPT`` a fourth row, **diffusers-script**, runs diffusers' ``train_dreambooth.py`` itself,
 unmodified, on the same model, images and options (see ``bench_reference``; it needs torchvision: ``.venv-ref``).
 
+``--training-method lora`` measures LoRA training instead of full fine-tuning: our trainer with ``training_method
+lora``, rank ``--network-rank``, alpha = rank and one learning rate (what diffusers' ``train_dreambooth_lora.py``,
+the reference script then, can be told; ``bench_reference`` lists what it cannot); modes *default* and *naive* (no
+*floor*: bare adapter steps would need the adapter code outside the trainer).  Every row says how many parameters
+its optimizer steps (``params``), so that adapting different layers than the reference shows.
+
 Seconds per step is the median of the steady-state steps (the first ``--warmup`` are dropped); configurations are
 interleaved and repeated (``--repeats``), and the median over repeats is reported.
 
@@ -103,19 +109,39 @@ def _dataset(root: Path, resolution: int) -> tuple[Path, Path]:
 
 
 def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in this process: spec = {scale, mode, prior, train_text, steps, warmup, batch}."""
+    """One measurement in this process: spec = {scale, mode, prior, train_text, steps, warmup, batch}, for LoRA
+    also {method: "lora", rank, learning_rate}.  The row also says how many parameters the first optimizer that
+    steps (the timed run's) trains: ``trained_parameters``."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from .bench_lora import check_mode, lora_targets
+    from .bench_reference import trained_parameters
     from .models.tiny import tiny_components
 
+    check_mode(spec)
     torch.manual_seed(0)
     model, resolution = SCALES[spec["scale"]]
     arch = bench_architecture(model)
     components = tiny_components(arch, seed=0)
-    if spec["mode"].startswith("floor"):
-        return _floor(components, spec, resolution)
-    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp:  # removed also when the run fails
-        return _measure_trainer(components, arch, spec, resolution, Path(temp))
+    trained: list[int] = []
+
+    def count(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not trained:
+            trained.append(trained_parameters(optimizer))
+
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        if spec["mode"].startswith("floor"):
+            row = _floor(components, spec, resolution)
+        else:
+            # removed also when the run fails
+            with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as temp, lora_targets(spec):
+                row = _measure_trainer(components, arch, spec, resolution, Path(temp))
+    finally:
+        handle.remove()
+    method = {"method": spec.get("method", "full"), **{key: spec[key] for key in ("rank", "targets") if key in spec}}
+    return {**row, **method, "trained_parameters": trained[0] if trained else None}
 
 
 def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolution: int, work: Path) -> dict[str, Any]:
@@ -125,6 +151,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
 
     import torch
 
+    from .bench_lora import lora_settings
     from .memory.dryrun import TrackedTrainer
     from .memory.estimate import estimate
     from .models.tiny import tiny_components
@@ -132,6 +159,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
     from .train.loop import Trainer, peak_memory_gib
 
     instance, prior = _dataset(work, resolution)
+    lora = lora_settings(spec)
     settings = Settings(
         pretrained_model_name_or_path="in-memory",
         output_dir=str(work / "out"),
@@ -140,7 +168,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
         max_train_steps=spec["steps"],
         center_crop=True,
         with_prior_preservation=spec["prior"],
-        train_text_encoder=spec["train_text"],
+        train_text_encoder=lora.pop("train_text_encoder", spec["train_text"]),
         cache_latents=spec["mode"] == "default",
         n_save_sample=0,
         save_training_state=False,
@@ -154,6 +182,7 @@ def _measure_trainer(components: Any, arch: Any, spec: dict[str, Any], resolutio
             )
         ],
         num_class_images=4,
+        **lora,
     )
     flags = {"cache_text": spec["mode"] == "default", "final_save": False, "check_model_path": False}
     trainer = Trainer(settings, components=components, **flags)
@@ -256,18 +285,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modes",
         nargs="+",
-        default=["default", "naive", "floor"],
         choices=["default", "naive", "floor"],
+        help="what is measured (default: default naive floor; with --training-method lora: default naive)",
     )
     parser.add_argument("--steps", type=int, default=25, help="steps per measurement (default 25)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default 5)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
     parser.add_argument("--prior", choices=["on", "off", "both"], default="both")
     parser.add_argument("--text", choices=["frozen", "trained", "both"], default="frozen")
+    from .bench_lora import add_lora_arguments
+
+    add_lora_arguments(parser)
     parser.add_argument(
         "--reference",
         metavar="SCRIPT",
-        help="also run diffusers' examples/dreambooth/train_dreambooth.py (unmodified) on each configuration",
+        help="also run diffusers' examples/dreambooth/train_dreambooth.py (train_dreambooth_lora.py with "
+        "--training-method lora), unmodified, on each configuration",
     )
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement (JSON spec)
@@ -279,8 +312,13 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     priors = {"on": [True], "off": [False], "both": [False, True]}[args.prior]
     texts = {"frozen": [False], "trained": [True], "both": [False, True]}[args.text]
+    from .bench_lora import LORA_MODES, method_config
+
+    method = method_config(args)
+    modes = args.modes or (list(LORA_MODES) if method else ["default", "naive", "floor"])
     configs = [
         {
+            **method,
             "scale": scale,
             "prior": prior,
             "train_text": text,
@@ -304,7 +342,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     key = (config["scale"], config["prior"], config["train_text"], measured["mode"])
                     results.setdefault(key, []).append(measured)
                     print(f"  repeat {repeat + 1}: {key}: {measured['seconds_per_step']:.3f} s/step", flush=True)
-                for mode in args.modes:
+                for mode in modes:
                     spec = {**config, "mode": mode}
                     output = subprocess.run(
                         [sys.executable, "-m", "dreambooth", "bench", "--one", json.dumps(spec)],
@@ -330,31 +368,40 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def median_rows(results: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (scale, prior, train_text, mode): each measured field's median over the repeats (None where no
-    repeat has it: the floor's estimate)."""
+    repeat has it: the floor's estimate); a text field (the training method) as the repeats give it."""
     rows = []
     for (scale, prior, text, mode), runs in results.items():
         row = {"scale": scale, "prior": prior, "train_text": text, "mode": mode}
         for field in runs[0]:
             if field not in row:
                 values = [r[field] for r in runs if r.get(field) is not None]
-                row[field] = statistics.median(values) if values else None
+                if values and isinstance(values[0], str):
+                    if len(set(values)) > 1:
+                        raise ValueError(f"the repeats of {(scale, prior, text, mode)} differ in {field}: {values}")
+                    row[field] = values[0]
+                else:
+                    row[field] = statistics.median(values) if values else None
         rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a table, after a line that says the machine and what was trained."""
     import platform
 
     import torch
 
+    from .bench_lora import describe_method
+
+    method = ", ".join(sorted({describe_method(row) for row in rows}))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior)"
+        f"torch {torch.__version__}, fp32, batch 1 (+1 class image with prior); {method}"
     )
     header = (
-        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'s/step':>7} {'data':>6} {'fwd+bwd':>8} "
-        f"{'optim':>6} {'peak GiB':>8} {'est. MiB':>8} {'tracked MiB':>11} {'vs naive':>8} {'vs floor':>8} "
-        f"{'vs script':>9}"
+        f"{'scale':<10} {'prior':<5} {'text':<7} {'mode':<16} {'params':>8} {'s/step':>7} {'data':>6} "
+        f"{'fwd+bwd':>8} {'optim':>6} {'peak GiB':>8} {'est. MiB':>8} {'tracked MiB':>11} {'vs naive':>8} "
+        f"{'vs floor':>8} {'vs script':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -375,6 +422,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{row['scale']:<10} {'on' if row['prior'] else 'off':<5} "
             f"{'trained' if row['train_text'] else 'frozen':<7} {row['mode']:<16} "
-            f"{row['seconds_per_step']:>7.3f}{split} {row['peak_memory_gib']:>8.2f} {estimated:>8} {tracked:>11} "
+            f"{_count(row.get('trained_parameters')):>8} {row['seconds_per_step']:>7.3f}{split} "
+            f"{row['peak_memory_gib']:>8.2f} {estimated:>8} {tracked:>11} "
             f"{vs_naive:>8} {vs_floor:>8} {vs_script:>9}"
         )
+
+
+def _count(parameters: float | None) -> str:
+    """A parameter count for the table: 12.3k, 4.56M ("—" when the row has none)."""
+    if parameters is None:
+        return "—"
+    if parameters >= 1e6:
+        return f"{parameters / 1e6:.2f}M"
+    return f"{parameters / 1e3:.1f}k" if parameters >= 1e3 else f"{int(parameters)}"

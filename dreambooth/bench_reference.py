@@ -1,11 +1,21 @@
 """The reference row of ``python -m dreambooth bench --reference SCRIPT``: diffusers' own DreamBooth script.
 
-``SCRIPT`` is ``examples/dreambooth/train_dreambooth.py`` from the diffusers release in use, run unmodified on the
+``SCRIPT`` is ``examples/dreambooth/train_dreambooth.py`` from the diffusers release in use (with ``bench
+--training-method lora``: ``examples/dreambooth/train_dreambooth_lora.py``, which needs peft), run unmodified on the
 benchmark's model (written as a diffusers folder), images, resolution, batch and options.  It runs in a subprocess
 of this interpreter through a small runner (:func:`run_script`) that records ``time.perf_counter()`` after every
 optimizer step (``torch.optim.optimizer.register_optimizer_step_post_hook``) and the process's peak RSS; seconds
 per step is the median of the differences between consecutive step times, warm-up steps left out as ``bench``
 does.  The script needs ``torchvision``: ``envs/reference-bench.sh`` builds such an environment, ``.venv-ref``.
+
+What diffusers' LoRA script cannot be told (v0.40.0; its command line has no option for them), and so differs from a
+LoRA bench row of ours unless the bench sets ours to match: alpha is always the rank (``lora_alpha=args.rank``); the
+UNet's adapted layers are always the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (kohya's
+choice, ours by default, adds ``proj_in``, ``proj_out`` and the feed-forward ``ff.net.0.proj``, ``ff.net.2``); the
+text encoder's ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (kohya's adds ``fc1``, ``fc2``); one learning rate
+for the UNet and the text encoder; the adapters start from a Gaussian ``lora_A`` (kohya's: Kaiming-uniform); the
+optimizer is torch's AdamW with its own defaults (not fused).  Each row records how many parameters the optimizer
+steps (``trained_parameters``), so a difference of adapted layers shows in the table.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 MODE = "diffusers-script"
+METHODS = ("full", "lora")  # the training methods a reference script exists for
 REPOSITORY = Path(__file__).resolve().parent.parent
 _RUNNER = "import sys; from dreambooth.bench_reference import run_script; sys.exit(run_script(sys.argv[1:]))"
 _WRITER = "import sys; from dreambooth.bench_reference import write_bench_model; write_bench_model(*sys.argv[1:])"
@@ -45,12 +56,21 @@ def script_arguments(
     output_dir: Path,
     class_images: int,
 ) -> list[str]:
-    """train_dreambooth.py's command line for a bench configuration, with our trainer's defaults for the rest."""
+    """The reference script's command line for a bench configuration, with our trainer's defaults for the rest.
+
+    Full fine-tuning (``config["method"]`` "full" or absent): train_dreambooth.py's.  LoRA (``"lora"``):
+    train_dreambooth_lora.py's, with the configuration's ``rank`` and ``learning_rate`` (the bench gives our trainer
+    the same, and alpha = rank, the script's only choice), and ``--pre_compute_text_embeddings`` when the text
+    encoder is frozen (the script's own option to encode the prompts once, as our trainer's embedding cache does).
+    """
     from .bench import CLASS_PROMPT, INSTANCE_PROMPT
     from .settings import Settings
 
     ours = Settings()
-    steps = config["steps"]
+    steps, method = config["steps"], config.get("method", "full")
+    if method not in METHODS:
+        raise ValueError(f"no diffusers reference script for the training method {method!r} (one of {METHODS})")
+    learning_rate = config["learning_rate"] if method == "lora" else ours.learning_rate
     args = [
         "--pretrained_model_name_or_path", str(model_dir),
         "--instance_data_dir", str(instance_dir),
@@ -61,7 +81,7 @@ def script_arguments(
         "--train_batch_size", str(config["batch"]),
         "--max_train_steps", str(steps),
         "--checkpointing_steps", str(steps + 1),
-        "--learning_rate", repr(ours.learning_rate),
+        "--learning_rate", repr(learning_rate),
         "--lr_scheduler", ours.lr_scheduler,
         "--lr_warmup_steps", str(ours.lr_warmup_steps),
         "--adam_beta1", repr(ours.adam_beta1),
@@ -83,14 +103,32 @@ def script_arguments(
         ]  # fmt: skip
     if config["train_text"]:
         args.append("--train_text_encoder")
+    if method == "lora":
+        args += ["--rank", str(config["rank"])]
+        if not config["train_text"]:
+            args.append("--pre_compute_text_embeddings")
     return args
+
+
+def check_script_method(script: Path, method: str) -> None:
+    """Refuse a reference script that trains something else than ``method``: train_dreambooth_lora.py accepts all
+    of train_dreambooth.py's options, so a mix-up would otherwise compare a LoRA with a full fine-tune unnoticed."""
+    trains_lora = "LoraConfig" in script.read_text(encoding="utf-8", errors="replace")
+    if trains_lora != (method == "lora"):
+        what = "a LoRA (it uses peft's LoraConfig)" if trains_lora else "the full model (it never uses LoraConfig)"
+        wanted = "train_dreambooth_lora.py" if method == "lora" else "train_dreambooth.py"
+        raise ValueError(
+            f"{script}: this reference script trains {what}, but the bench's training method is {method}: "
+            f"pass diffusers' examples/dreambooth/{wanted}, or the matching --training-method."
+        )
 
 
 def measure_reference(script: str | os.PathLike, config: dict[str, Any], work: str | os.PathLike) -> dict[str, Any]:
     """Run ``script`` on a bench configuration and return its bench row (mode ``diffusers-script``).
 
     ``config`` is a bench configuration: ``scale`` (or ``model`` and ``resolution``), ``prior``, ``train_text``,
-    ``batch``, ``steps``, ``warmup``.  The model folder and the images are written under ``work`` once and reused
+    ``batch``, ``steps``, ``warmup``; for LoRA also ``method`` "lora", ``rank`` and ``learning_rate``.  The model
+    folder and the images are written under ``work`` once and reused
     by later calls with the same model or resolution; the script's output folder is removed after each run.
     """
     from .bench import _dataset
@@ -98,6 +136,8 @@ def measure_reference(script: str | os.PathLike, config: dict[str, Any], work: s
     script, work = Path(script).resolve(), Path(work)
     if not script.is_file():
         raise FileNotFoundError(f"{script}: no such reference script")
+    method = config.get("method", "full")
+    check_script_method(script, method)
     model, resolution = _model_and_resolution(config)
     model_dir = work / f"model-{model}"
     if not model_dir.is_dir():
@@ -126,7 +166,10 @@ def measure_reference(script: str | os.PathLike, config: dict[str, Any], work: s
         "prior": config["prior"],
         "train_text": config["train_text"],
         "mode": MODE,
+        "method": method,
+        **({"rank": config["rank"], "targets": "diffusers"} if method == "lora" else {}),
         "seconds_per_step": statistics.median(steady),
+        "trained_parameters": recorded["trained_parameters"],
         "peak_memory_gib": recorded["peak_rss_kib_training"] / 2**20,  # through the last step, as bench's rows
         "peak_memory_gib_exit": recorded["peak_rss_kib_exit"] / 2**20,  # with the script's final pipeline save
     }
@@ -165,7 +208,8 @@ def write_bench_model(model: str, destination: str | os.PathLike) -> Path:
 
 
 def run_script(argv: list[str]) -> int:
-    """Runner: ``TIMES_JSON SCRIPT ARGS...`` -- run SCRIPT as ``__main__`` and write its optimizer-step times."""
+    """Runner: ``TIMES_JSON SCRIPT ARGS...`` -- run SCRIPT as ``__main__`` and write its optimizer-step times, its
+    peak RSS and how many parameters its optimizer steps (at the first step)."""
     import resource
     import runpy
     import time
@@ -175,9 +219,12 @@ def run_script(argv: list[str]) -> int:
     times_file, script, *args = argv
     times: list[float] = []
     rss = [0]
+    trained = [0]
 
     def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
         times.append(time.perf_counter())
+        if len(times) == 1:
+            trained[0] = trained_parameters(optimizer)
         rss[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
     register_optimizer_step_post_hook(after_step)
@@ -193,6 +240,13 @@ def run_script(argv: list[str]) -> int:
             "step_times": times,
             "peak_rss_kib_training": rss[0],
             "peak_rss_kib_exit": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "trained_parameters": trained[0],
         }
         Path(times_file).write_text(json.dumps(record))
     return code
+
+
+def trained_parameters(optimizer: Any) -> int:
+    """How many parameters (elements) ``optimizer`` steps: every parameter of its groups, counted once."""
+    params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    return sum(p.numel() for p in params.values())

@@ -59,8 +59,8 @@ def test_median_rows_and_the_table_show_both_columns_and_a_dash_for_no_estimate(
     assert "est. MiB" in header and "tracked MiB" in header and "peak GiB" in header
     cells = {line.split()[3]: line.split() for line in lines if line.startswith("tiny64")}
     default, floor = cells["default"], cells["floor"]
-    assert default[5:8] == ["0.50", "85.0", "85.0"]  # peak GiB, est. MiB, tracked MiB
-    assert floor[5:8] == ["0.50", "—", "76.5"]
+    assert default[6:9] == ["0.50", "85.0", "85.0"]  # peak GiB, est. MiB, tracked MiB (after params, s/step)
+    assert floor[6:9] == ["0.50", "—", "76.5"]
 
 
 @pytest.mark.slow
