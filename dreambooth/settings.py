@@ -398,7 +398,7 @@ class Settings:
         "optimizer",
         minimum=0.0,
         maximum=100.0,
-        label="Prodigy d_coef",
+        label="Prodigy d coefficient",
     )
     prodigy_use_bias_correction: bool = setting(
         False, "Prodigy: Adam's bias correction of its moments.", "optimizer", label="Prodigy bias correction"
