@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
-from ..models.architecture import SD_SCALE_FACTOR, SD_SCHEDULE, Architecture
+from ..models.architecture import SD_SCALE_FACTOR, SD_SCHEDULE, Architecture, released_vae
 
 GIB = 2**30
 
@@ -81,18 +81,7 @@ def standard_architecture(family: str, v_prediction: bool = False, inpainting: b
         "attention_head_dim": 8 if sd1 else [c // 64 for c in (320, 640, 1280, 1280)],
         "sample_size": 96 if v_prediction else 64,
     }
-    vae = {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [128, 256, 512, 512],
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 256 if sd1 else 768,
-        "scaling_factor": SD_SCALE_FACTOR,
-    }
+    vae = released_vae(256 if sd1 else 768, SD_SCALE_FACTOR)
     hidden = 768 if sd1 else 1024
     blocks = 12 if sd1 else 24
     text = {

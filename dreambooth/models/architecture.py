@@ -405,6 +405,22 @@ def detect_architecture(
 # --------------------------------------------------------------------------------------------------- writing
 
 
+def released_vae(sample_size: int, scaling_factor: float) -> dict[str, Any]:
+    """The diffusers config of the released SD 1.x / 2.x / SDXL autoencoder (the same shape in every family)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": sample_size,
+        "scaling_factor": scaling_factor,
+    }
+
+
 def ldm_vae_ddconfig(vae: dict[str, Any], resolution: int) -> dict[str, Any]:
     """The ldm / sgm yaml's ``ddconfig`` of the autoencoder described by the diffusers VAE config ``vae``."""
     first = vae["block_out_channels"][0]

@@ -30,6 +30,7 @@ from .architecture import (
     clip_structure,
     ldm_vae_ddconfig,
     open_clip_structure,
+    released_vae,
     unet_structure,
     unsupported,
     vae_structure,
@@ -66,18 +67,7 @@ def standard_sdxl_architecture(prediction_type: str = "epsilon") -> Architecture
         "addition_time_embed_dim": 256,
         "projection_class_embeddings_input_dim": 2816,
     }
-    vae = {
-        "sample_size": 1024,
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [128, 256, 512, 512],
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "scaling_factor": SDXL_SCALE_FACTOR,
-    }
+    vae = released_vae(1024, SDXL_SCALE_FACTOR)
     return Architecture(
         family="sdxl",
         prediction_type=prediction_type,
