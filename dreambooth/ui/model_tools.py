@@ -24,8 +24,8 @@ class ModelTools:
 
     @property
     def lora_dir(self) -> Path:
-        """The WebUI's Lora folder (the host's, where trained LoRAs land; ``models/Lora`` by default)."""
-        return Path(getattr(self.host, "lora_dir", self.host.models_dir / "Lora"))
+        """The host's Lora folder (where trained LoRAs land)."""
+        return Path(self.host.lora_dir)
 
     def _model_path(self, value: str) -> str:
         """A checkpoint from the dropdown (its title) or typed (a path)."""
@@ -98,9 +98,7 @@ class ModelTools:
             report = extract_lora(tuned_path, base_path, out, int(rank or 0), conv, overwrite=bool(overwrite))
         except (DreamBoothError, ValueError, TypeError) as error:
             return f"**Not extracted:** {error}"
-        refresh = getattr(self.host, "refresh_networks", None)
-        if refresh is not None:
-            refresh()
+        self.host.refresh_networks()
         return "```\n" + report.summary() + "\n```"
 
     # ------------------------------------------------------------------------------------------ layout
