@@ -91,6 +91,7 @@ def test_sdxl_full_fine_tune_with_prior_preservation(sdxl_settings, tiny_checkpo
     assert same(weights(saved.vae), weights(base.vae))
 
 
+@pytest.mark.slow
 def test_text_encoder_2_learning_rate_is_its_own_or_freezes_it(sdxl_settings, tmp_path):
     """One step with both encoders trained: text_encoder_2_learning_rate changes the second encoder's update only
     (the first's gradient of step 1 does not depend on it; no clipping, whose norm counts both); 0 leaves the
@@ -169,7 +170,7 @@ def test_sdxl_time_ids_are_the_crop_actually_taken(sdxl_settings, tmp_path, cach
     from conftest import draw_subject
 
     folder = tmp_path / "mixed"
-    for index, size in enumerate([(120, 64), (64, 120), (100, 70)]):
+    for index, size in enumerate([(120, 64), (136, 64), (64, 120), (100, 70)]):
         draw_subject(folder / str(index), count=1, size=size, seed=index)
     settings = sdxl_settings(
         concept={"instance_data_dir": str(folder)},
@@ -192,6 +193,20 @@ def test_sdxl_time_ids_are_the_crop_actually_taken(sdxl_settings, tmp_path, cach
         assert crop.target == (bucket.height, bucket.width)
         assert torch.equal(trainer._pixels(example, flip, index, epoch), expected_pixels(example.path, crop, flip))
     assert any(crop.left or crop.top for *_, crop in trainer.taken)  # a random crop, not only the corner
+
+
+def test_a_flipped_crop_describes_the_flipped_pixels(tmp_path):
+    """With a flip, the crop's left edge is measured in the flipped image: the pixels are that box of it."""
+    from conftest import draw_subject
+
+    from dreambooth.data.cache import pixels_and_crop
+
+    path = draw_subject(tmp_path, count=1, size=(136, 64))[0]
+    _, unflipped = pixels_and_crop(path, (96, 64), False, False, 3)
+    image, crop = pixels_and_crop(path, (96, 64), False, True, 3)
+    assert unflipped.left != (136 - 96) // 2  # not the centre, where a flip changes nothing
+    assert crop.resized == (64, 136) and crop.left == 136 - 96 - unflipped.left and crop.top == 0
+    assert torch.equal(image, expected_pixels(path, crop, True))
 
 
 def test_cached_latents_remember_their_crop(tmp_path, monkeypatch):
@@ -254,6 +269,7 @@ def test_sdxl_resume_after_cancel_gives_the_same_weights(sdxl_settings, tmp_path
         assert same(weights(a), weights(b)), name
 
 
+@pytest.mark.slow
 def test_sdxl_cached_and_trained_text_encoders_give_the_same_first_loss(sdxl_settings, tmp_path):
     """The cached embeddings of the frozen encoders (both, pooled too) are what the trained encoders compute before
     their first update: the first step's loss is the same."""
