@@ -98,6 +98,19 @@ class DatasetTools:
             return f"**Not captioned:** {error}"
         return "```\n" + report.summary() + "\n```"
 
+    def alpha_masks(self, folder: str, overwrite: bool) -> str:
+        """IMAGE.mask.png from the alpha channel of each transparent image of ``folder`` (data/loss_masks.py)."""
+        from ..data.loss_masks import write_alpha_masks
+
+        refused = self._check(write={"Image folder (masks are written there)": folder})
+        if refused:
+            return f"**No masks written:** {refused}"
+        try:
+            report = write_alpha_masks(folder, overwrite=bool(overwrite))
+        except (DreamBoothError, ValueError) as error:
+            return f"**No masks written:** {error}"
+        return "```\n" + report.summary() + "\n```"
+
     # ------------------------------------------------------------------------------------------ editor
 
     def load_captions(self, folder: str) -> tuple[Any, Any, str]:
@@ -178,6 +191,14 @@ class DatasetTools:
             run = gr.Button("Caption", elem_id="db_tool_caption_run")
             report = gr.Markdown(elem_id="db_tool_caption_report")
             run.click(self.caption, [folder, source, model, prefix, suffix, overwrite, dedupe], report)
+
+        with gr.Accordion("Masks for the masked loss, from transparency", open=False, elem_id="db_tool_masks"):
+            with gr.Row():
+                folder = gr.Textbox(label="Image folder", elem_id="db_tool_masks_folder", scale=4)
+                overwrite = gr.Checkbox(label="Overwrite existing masks", elem_id="db_tool_masks_overwrite")
+            run = gr.Button("Write IMAGE.mask.png from alpha", elem_id="db_tool_masks_run")
+            report = gr.Markdown(elem_id="db_tool_masks_report")
+            run.click(self.alpha_masks, [folder, overwrite], report)
 
         with gr.Accordion("Caption editor", open=False, elem_id="db_tool_editor"):
             with gr.Row():
