@@ -271,7 +271,7 @@ ROWS = {
     # masked loss: tests/test_masked_loss.py (the term by hand; pixels under black change neither the loss nor the
     # gradients, bit for bit; all-white masks train exactly as none; masks follow every crop, bucket and flip)
     "masked_loss": None,  # test_a_run_with_white_masks_trains_exactly_as_without_and_black_changes_it, ...
-    "masked_loss_unmasked_weight": None,  # test_latent_weights_are_the_area_average_with_the_unmasked_weight
+    "masked_loss_unmasked_weight": None,  # test_the_unmasked_weight_setting_reaches_the_trainers_weights
     "adam_beta1": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta1": 0.5}, differs("unet")),
     "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
     "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),

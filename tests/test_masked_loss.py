@@ -71,6 +71,18 @@ def test_latent_weights_are_the_area_average_with_the_unmasked_weight():
     assert torch.equal(latent_weights(torch.ones(1, 64, 48), (8, 6), 0.3), torch.ones(1, 8, 6))
 
 
+def test_the_unmasked_weight_setting_reaches_the_trainers_weights(make_settings, tmp_path):
+    (image,) = draw_subject(tmp_path / "set", count=1, size=(64, 64))
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (0, 0, 32, 64))  # black on the left half
+    mask.save(mask_file(image))
+    for weight in (0.0, 0.25):
+        trainer = trainer_with(make_settings, tmp_path, tmp_path / "set", masked_loss_unmasked_weight=weight)
+        weights = LossMasks(trainer, [image]).weights(Example(image, "p", 0, False), False, 0, 0, (4, 8, 8))
+        assert torch.equal(weights[:, :, :4], torch.full((1, 8, 4), weight))
+        assert torch.equal(weights[:, :, 4:], torch.ones(1, 8, 4))
+
+
 @pytest.mark.parametrize("loss_type", ["l2", "huber"])
 def test_an_all_white_mask_is_exactly_no_mask(loss_type):
     generator = torch.Generator().manual_seed(0)

@@ -1,8 +1,10 @@
-"""The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, and a caption editor.
+"""The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, masks from transparency, and a caption
+editor.
 
 Each tool asks the host's path policy (the page may be reachable from other machines): what it reads lies under the
 read roots, what it writes under the write roots.  It never changes an original image: prepare writes a new folder
-(a write), captioning and the editor write ``IMAGE.txt`` files beside the images (writes into that folder).
+(a write), captioning and the editor write ``IMAGE.txt`` files beside the images, the mask tool ``IMAGE.mask.png``
+files (writes into that folder).
 """
 
 from __future__ import annotations
