@@ -348,8 +348,8 @@ class Trainer(Outputs):
         low, high = timestep_range(s, scheduler)
         started = time.perf_counter()
         inpainting = self._inpainting()
+        mask_weights: list[Any] = []  # the masked loss's per-pixel weights of each latent (None: no mask)
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
-        weights = []  # the masked loss's, per latent (None: no mask)
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
@@ -364,7 +364,8 @@ class Trainer(Outputs):
                 latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
                 if self.loss_masks is not None:  # the mask with the latent's own crop, variant and flip
-                    weights.append(self.loss_masks.weights(example, sample.flip, sample.index, epoch, latent.shape))
+                    weight = self.loss_masks.weights(example, sample.flip, sample.index, epoch, latent.shape)
+                    mask_weights.append(weight)
                 plain = torch.randn(latent.shape, generator=generator)
                 timesteps.append(torch.randint(low, high, (1,), generator=generator))
                 target_noise, input_noise = draw_noise(s, plain, generator)  # offset noise, input perturbation
@@ -396,7 +397,7 @@ class Trainer(Outputs):
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
-            group_masks = stack_weights([weights[i] for i in indices]) if weights else None
+            group_masks = stack_weights([mask_weights[i] for i in indices]) if mask_weights else None
             per_sample = per_sample.index_put(
                 where, weighted_sample_losses(s, scheduler, prediction, target, group_steps, group_masks)
             )
