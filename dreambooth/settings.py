@@ -512,6 +512,21 @@ class Settings:
         maximum=MAX_TIMESTEPS,
         label="Timesteps below",
     )
+    masked_loss: bool = setting(
+        False,
+        "Weigh each instance image's loss by IMAGE.mask.png beside it (white: train, black: ignore, grey: in "
+        "between); images without a mask train everywhere. The Dataset tools make masks from transparent images.",
+        "loss",
+        label="Masked loss",
+    )
+    masked_loss_unmasked_weight: float = setting(
+        0.0,
+        "Masked loss: the weight of the masks' black part (0: ignored; 1: as without a mask).",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Masked loss: weight of black",
+    )
 
     # --- memory and speed
     mixed_precision: str = setting(

@@ -268,6 +268,10 @@ ROWS = {
     "zero_terminal_snr": None,  # test_zero_terminal_snr_*: the last alpha-bar 0, trailing samples, the warning
     "min_timestep": None,  # test_timesteps_are_drawn_in_the_range
     "max_timestep": None,  # test_timesteps_are_drawn_in_the_range
+    # masked loss: tests/test_masked_loss.py (the term by hand; pixels under black change neither the loss nor the
+    # gradients, bit for bit; all-white masks train exactly as none; masks follow every crop, bucket and flip)
+    "masked_loss": None,  # test_a_run_with_white_masks_trains_exactly_as_without_and_black_changes_it, ...
+    "masked_loss_unmasked_weight": None,  # test_the_unmasked_weight_setting_reaches_the_trainers_weights
     "adam_beta1": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta1": 0.5}, differs("unet")),
     "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
     "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),

@@ -190,6 +190,15 @@ def test_the_first_screen_holds_a_first_runs_settings_and_the_rest_is_folded_awa
     assert len(rows) <= 5 and all(len(members) >= 2 for members in rows.values())
 
 
+def test_masked_loss_sits_with_the_loss_options_and_its_mask_tool_with_the_dataset_tools(tab):
+    places = _places(tab)
+    for elem_id in ("db_masked_loss", "db_masked_loss_unmasked_weight"):
+        assert places[elem_id][-1][:2] == ("Accordion", "Loss weighting and noise"), elem_id
+    assert places["db_tool_masks_run"][0][:2] == ("Tab", "Dataset tools")
+    weight = tab.widgets["masked_loss_unmasked_weight"]
+    assert (weight.minimum, weight.maximum, weight.value) == (0.0, 1.0, 0.0)
+
+
 def test_one_line_values_are_one_line_and_the_model_list_shows_titles(tab):
     for name in ("model_name", "caption_template", "pretrained_vae_name_or_path", "save_sample_prompt"):
         assert (tab.widgets[name].lines, tab.widgets[name].max_lines) == (1, 1), name

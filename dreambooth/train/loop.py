@@ -21,6 +21,7 @@ from typing import Any
 from ..data.augment import Augmentation
 from ..data.cache import ContentHashes
 from ..data.dataset import BucketPlan, Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
+from ..data.loss_masks import stack_weights
 from ..errors import DreamBoothError
 from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
@@ -96,6 +97,7 @@ class Trainer(Outputs):
         self.text_cache: dict[str, Any] = {}
         self.latent_cache = None
         self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
+        self.loss_masks: Any = None  # the masked loss's masks (data/loss_masks.py), when masked_loss is on
         self.dist: Any = None
         self.frozen: FrozenModules | None = None  # the VAE / frozen text encoder in the run's dtype (precision.py)
         self.method: NetworkMethod | None = None  # a LoRA / LoHa / LoKr run's adapter (train/method.py)
@@ -208,6 +210,10 @@ class Trainer(Outputs):
             raise DreamBoothError(f"{len(problems)} image(s) cannot be used; fix or remove them:\n{lines}")
         if s.use_aspect_ratio_bucket:
             self._assign_buckets(paths)
+        if s.masked_loss:  # every mask checked now
+            from ..data.loss_masks import LossMasks
+
+            self.loss_masks = LossMasks(self, [e.path for group in instances for e in group])
         for index, group in enumerate(instances):
             if not group:
                 raise DreamBoothError(
@@ -342,6 +348,7 @@ class Trainer(Outputs):
         low, high = timestep_range(s, scheduler)
         started = time.perf_counter()
         inpainting = self._inpainting()
+        mask_weights: list[Any] = []  # the masked loss's per-pixel weights of each latent (None: no mask)
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
         for sample in samples:
             pairs = [(sample.instance, "instance")]
@@ -356,6 +363,9 @@ class Trainer(Outputs):
                     masks.append(inpainting.mask(image, mix_seed(s.seed, "mask", sample.index, role)))
                 latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
+                if self.loss_masks is not None:  # the mask with the latent's own crop, variant and flip
+                    weight = self.loss_masks.weights(example, sample.flip, sample.index, epoch, latent.shape)
+                    mask_weights.append(weight)
                 plain = torch.randn(latent.shape, generator=generator)
                 timesteps.append(torch.randint(low, high, (1,), generator=generator))
                 target_noise, input_noise = draw_noise(s, plain, generator)  # offset noise, input perturbation
@@ -387,8 +397,9 @@ class Trainer(Outputs):
                 prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
+            group_masks = stack_weights([mask_weights[i] for i in indices]) if mask_weights else None
             per_sample = per_sample.index_put(
-                where, weighted_sample_losses(s, scheduler, prediction, target, group_steps)
+                where, weighted_sample_losses(s, scheduler, prediction, target, group_steps, group_masks)
             )
         counts = global_counts or (is_prior.count(False), is_prior.count(True))  # counted here, not from a tensor
         return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, counts)
