@@ -261,6 +261,19 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
                 and not _probe(concept.class_data_dir, "is_dir")
             ):
                 problems.append(f"{where}: class_data_dir '{concept.class_data_dir}' is a file, not a folder")
+        if concept.validation_data_dir and check_files:
+            if not _probe(concept.validation_data_dir, "is_dir"):
+                problems.append(f"{where}: validation_data_dir '{concept.validation_data_dir}' is not a folder")
+            elif not count_images(concept.validation_data_dir):
+                problems.append(
+                    f"{where}: no images (png, jpg, jpeg, webp, bmp) in validation_data_dir "
+                    f"'{concept.validation_data_dir}'"
+                )
+    share = s.validation_split if isinstance(s.validation_split, (int, float)) else 0
+    if s.save_best is True and not share > 0 and not any(c.validation_data_dir for c in s.concepts):
+        problems.append(
+            "save_best needs a validation loss: set validation_split above 0 or a concept's validation_data_dir"
+        )
     if check_files and total_instance and s.train_batch_size > total_instance:
         problems.append(
             f"train_batch_size is {s.train_batch_size} but there are only {total_instance} instance images: "
