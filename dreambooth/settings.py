@@ -1042,7 +1042,7 @@ def _concept_target(
 def _resolve_concept_paths(concept: Concept, base_dir: str | os.PathLike | None) -> Concept:
     if base_dir is None:
         return concept
-    for name in ("instance_data_dir", "class_data_dir"):
+    for name in ("instance_data_dir", "class_data_dir", "validation_data_dir"):
         value = getattr(concept, name)
         if value and not Path(value).is_absolute():
             setattr(concept, name, str((Path(base_dir) / value).resolve()))
@@ -1066,6 +1066,7 @@ PATH_FIELDS = frozenset(
         "logging_dir",
         "instance_data_dir",
         "class_data_dir",
+        "validation_data_dir",
     }
 )
 
