@@ -62,6 +62,7 @@ def cpu_run() -> types.SimpleNamespace:
 # ------------------------------------------------------------------------------------------------ validation loss
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_same_for_the_same_weights_and_moves_with_them(make_settings, held_out, tmp_path):
     """Acceptance: identical for identical weights, different when they change; every validation_steps and at the
     end; reported as progress and in the log."""
@@ -88,6 +89,7 @@ def test_validation_loss_is_the_same_for_the_same_weights_and_moves_with_them(ma
     assert again.validation == recorder.validation  # a second run: the same numbers
 
 
+@pytest.mark.slow
 def test_turning_validation_on_does_not_change_the_training_run(make_settings, held_out, tmp_path):
     common = {"max_train_steps": 3, "hflip": True, "train_text_encoder": True}
     plain = Trainer(make_settings(output_dir=str(tmp_path / "plain"), **common))
@@ -114,6 +116,7 @@ def test_validation_uses_fixed_timesteps_in_the_training_range():
     assert validation_timesteps(200, 600) == [250, 350, 450, 550]
 
 
+@pytest.mark.slow
 def test_validation_split_holds_out_images_that_are_never_trained_on(make_settings, monkeypatch, tmp_path):
     seen = []
     original = Trainer._latent
@@ -143,6 +146,7 @@ def test_validation_split_is_chosen_by_path_and_refused_when_it_leaves_nothing(m
         validation_examples(dataclasses.replace(settings, validation_split=0.9), 0, concept, examples[:1])
 
 
+@pytest.mark.slow
 def test_validation_loss_goes_to_the_logger(make_settings, held_out, monkeypatch):
     logged = []
 
@@ -175,6 +179,7 @@ def scripted(monkeypatch):
     monkeypatch.setattr(ValidationLoss, "compute", lambda self, run: next(values))
 
 
+@pytest.mark.slow
 def test_save_best_keeps_the_checkpoint_of_the_lowest_validation_loss(make_settings, scripted, tmp_path):
     out = tmp_path / "best"
     settings = make_settings(
@@ -205,6 +210,7 @@ def test_save_best_keeps_the_checkpoint_of_the_lowest_validation_loss(make_setti
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary file
 
 
+@pytest.mark.slow
 def test_save_best_of_a_lora_run_writes_the_best_adapter_in_the_lora_folder(make_settings, scripted, tmp_path):
     from dreambooth.network.files import read_network_file
 
@@ -226,6 +232,7 @@ def test_save_best_of_a_lora_run_writes_the_best_adapter_in_the_lora_folder(make
     assert not same(best.tensors, read_network_file(out / "Lora" / "dreambooth_5.safetensors").tensors)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_it_already_had(make_settings, monkeypatch, tmp_path):
     out = tmp_path / "resumed"
     common = {
@@ -266,6 +273,7 @@ def two_concepts(make_settings, tmp_path, first: dict, second: dict, **changes):
     return dataclasses.replace(settings, concepts=concepts)
 
 
+@pytest.mark.slow
 def test_loss_weight_scales_exactly_its_concepts_instance_terms(make_settings, monkeypatch, tmp_path):
     """Batch of 2 (one sample of each concept) with prior preservation: concept 2's instance loss x 0.25, its class
     image's loss and concept 1's untouched, and total = mean instance + prior_loss_weight x mean prior by hand."""
@@ -344,6 +352,7 @@ def test_total_steps_for_counts_the_repeats(make_settings):
     assert total_steps_for(settings, plain, 5) == 4  # balanced: 2 x 3 samples per epoch
 
 
+@pytest.mark.slow
 def test_repeats_and_loss_weight_resume_exactly(make_settings, tmp_path):
     def settings(name, **changes):
         changes.setdefault("max_train_steps", 4)
@@ -365,6 +374,7 @@ def test_repeats_and_loss_weight_resume_exactly(make_settings, tmp_path):
     assert same(unet_state(straight), unet_state(resumed))
 
 
+@pytest.mark.slow
 def test_concept_settings_of_a_real_epoch(make_settings, monkeypatch, tmp_path):
     """repeats reach the trainer's plan: one epoch of a 2-concept run sees concept 1's 3 images twice each."""
     seen = []
