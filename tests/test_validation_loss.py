@@ -404,3 +404,26 @@ def test_concept_fields_are_checked(make_settings):
         settings, concepts=[Concept(**{**settings.concepts[0].__dict__, "validation_data_dir": "/nonexistent/x"})]
     )
     assert any("validation_data_dir '/nonexistent/x' is not a folder" in p for p in bad.validate())
+
+
+@pytest.mark.slow
+def test_validation_of_an_inpainting_model_and_with_buckets(make_settings, tiny_checkpoint):
+    """An inpainting UNet gets its mask and masked-image channels (fixed per image); with buckets a held-out image
+    is encoded at its bucket, as training would."""
+    recorder = Recorder()
+    inpainting = Trainer(
+        make_settings(
+            pretrained_model_name_or_path=str(tiny_checkpoint("sd1-inpainting")),
+            validation_split=0.34,
+            validation_steps=1,
+        ),
+        callbacks=recorder,
+    )
+    inpainting.run()
+    assert len(recorder.validation) == 2 and all(v > 0 for _, v in recorder.validation)
+    assert inpainting.validation.compute(cpu_run()) == recorder.validation[-1][1]
+    buckets = Trainer(make_settings(use_aspect_ratio_bucket=True, validation_split=0.34, aspect_buckets="96x64,64x64"))
+    buckets.run()
+    (item,) = buckets.validation.items
+    width, height = buckets._size(item.example)
+    assert width != height and tuple(item.latent.shape[1:]) == (height // 8, width // 8)
