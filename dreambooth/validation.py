@@ -197,6 +197,21 @@ def _network_problems(s: Settings, check_files: bool) -> list[str]:
     return problems
 
 
+def _held_out_problem(s: Settings, concept: Any, where: str, found: int) -> list[str]:
+    """``validation_split`` must leave the concept at least one image to train on (data/dataset.py holds out the
+    rounded share, at least one)."""
+    share = s.validation_split
+    if concept.validation_data_dir or not isinstance(share, (int, float)) or share <= 0 or not found:
+        return []
+    held = max(1, round(share * found))
+    if held < found:
+        return []
+    return [
+        f"{where}: validation_split {share} holds out {held} of its {found} instance images and leaves none to train "
+        "on: lower it, add images, or give the concept a validation_data_dir"
+    ]
+
+
 def validate_settings(settings: Settings, check_files: bool = True, model_in_memory: bool = False) -> list[str]:
     s = settings
     text_problems = _text_problems(s)
@@ -250,6 +265,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
                 total_instance += found
                 if not found:
                     problems.append(f"{where}: no images (png, jpg, jpeg, webp, bmp) in '{concept.instance_data_dir}'")
+                problems.extend(_held_out_problem(s, concept, where, found))
         if s.with_prior_preservation:
             if not concept.class_prompt.strip():
                 problems.append(f"{where}: prior preservation needs a class_prompt (e.g. 'photo of a dog')")

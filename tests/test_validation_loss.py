@@ -162,6 +162,14 @@ def test_validation_loss_goes_to_the_logger(make_settings, held_out, monkeypatch
     assert [step for step, values in logged if "validation_loss" in values] == [1, 2]
 
 
+def test_a_validation_split_that_leaves_nothing_to_train_is_refused_before_the_run(make_settings):
+    problems = make_settings(validation_split=0.9).validate()  # 3 images: 0.9 x 3 rounds to 3
+    assert "concept 1: validation_split 0.9 holds out 3 of its 3 instance images and leaves none to train on" in (
+        " ".join(problems)
+    )
+    assert not make_settings(validation_split=0.5).validate()  # 2 of 3 held out, 1 trains
+
+
 def test_save_best_without_held_out_images_is_refused(make_settings):
     problems = make_settings(save_best=True).validate()
     assert any("save_best needs a validation loss" in p for p in problems)
