@@ -416,6 +416,24 @@ def test_poll_sends_only_what_changed(make_settings, tab):
     assert shown["checkpoints"]["value"].endswith("dreambooth_2.safetensors")
 
 
+def test_the_loss_plot_shows_the_validation_loss_beside_the_training_loss(make_settings, tab, tmp_path):
+    from conftest import draw_subject
+
+    held_out = tmp_path / "held_out"
+    draw_subject(held_out, count=1, size=(64, 64), seed=5)
+    settings = make_settings(max_train_steps=3, validation_steps=2, concept={"validation_data_dir": str(held_out)})
+    tab.runner.start(tab.host.prepare(settings))
+    assert tab.runner.wait(WAIT_SECONDS)
+    shown = named(tab, tab.poll({}))
+    plot = shown["plot"]["value"]
+    rows = list(zip(plot["step"], plot["series"]))
+    assert rows == [(1, "training"), (2, "training"), (3, "training"), (2, "validation"), (3, "validation")]
+    validation = [loss for loss, series in zip(plot["loss"], plot["series"]) if series == "validation"]
+    assert validation == [loss for _, loss in tab.runner.snapshot().validation_losses] and validation[0] > 0
+    assert f"validation loss {validation[-1]:.4f}" in shown["status"]
+    assert tab.controls["plot"].color == "series"  # one line per series
+
+
 def test_a_deleted_run_folder_leaves_the_page_loading(make_settings, tab):
     """Item 27: a finished job's run folder deleted by hand made the next page load fail on a sample path."""
     import shutil
