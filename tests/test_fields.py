@@ -305,6 +305,8 @@ ROWS = {
     "device": None,
     "train_text_encoder": ({}, TEXT, differs("text")),
     "text_encoder_learning_rate": (TEXT, {**TEXT, "text_encoder_learning_rate": 1e-2}, differs("text")),
+    # SDXL's second encoder: tests/test_sdxl_train.py::test_text_encoder_2_learning_rate_is_its_own_or_freezes_it
+    "text_encoder_2_learning_rate": None,
     "stop_text_encoder": None,
     # LoRA / LoHa / LoKr: the adapter's file, shapes and output (tests/test_lora.py: alpha's exact scale, the WebUI's
     # math, LoHa / LoKr key families, resume, the base model untouched, diffusers reading the file)

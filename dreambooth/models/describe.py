@@ -60,7 +60,7 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
 
 
 def unsupported_family(path: str | os.PathLike) -> str | None:
-    """The reason a base model is of a family that cannot be trained yet (SDXL, SD3, Flux...), else None.
+    """The reason a base model is of a family that cannot be trained yet (SD3, Flux...), else None.
 
     Cheap enough for settings validation: a folder's configs or a ``.safetensors`` header are read; a pickled
     ``.ckpt`` (no header) is left to loading, and any other problem with the file is reported when it is loaded.

@@ -189,7 +189,7 @@ class Outputs:
 
     def _component_tensors(self) -> list[Any]:
         c = self._saved_components()
-        return [t for module in (c.unet, c.vae, c.text_encoder) for t in module.state_dict().values()]
+        return [t for module in c.modules for t in module.state_dict().values()]  # SDXL: both text encoders
 
     @contextlib.contextmanager
     def _disk_full_message(self, what: str, folder: Path, needed: int) -> Any:
