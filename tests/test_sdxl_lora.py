@@ -405,3 +405,26 @@ def test_extract_lora_from_an_sdxl_fine_tune_recovers_its_difference_in_sdxl_nam
     assert set(recovered) == set(known)
     for name, delta in known.items():
         torch.testing.assert_close(recovered[name], delta, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_network_init_from_reads_an_sdxl_file_back_and_names_what_does_not_match(tmp_path):
+    """An SDXL adapter continues from its own file exactly (both text encoders, LoCon convs); a file with LoCon
+    layers for settings without a conv rank, or with text layers for settings without, is refused naming the sgm
+    layer and the setting."""
+    from dreambooth.errors import DreamBoothError
+
+    c = sdxl_components()
+    settings = adapter_settings(conv_rank=2)
+    network = build_network(c, settings)
+    randomize(network, seed=9)
+    path = write_network_file(tmp_path / "xl.safetensors", network.kohya_tensors(), {})
+    found = read_network_file(path)
+    assert found.algorithm == "lora"
+    again = build_network(c, settings, seed=1)
+    again.load_kohya_tensors(found.tensors, "network_init_from")
+    assert again.kohya_tensors().keys() == network.kohya_tensors().keys()
+    assert all(torch.equal(again.kohya_tensors()[k], v) for k, v in network.kohya_tensors().items())
+    with pytest.raises(DreamBoothError, match=r"lora_unet_input_blocks_1_0_\w+, .*set network_conv_rank"):
+        build_network(c, adapter_settings(conv_rank=0)).load_kohya_tensors(found.tensors)
+    with pytest.raises(DreamBoothError, match=r"lora_te1_text_model\w+, .*network_train_text_encoder on"):
+        build_network(c, adapter_settings(conv_rank=2, text=False)).load_kohya_tensors(found.tensors)
