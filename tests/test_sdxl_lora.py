@@ -428,3 +428,19 @@ def test_network_init_from_reads_an_sdxl_file_back_and_names_what_does_not_match
         build_network(c, adapter_settings(conv_rank=0)).load_kohya_tensors(found.tensors)
     with pytest.raises(DreamBoothError, match=r"lora_te1_text_model\w+, .*network_train_text_encoder on"):
         build_network(c, adapter_settings(conv_rank=2, text=False)).load_kohya_tensors(found.tensors)
+
+
+def test_both_sdxl_text_encoders_get_adapters_at_the_text_learning_rate():
+    """network_train_text_encoder on SDXL: adapters on CLIP ViT-L and OpenCLIP ViT-bigG, both in the optimizer's
+    text group (network_text_encoder_lr), the UNet's in the UNet group; off: no text adapter at all."""
+    c = sdxl_components()
+    network = build_network(c, adapter_settings(text=True))
+    groups = network.param_groups(unet_lr=1e-4, text_lr=5e-5)
+    assert [g["lr"] for g in groups] == [1e-4, 5e-5]
+    by_parameter = {id(p): name for name, adapter in network.adapters.items() for p in adapter.parameters()}
+    text_group = {by_parameter[id(p)].split("_", 2)[1] for p in groups[1]["params"]}
+    unet_group = {by_parameter[id(p)].split("_", 2)[1] for p in groups[0]["params"]}
+    assert text_group == {"te1", "te2"} and unet_group == {"unet"}
+    assert {id(p) for p in network.text_parameters()} == {id(p) for p in groups[1]["params"]}
+    plain = build_network(c, adapter_settings(text=False))
+    assert not plain.has_text_encoder and len(plain.param_groups(1e-4, 5e-5)) == 1
