@@ -444,3 +444,87 @@ def test_both_sdxl_text_encoders_get_adapters_at_the_text_learning_rate():
     assert {id(p) for p in network.text_parameters()} == {id(p) for p in groups[1]["params"]}
     plain = build_network(c, adapter_settings(text=False))
     assert not plain.has_text_encoder and len(plain.param_groups(1e-4, 5e-5)) == 1
+
+
+# ------------------------------------------------------------------------------------------ the trainer, end to end
+
+
+@pytest.fixture
+def sdxl_lora_settings(make_settings, tiny_checkpoint):
+    def make(**changes):
+        values = {
+            "pretrained_model_name_or_path": str(tiny_checkpoint("sdxl")),
+            "training_method": "lora",
+            "network_rank": 4,
+            "network_alpha": 2.0,
+            "network_train_text_encoder": True,
+            "with_prior_preservation": True,
+            **changes,
+        }
+        return make_settings(**values)
+
+    return make
+
+
+def train(settings, **kwargs):
+    from dreambooth.train.loop import Trainer
+
+    trainer = Trainer(settings, **kwargs)
+    return trainer, trainer.run()
+
+
+@pytest.mark.slow
+def test_a_2_step_sdxl_lora_run_with_prior_preservation_writes_the_webuis_sdxl_file(sdxl_lora_settings, tmp_path):
+    """2 steps of an SDXL LoRA with LoCon convs and both text encoders' adapters, with class images: the file names
+    exactly the layers an SDXL adapter of these settings adapts (kohya's SDXL names), each of them trained but CLIP
+    ViT-L's last layer (SDXL takes its penultimate state; kohya adapts that layer too), kohya's SDXL metadata (the
+    WebUI's card says SDXL); the class images were made; the adapter is taken off the model afterwards."""
+    from dreambooth.network.card import read_metadata, sd_version
+
+    settings = sdxl_lora_settings(network_conv_rank=2, network_unet_lr=1e-2, network_text_encoder_lr=1e-2)
+    trainer, result = train(settings)
+    assert result.step == 2 and result.checkpoints[-1].name == "dreambooth_2.safetensors"
+    file = read_network_file(result.checkpoints[-1])
+    c = trainer.components
+    expected = select_targets(c.unet, c.text_encoder, conv=True, text_encoder_2=c.text_encoder_2)
+    assert file.layers == {t.name for t in expected} and file.algorithm == "lora"
+    untrained = {n for n in file.layers if not file.tensors[f"{n}.lora_up.weight"].any()}  # up starts at zero
+    last = c.arch.text["num_hidden_layers"] - 1  # SDXL conditions on CLIP ViT-L's penultimate state: unused
+    assert untrained == {n for n in file.layers if n.startswith(f"lora_te1_text_model_encoder_layers_{last}_")}
+    assert len(untrained) == 6
+    meta = file.metadata
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and "ss_v2" not in meta
+    assert meta["ss_num_reg_images"] == "2" and meta["ss_text_encoder_lr"] == "0.01"
+    assert sd_version(read_metadata(result.checkpoints[-1])) == "SDXL"
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert not trainer.method.network.is_applied
+
+
+@pytest.mark.slow
+def test_cancel_and_exact_resume_of_an_sdxl_lora(sdxl_lora_settings):
+    """Cancelled at step 2 of 4 and resumed: the same SDXL adapter, bit for bit, as 4 steps at once (dropout and
+    both text encoders' adapters included)."""
+    import dataclasses
+
+    from dreambooth.events import Callbacks, Commands
+
+    common = {"network_dropout": 0.3, "lr_scheduler": "linear", "max_train_steps": 4}
+    straight = sdxl_lora_settings(**common)
+    _, whole = train(straight)
+
+    class CancelAtTwo(Callbacks):
+        def on_progress(self, progress):
+            if progress.phase == "training" and progress.step == 2:
+                commands.cancel()
+
+    commands = Commands()
+    split = sdxl_lora_settings(output_dir=straight.output_dir + "-split", **common)
+    _, part = train(split, callbacks=CancelAtTwo(), commands=commands)
+    assert part.cancelled and part.step == 2
+    _, rest = train(dataclasses.replace(split, resume_from=str(part.state_dir)))
+    assert rest.step == 4
+    a, b = read_network_file(whole.checkpoints[-1]).tensors, read_network_file(rest.checkpoints[-1]).tensors
+    assert a.keys() == b.keys() and any(k.startswith("lora_te2_") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    halfway = read_network_file(part.checkpoints[-1]).tensors
+    assert not all(torch.equal(a[k], halfway[k]) for k in a)
