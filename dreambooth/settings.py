@@ -720,7 +720,8 @@ class Settings:
     )
     network_train_text_encoder: bool = setting(
         False,
-        "Train adapters on the text encoder's attention and MLP layers too (lora_te keys).",
+        "Train adapters on the text encoder's attention and MLP layers too (lora_te keys; SDXL: both encoders, "
+        "lora_te1 and lora_te2).",
         "network",
         label="Adapt the text encoder",
     )

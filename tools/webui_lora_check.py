@@ -2,7 +2,7 @@
 the image, its extra-networks card shows our metadata.  Nothing here downloads anything; the WebUI must be installed.
 
     .venv-webui/bin/python tools/webui_lora_check.py --webui /path/to/stable-diffusion-webui \\
-        --webui-python /path/to/its/venv/bin/python --work /tmp/lora-check [--lora FILE] [--family sd1|sd2-v]
+        --webui-python /path/to/its/venv/bin/python --work /tmp/lora-check [--lora FILE] [--family sd1|sd2-v|sdxl]
 
 What it does, in order (each step prints one line; the summary goes to WORK/summary.json):
 
@@ -70,7 +70,7 @@ def write_base(work: Path, family: str, models: Path) -> Path:
         family=kind,
         prediction_type={"v": "v_prediction", "eps": "epsilon"}.get(prediction),
         name=name,
-        layout="sd",
+        **({} if kind == "sdxl" else {"layout": "sd"}),  # the tiny SDXL has SDXL's block layout already
     )
     target = models / "Stable-diffusion" / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +86,15 @@ def build_lora(base: Path, out: Path, family: str, rank: int = 4, seed: int = 0)
 
     from dreambooth.models.components import load_components
     from dreambooth.network.files import write_network_file
+    from dreambooth.network.metadata import version_metadata
     from dreambooth.network.names import select_targets
 
     torch.manual_seed(seed)
     components = load_components(base)
     tensors: dict[str, torch.Tensor] = {}
-    targets = select_targets(components.unet, components.text_encoder, conv=True)
+    targets = select_targets(
+        components.unet, components.text_encoder, conv=True, text_encoder_2=components.text_encoder_2
+    )
     for target in targets:
         module = LoConModule(target.name, target.module, lora_dim=rank, alpha=rank / 2)
         with torch.no_grad():
@@ -104,8 +107,7 @@ def build_lora(base: Path, out: Path, family: str, rank: int = 4, seed: int = 0)
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(rank / 2),
         "ss_sd_model_name": base.name,
-        "ss_v2": "True" if family.startswith("sd2") else "False",
-        "ss_base_model_version": "sd_v2" if family.startswith("sd2") else "sd_v1",
+        **version_metadata(components.arch),
         "ss_resolution": "(64, 64)",
         "ss_training_started_at": str(time.time()),
         "ss_tag_frequency": json.dumps({"ring": {"zwx ring": 3}}),
@@ -220,7 +222,7 @@ def main() -> int:
     parser.add_argument("--webui", required=True, type=Path, help="the WebUI's folder (launch.py)")
     parser.add_argument("--webui-python", required=True, help="the python of the WebUI's venv")
     parser.add_argument("--work", required=True, type=Path, help="a folder for the tiny model, log and summary")
-    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2-v"))
+    parser.add_argument("--family", default="sd1", choices=("sd1", "sd2-v", "sdxl"))
     parser.add_argument("--lora", type=Path, help="a LoRA file our trainer wrote for --base (else one is built)")
     parser.add_argument("--base", type=Path, help="the tiny checkpoint --lora was trained on (else one is written)")
     parser.add_argument("--name", default="", help="the LoRA's name in the WebUI (default: its file stem)")

@@ -132,6 +132,13 @@ def _translate(key: str, table: Table, to_original: bool) -> tuple[str, str] | N
     return target + rest, kind
 
 
+def original_module_path(path: str, table: Table) -> str | None:
+    """The original (ldm / sgm) path of the module at the diffusers ``path`` by ``table`` (None: no place there),
+    e.g. ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (the LoRA names of SDXL)."""
+    translated = _translate(path + ".", table, to_original=True)
+    return None if translated is None else translated[0].removesuffix(".")
+
+
 def _reshape_vae_attention(name: str, kind: str, tensor: Any, to_original: bool) -> Any:
     """ldm's VAE attention uses 1x1 convolutions where diffusers uses linear layers."""
     if kind != "vae_attention":

@@ -201,14 +201,23 @@ class Network(torch.nn.Module):
                 adapter.load_state_dict({k: v.to(device) for k, v in layers[name].items()}, strict=True)
 
 
+CONV_BLOCK_PARTS = (
+    ("_resnets_", "_downsamplers_", "_upsamplers_"),  # diffusers names (SD 1.x / 2.x)
+    ("_in_layers_", "_out_layers_", "_emb_layers_", "_skip_connection", "_0_op"),  # sgm names (SDXL)
+)
+
+
 def _in_conv_block(name: str) -> bool:
     """A UNet layer inside a resnet or a sampler: what a conv rank (LoCon) adds."""
-    return name.startswith("lora_unet_") and any(p in name for p in ("_resnets_", "_downsamplers_", "_upsamplers_"))
+    if not name.startswith("lora_unet_"):
+        return False
+    sgm_upsampler = name.startswith("lora_unet_output_blocks_") and name.endswith("_conv")
+    return sgm_upsampler or any(part in name for parts in CONV_BLOCK_PARTS for part in parts)
 
 
 def build_network(components: Any, settings: Any, seed: int | None = None) -> Network:
-    """The adapter ``settings`` ask for on ``components`` (UNet, and the text encoder with
-    ``network_train_text_encoder``), on the device of the layers it adapts, in fp32, not yet applied.
+    """The adapter ``settings`` ask for on ``components`` (UNet, and the text encoder(s) with
+    ``network_train_text_encoder``: SDXL's two), on the device of the layers it adapts, in fp32, not yet applied.
 
     Ranks: ``network_rank`` / ``network_alpha`` for Linear and 1x1 conv layers, ``network_conv_rank`` /
     ``network_conv_alpha`` (0: the conv rank) for k x k convolutions, which are adapted only with a conv rank.
@@ -216,8 +225,10 @@ def build_network(components: Any, settings: Any, seed: int | None = None) -> Ne
     """
     algorithm = settings.training_method
     conv_rank = settings.network_conv_rank
-    text_encoder = components.text_encoder if settings.network_train_text_encoder else None
-    targets = select_targets(components.unet, text_encoder, conv=conv_rank > 0)
+    text = settings.network_train_text_encoder
+    text_encoder = components.text_encoder if text else None
+    text_encoder_2 = getattr(components, "text_encoder_2", None) if text else None
+    targets = select_targets(components.unet, text_encoder, conv=conv_rank > 0, text_encoder_2=text_encoder_2)
     modules = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed if seed is None else seed)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import DreamBoothError, ModelFileError
 from .files import check_network_name, write_network_file
+from .metadata import version_metadata
 from .names import all_layers, select_targets
 
 TEXT_MIN_DIFF = 0.01  # kohya's MIN_DIFF: a largest text-encoder change below this is rounding, not training
@@ -56,12 +57,6 @@ class ExtractReport:
         return "\n".join(lines)
 
 
-def base_model_version(arch: Any) -> str:
-    """kohya's ``ss_base_model_version``: sd_v1 / sd_v2, with ``_v`` for v-prediction."""
-    version = "sd_v2" if arch.family == "sd2" else "sd_v1"
-    return version + ("_v" if arch.is_v_prediction else "")
-
-
 def _low_rank(diff: Any, rank: int) -> tuple[Any, Any, float, float]:
     """(down, up, squared error, squared norm) of the rank-``rank`` SVD approximation of one layer's difference."""
     import torch
@@ -84,15 +79,20 @@ def _left_out_norm(tuned: Any, base: Any, extracted: set[str], device: Any) -> f
     """Sum of squared weight changes over the Linear / conv layers that the file will not hold."""
     import torch
 
-    theirs = all_layers(base.unet, base.text_encoder)
+    theirs = all_layers(base.unet, base.text_encoder, base.text_encoder_2)
     total = 0.0
-    for name, target in all_layers(tuned.unet, tuned.text_encoder).items():
+    for name, target in all_layers(tuned.unet, tuned.text_encoder, tuned.text_encoder_2).items():
         other = theirs.get(name)
         if name in extracted or other is None or other.module.weight.shape != target.module.weight.shape:
             continue
         diff = target.module.weight.detach().to(device, torch.float32) - other.module.weight.to(device, torch.float32)
         total += float(diff.pow(2).sum())
     return total
+
+
+def _targets(components: Any, conv: bool) -> list[Any]:
+    """The layers a LoRA of these settings adapts, both text encoders' included (SDXL has two)."""
+    return select_targets(components.unet, components.text_encoder, conv=conv, text_encoder_2=components.text_encoder_2)
 
 
 def _same_model(tuned: Any, base: Any, tuned_path: Path, base_path: Path) -> None:
@@ -145,16 +145,11 @@ def extract_lora(
         if not path.exists():
             raise ModelFileError(f"{path}: no such file or folder; give {what}.")
     tuned_model = load_components(tuned_path)
-    from ..models.architecture import training_unsupported
-
-    refusal = training_unsupported(str(tuned_path), tuned_model.arch, "extracting a LoRA from")  # SDXL names: later
-    if refusal:
-        raise refusal
     base_model = load_components(base_path)
     _same_model(tuned_model, base_model, tuned_path, base_path)
 
-    tuned_layers = {t.name: t for t in select_targets(tuned_model.unet, tuned_model.text_encoder, conv=bool(conv_rank))}
-    base_layers = {t.name: t for t in select_targets(base_model.unet, base_model.text_encoder, conv=bool(conv_rank))}
+    tuned_layers = {t.name: t for t in _targets(tuned_model, bool(conv_rank))}
+    base_layers = {t.name: t for t in _targets(base_model, bool(conv_rank))}
     if set(tuned_layers) != set(base_layers):
         raise ModelFileError(f"{tuned_path} and {base_path} have different layers: are they the same kind of model?")
     diffs: dict[str, Any] = {}
@@ -201,8 +196,7 @@ def extract_lora(
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
         "ss_network_args": json.dumps(conv_args),
-        "ss_v2": str(arch.family == "sd2"),
-        "ss_base_model_version": base_model_version(arch),
+        **version_metadata(arch),
         "ss_sd_model_name": base_path.name,
         "ss_output_name": out.stem,
         "ss_training_comment": f"extracted from {tuned_path.name} minus {base_path.name} "

@@ -45,7 +45,7 @@ class MergeReport:
         unet = self.layers - self.text_layers
         lines = [
             f"merged {self.layers} {self.algorithm} layer(s) at weight {self.weight:g} "
-            f"({unet} in the UNet, {self.text_layers} in the text encoder)",
+            f"({unet} in the UNet, {self.text_layers} in the text encoder(s))",
             *(f"wrote {path}" for path in self.written),
         ]
         return "\n".join(lines)
@@ -131,10 +131,11 @@ def layer_deltas(
     unknown = sorted(name for name in network.layers if _model_layer(name, layers) is None)
     if unknown:
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        sdxl_model = "lora_unet_input_blocks_0_0" in layers  # conv_in by its sgm name: the model is SDXL
+        example = "an SD 1.x / 2.x LoRA on SDXL" if sdxl_model else "an SDXL LoRA on SD 1.5"
         raise NetworkMismatchError(
             f"{network.path}: its layer {unknown[0]}{more} is not a layer of {model_name}; the LoRA was made for "
-            "another kind of model (e.g. an SDXL LoRA on SD 1.5): merge it into a model of the family it was "
-            "trained on."
+            f"another kind of model (e.g. {example}): merge it into a model of the family it was trained on."
         )
     deltas: dict[str, Any] = {}
     mismatched: list[str] = []  # "NAME has the shape A in the file but B in MODEL", one per layer
@@ -176,7 +177,7 @@ def _family_problem(network: NetworkFile, family: str, model_name: str) -> str:
     meta = network.metadata
     version = meta.get("ss_base_model_version", "")
     if version.startswith("sdxl"):
-        trained = "SDXL"
+        trained = "sdxl"
     elif meta.get("ss_v2") == "True" or version.startswith("sd_v2"):
         trained = "sd2"
     elif meta.get("ss_v2") == "False" or version.startswith("sd_v1"):
@@ -185,7 +186,7 @@ def _family_problem(network: NetworkFile, family: str, model_name: str) -> str:
         return ""
     if trained == family:
         return ""
-    names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "SDXL": "SDXL"}
+    names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
     return (
         f"{network.path}: the LoRA was trained on {names[trained]} (its metadata says so) but {model_name} is "
         f"{names.get(family, family)}: merge it into a model of the family it was trained on."
@@ -254,16 +255,11 @@ def merge_lora(
     if not base.exists():
         raise ModelFileError(f"{base}: no such file or folder; give the checkpoint to merge into.")
     components = load_components(base)
-    from ..models.architecture import training_unsupported
-
-    refusal = training_unsupported(str(base), components.arch, "merging a LoRA into")  # SDXL LoRA names come later
-    if refusal:
-        raise refusal
     model_name = f"{base.name} ({components.arch.name})"
     problem = _family_problem(network, components.arch.family, model_name)
     if problem:
         raise NetworkMismatchError(problem)
-    layers = all_layers(components.unet, components.text_encoder)
+    layers = all_layers(components.unet, components.text_encoder, components.text_encoder_2)
     deltas = layer_deltas(network, layers, weight, model_name)
     for name, delta in deltas.items():
         layers[name].module.weight.data += delta.to(layers[name].module.weight.device)

@@ -2,7 +2,8 @@
 metadata dialog show, and what other tools read) and ours (``dreambooth.*``).  Every value is a string.
 
 The WebUI decides a LoRA's model version from ``ss_base_model_version`` (``sdxl_...``) and ``ss_v2`` ("True": SD 2);
-it hides a card whose version differs from the loaded model's, so an SD 2 LoRA must say ``ss_v2 = "True"``.
+it hides a card whose version differs from the loaded model's, so an SD 2 LoRA must say ``ss_v2 = "True"`` and an
+SDXL LoRA ``sdxl_base_v1-0`` (kohya's name of SDXL base; an SDXL file carries no ``ss_v2``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,24 @@ NETWORK_MODULE = "lycoris.kohya"  # LyCORIS's kohya-compatible network, the name
 HASH_CHUNK = 16 * 2**20
 
 
+SDXL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version of SDXL base and its fine-tunes (v-prediction too)
+
+
 def base_model_version(arch: Any) -> str:
-    """kohya's name of the base model's version: ``sd_v1``, ``sd_v2``, with ``_v`` for v-prediction."""
+    """kohya's name of the base model's version: ``sd_v1``, ``sd_v2``, with ``_v`` for v-prediction;
+    ``sdxl_base_v1-0`` for SDXL."""
+    if arch.family == "sdxl":
+        return SDXL_VERSION
     name = "sd_v2" if arch.family == "sd2" else "sd_v1"
     return name + ("_v" if arch.is_v_prediction else "")
+
+
+def version_metadata(arch: Any) -> dict[str, str]:
+    """``ss_base_model_version``, and ``ss_v2`` for SD 1.x / 2.x (the keys the WebUI reads the version from)."""
+    metadata = {"ss_base_model_version": base_model_version(arch)}
+    if arch.family != "sdxl":
+        metadata["ss_v2"] = str(arch.family == "sd2")
+    return metadata
 
 
 def tag_frequency(examples: list[Any], folder_of: dict[int, str]) -> dict[str, dict[str, int]]:
@@ -79,8 +94,7 @@ def network_metadata(
     metadata = {
         "ss_output_name": s.model_name,
         "ss_sd_model_name": Path(s.pretrained_model_name_or_path).name if s.pretrained_model_name_or_path else "",
-        "ss_base_model_version": base_model_version(arch),
-        "ss_v2": str(arch.family == "sd2"),
+        **version_metadata(arch),
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(s.network_rank),
         "ss_network_alpha": f"{s.network_alpha or s.network_rank:g}",

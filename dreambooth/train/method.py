@@ -4,8 +4,8 @@ The base model stays frozen (placed by train/precision.py: in the mixed-precisio
 an adapter (dreambooth/network) is trained on it: built after the class images and caches (they come from the base
 model alone), optionally started from a LoRA file, applied for the steps, samples and tests, and always taken off
 again at the end, whatever happened (the WebUI's model is trained this way).  Its optimizer has the UNet adapters'
-and the text encoder adapters' learning rates; the resumable state holds the adapter (``network.safetensors``); each
-save writes one kohya-format ``.safetensors`` into ``lora_dir``.
+and the text encoder adapters' learning rates (SDXL: both encoders' adapters at the text rate); the resumable state
+holds the adapter (``network.safetensors``); each save writes one kohya-format ``.safetensors`` into ``lora_dir``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class NetworkMethod:
             unet.enable_gradient_checkpointing()
         # Frozen, but in training mode: diffusers checkpoints activations only then; SD's UNet has no dropout.
         unet.requires_grad_(False).train()
-        components.text_encoder.requires_grad_(False)
+        for text_encoder in (components.text_encoder, components.text_encoder_2):  # SDXL has a second one
+            if text_encoder is not None:
+                text_encoder.requires_grad_(False)
         self.network = network = trainer._build_network(components)
         if s.network_init_from:
             from ..network.files import read_network_file
