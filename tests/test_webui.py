@@ -42,18 +42,19 @@ def wait_for(condition, timeout=WAIT_SECONDS):
 
 @pytest.fixture
 def webui(tmp_path, tiny_checkpoint, monkeypatch):
-    """A fresh fake WebUI with the tiny model in models/Stable-diffusion, loaded as the current model."""
+    """A fresh fake WebUI with a tiny model (``webui(variant="sdxl")``; default SD 1.x) in models/Stable-diffusion as
+    base.safetensors, loaded as the current model."""
     _purge_fake()
     monkeypatch.syspath_prepend(str(FAKE))
     monkeypatch.setenv("DREAMBOOTH_ALLOWED_ROOTS", str(tmp_path))
     monkeypatch.setenv("DREAMBOOTH_DATA_DIR", str(tmp_path / "extension-data"))
     from modules import fake, paths
 
-    def start(**cmd_opts):
+    def start(variant="sd1", **cmd_opts):
         fake.reset(tmp_path / "webui", **cmd_opts)
         folder = Path(paths.models_path) / "Stable-diffusion"
         folder.mkdir(parents=True, exist_ok=True)
-        source = tiny_checkpoint("sd1")
+        source = tiny_checkpoint(variant)
         target = folder / "base.safetensors"
         shutil.copy(source, target)
         shutil.copy(source.with_suffix(".yaml"), folder / "base.yaml")
@@ -250,7 +251,39 @@ def test_the_weights_taken_from_memory_are_exactly_the_files(webui):
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(memory, name).state_dict(), getattr(disk, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert memory.extras.keys() == disk.extras.keys()  # not the schedule buffers the WebUI's model computes
     assert memory.arch == disk.arch
+
+
+def test_the_sdxl_weights_taken_from_memory_are_exactly_the_files(webui):
+    """Issue 15: the WebUI's loaded SDXL model (sgm's DiffusionEngine, hijacked) holds each text-encoder tensor twice
+    (``conditioner.*`` and ``cond_stage_model.*``), ``.wrapped`` segments, and ``denoiser.sigmas``, which the file
+    lacks: the components taken from it are the file's, every key and extra as the file has them, nothing more."""
+    w = webui("sdxl", no_half=True)
+    from dreambooth.models.components import load_components
+
+    keys = w.model.state_dict().keys()
+    assert any(k.startswith("cond_stage_model.embedders.1.wrapped.model.") for k in keys) and "denoiser.sigmas" in keys
+    host = w.glue.runner().host
+    assert host._memory_is_clean(w.model, str(w.base)) == ""
+    memory, disk = host._components_from_memory(w.model, str(w.base)), load_components(w.base)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(memory, name).state_dict(), getattr(disk, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert memory.extras.keys() == disk.extras.keys()
+    assert all(torch.equal(memory.extras[k], disk.extras[k]) for k in memory.extras)
+    assert memory.arch == disk.arch and memory.arch.family == "sdxl"
+
+
+def test_a_loaded_model_that_lacks_some_of_the_files_tensors_is_not_trained_from(webui):
+    """The WebUI loads with ``strict=False``: a tensor of the file that found no place in its model would be missing
+    from an output made from memory, so the file is read instead."""
+    w = webui("sdxl", no_half=True)
+    host = w.glue.runner().host
+    owner = w.model.conditioner.embedders._modules["1"].wrapped.model
+    del owner._parameters["logit_scale"]
+    reason = host._memory_is_clean(w.model, str(w.base))
+    assert reason == "the loaded model lacks 1 of the file's tensors (e.g. conditioner.embedders.1.model.logit_scale)"
 
 
 def test_a_clean_fp32_model_is_trained_from_memory_with_the_same_result(webui, make_settings, tmp_path):
