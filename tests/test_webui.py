@@ -313,6 +313,31 @@ def test_a_clean_fp32_model_is_trained_from_memory_with_the_same_result(webui, m
     assert all(p.dtype == torch.float32 for p in w.model.parameters())  # the WebUI's own weights were not trained
 
 
+def test_an_sdxl_model_loaded_in_the_webui_is_trained_from_memory_into_a_listed_checkpoint(webui, make_settings):
+    """Issue 15, inside the WebUI: the loaded SDXL model's clean weights are trained (no second read of the file);
+    the output lands in the checkpoint folder with its sidecar yaml, is listed, holds exactly the base file's keys,
+    and one click makes txt2img use it."""
+    w = webui("sdxl", no_half=True)
+    from modules import sd_models
+
+    from dreambooth.models.files import read_state_dict, read_yaml
+
+    runner, settings = settings_for(w, make_settings, model_name="xl")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    assert any("training from the model already loaded in the WebUI" in line for line in runner.snapshot().log)
+    output = w.folder / "xl_2.safetensors"
+    assert runner.snapshot().checkpoints == (str(output),)
+    assert str(output) in [info.filename for info in sd_models.checkpoints_list.values()]
+    tensors, base = read_state_dict(output)[0], read_state_dict(w.base)[0]
+    assert tensors.keys() == base.keys()  # no cond_stage_model.* copies, no denoiser.sigmas
+    assert any(not torch.equal(tensors[k], base[k]) for k in tensors if k.startswith("model.diffusion_model."))
+    assert read_yaml(output.with_suffix(".yaml")) == read_yaml(w.base.with_suffix(".yaml"))
+    done, message = w.glue.runner().host.use_checkpoint(str(output))
+    loaded = sd_models.model_data.sd_model
+    assert done and loaded.is_sdxl and loaded.sd_checkpoint_info.filename == str(output), message
+
+
 @pytest.mark.parametrize(
     ("dirty", "reason"),
     [("lora", "a Lora is patched"), ("half", "loaded weights are torch.float16 while the file holds torch.float32")],
