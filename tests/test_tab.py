@@ -455,9 +455,10 @@ def test_the_architecture_line_is_filled_when_the_page_opens(tab):
 
 
 def _choose(tab, model, resolution=512, family="sd1"):
-    """What choosing ``model`` in the base-model list answers, by elem_id / control name."""
+    """What choosing ``model`` in the base-model list answers (the model on screen before is of ``family``), by
+    elem_id / control name."""
     data = {tab.widgets["pretrained_model_name_or_path"]: str(model), tab.widgets["resolution"]: resolution}
-    data[tab.controls["family"]] = family
+    data[tab.controls["family"]] = {"family": family, "resolution": 1024 if family == "sdxl" else 512}
     answer = named(tab, tab.describe_model(data))
     assert set(event(tab, tab.describe_model, data)) >= {"db_architecture", "db_resolution"}  # the event's outputs
     return answer
@@ -465,7 +466,7 @@ def _choose(tab, model, resolution=512, family="sd1"):
 
 def test_model_description_and_the_standalone_switch_message(tab, tiny_checkpoint):
     described = _choose(tab, tiny_checkpoint("sd1"))
-    assert "SD 1.x" in described["architecture"] and described["family"] == "sd1"
+    assert "SD 1.x" in described["architecture"] and described["family"] == {"family": "sd1", "resolution": 512}
     assert "Cannot read" in _choose(tab, "/nonexistent.safetensors")["architecture"]
     switched = named(tab, tab.use_checkpoint("/some/file.safetensors"))
     assert "Not switched" in switched["message"] and switched["switched"] == ""
@@ -482,7 +483,7 @@ def test_an_sdxl_base_shows_sdxl_and_brings_its_default_resolution(tab, tiny_che
     resolution is still the previous family's default; a resolution the user set stays."""
     sdxl, sd1 = tiny_checkpoint("sdxl"), tiny_checkpoint("sd1")
     chosen = _choose(tab, sdxl, 512, "sd1")
-    assert chosen["architecture"].startswith("**SDXL") and chosen["family"] == "sdxl"
+    assert chosen["architecture"].startswith("**SDXL") and chosen["family"] == {"family": "sdxl", "resolution": 1024}
     assert chosen["resolution"] == 1024 and "Resolution set to 1024 px, the SDXL default" in chosen["architecture"]
     assert "resolution" not in _choose(tab, sdxl, 768, "sd1")  # set by the user
     assert "resolution" not in _choose(tab, sdxl, 512, "sdxl")  # the same family: 512 was chosen for it

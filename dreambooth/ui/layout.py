@@ -149,7 +149,7 @@ def _first_screen(tab: Any) -> None:
                     c["low_memory_preset"] = gr.Button("Low-memory preset", elem_id="db_low_memory_preset", **SMALL)
         if names[0] == "pretrained_model_name_or_path":
             c["architecture"] = gr.Markdown(elem_id="db_architecture")
-            c["family"] = gr.State("")  # the family of the base model on screen (tab.describe_model)
+            c["family"] = gr.State({})  # the family of the base model on screen (tab.describe_model)
         elif names[0] == "concept_instance_data_dir":
             with gr.Column(elem_classes="db-notes"):  # style.css: no gaps while they are empty
                 c["token_preview"] = gr.Markdown(elem_id="db_token_preview")

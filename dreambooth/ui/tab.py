@@ -30,13 +30,7 @@ from .status import dataset_markdown, existing_files, loss_points, status_markdo
 MAX_THUMBNAILS = 24
 PRESET_FIELDS = ("low_memory", "train_batch_size", "cache_latents", "optimizer")
 MODEL_FIELD = "pretrained_model_name_or_path"
-FAMILY_RESOLUTION = {"sdxl": 1024}  # px a family trains at by default; the others: the resolution field's default
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-def family_resolution(family: str) -> int:
-    """The resolution a model family is trained at by default (SDXL 1024 px, SD 1.x/2.x the field's 512)."""
-    return FAMILY_RESOLUTION.get(family, Settings().resolution)
 
 
 class Tab:
@@ -53,7 +47,7 @@ class Tab:
         self.widgets: dict[str, Any] = {}
         self.concept_widgets: dict[str, Any] = {}
         self.controls: dict[str, Any] = {}
-        self._descriptions: dict[tuple[str, int, int], tuple[str, str]] = {}
+        self._descriptions: dict[tuple[str, int, int], tuple[str, dict[str, Any]]] = {}
         self.memory = MemoryPanel()
 
     # -------------------------------------------------------------------------------------- the form
@@ -144,11 +138,12 @@ class Tab:
         """The architecture line for a model path."""
         return self._described(path)[0]
 
-    def _described(self, path: str) -> tuple[str, str]:
-        """The architecture line and the family ("sd1", "sd2", "sdxl"; "" when unreadable) for a model path (cached
-        per file version: a .ckpt has to be read whole)."""
+    def _described(self, path: str) -> tuple[str, dict[str, Any]]:
+        """The architecture line and the family (``{"family": "sdxl", "resolution": 1024}``: its name and default
+        training resolution in px; {} when unreadable) for a model path (cached per file version: a .ckpt has to be
+        read whole)."""
         if not path:
-            return "Choose a base model.", ""
+            return "Choose a base model.", {}
         try:
             stat = Path(path).stat()
             key = (path, stat.st_mtime_ns, stat.st_size)
@@ -158,14 +153,16 @@ class Tab:
             return self._descriptions[key]
         try:
             from ..models.describe import architecture_of, describe_architecture
+            from ..train.families import family_for
 
             refused = self.host.paths.check_read(path, "pretrained_model_name_or_path")
             if refused:
                 raise DreamBoothError(refused)
             arch = architecture_of(path)
-            described = describe_architecture(arch), arch.family
+            family = {"family": arch.family, "resolution": family_for(arch).default_resolution}
+            described = describe_architecture(arch), family
         except (DreamBoothError, OSError) as error:
-            return f"**Cannot read this model:** {error}", ""
+            return f"**Cannot read this model:** {error}", {}
         if key is not None:
             self._descriptions = {key: described}  # one entry: the model on screen
         return described
@@ -182,7 +179,7 @@ class Tab:
             settings.pretrained_model_name_or_path = self.default_model() or ""
         text, family = self._described(settings.pretrained_model_name_or_path)
         if not last and family:  # the defaults are those of the base model's family (SDXL: 1024 px)
-            settings.resolution = family_resolution(family)
+            settings.resolution = family["resolution"]
         return {
             **self.widget_values(settings),
             self.controls["settings_message"]: message,
@@ -245,13 +242,14 @@ class Tab:
         resolution is still that family's default (the user did not set one), the new family's default."""
         resolution, shown = self.widgets["resolution"], self.controls["family"]
         text, family = self._described(self.model_path(data[self.widgets[MODEL_FIELD]]))
-        before, value = data.get(shown) or "", data.get(resolution)
+        before, value = data.get(shown) or {}, data.get(resolution)
         out = {self.controls["architecture"]: text, shown: family or before}
-        if family and before and family != before and value in (None, family_resolution(before)):
-            new = family_resolution(family)
+        changed = family and before and family["family"] != before["family"]
+        if changed and value in (None, before["resolution"]):
+            new = family["resolution"]
             if new != value:
                 out[resolution] = new
-                name = FAMILY_NAMES.get(family, family)
+                name = FAMILY_NAMES.get(family["family"], family["family"])
                 out[self.controls["architecture"]] = f"{text}  \nResolution set to {new} px, the {name} default."
         return out
 
