@@ -62,11 +62,14 @@ CONTROLS = {  # widgets that are not settings fields: buttons, reports, the run 
 
 @pytest.fixture
 def tab(tmp_path, tiny_checkpoint):
+    return _tab(tmp_path, tiny_checkpoint("sd1"))
+
+
+def _tab(tmp_path, source):
     import shutil
 
     from dreambooth.ui.tab import build_tab
 
-    source = tiny_checkpoint("sd1")
     folder = tmp_path / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)
     for path in (source, source.with_suffix(".yaml")):  # the models folder holds one base model
@@ -478,10 +481,20 @@ def test_the_architecture_line_is_filled_when_the_page_opens(tab):
     assert shown["db_pretrained_model_name_or_path"] == "tiny-sd1.safetensors"  # the list's title, not a path
 
 
+def _choose(tab, model, resolution=512, family="sd1"):
+    """What choosing ``model`` in the base-model list answers (the model on screen before is of ``family``), by
+    elem_id / control name."""
+    data = {tab.widgets["pretrained_model_name_or_path"]: str(model), tab.widgets["resolution"]: resolution}
+    data[tab.controls["family"]] = {"family": family, "resolution": 1024 if family == "sdxl" else 512}
+    answer = named(tab, tab.describe_model(data))
+    assert set(event(tab, tab.describe_model, data)) >= {"db_architecture", "db_resolution"}  # the event's outputs
+    return answer
+
+
 def test_model_description_and_the_standalone_switch_message(tab, tiny_checkpoint):
-    described = named(tab, tab.describe_model(str(tiny_checkpoint("sd1"))))
-    assert "SD 1.x" in described["architecture"]
-    assert "Cannot read" in named(tab, tab.describe_model("/nonexistent.safetensors"))["architecture"]
+    described = _choose(tab, tiny_checkpoint("sd1"))
+    assert "SD 1.x" in described["architecture"] and described["family"] == {"family": "sd1", "resolution": 512}
+    assert "Cannot read" in _choose(tab, "/nonexistent.safetensors")["architecture"]
     switched = named(tab, tab.use_checkpoint("/some/file.safetensors"))
     assert "Not switched" in switched["message"] and switched["switched"] == ""
     lora = tab.host.lora_dir / "ring_2.safetensors"  # issue 14: a LoRA output says how to use it in the WebUI
@@ -490,6 +503,24 @@ def test_model_description_and_the_standalone_switch_message(tab, tiny_checkpoin
     used = named(tab, tab.use_checkpoint(str(lora)))
     assert "Not used" in used["message"] and "<lora:ring_2:1>" in used["message"] and "models/Lora" in used["message"]
     assert used["lora_tag"] == "" and used["switched"] == ""
+
+
+def test_an_sdxl_base_shows_sdxl_and_brings_its_default_resolution(tab, tiny_checkpoint):
+    """Issue 15: the tab shows SDXL as the detected family, and choosing an SDXL base sets SDXL's 1024 px when the
+    resolution is still the previous family's default; a resolution the user set stays."""
+    sdxl, sd1 = tiny_checkpoint("sdxl"), tiny_checkpoint("sd1")
+    chosen = _choose(tab, sdxl, 512, "sd1")
+    assert chosen["architecture"].startswith("**SDXL") and chosen["family"] == {"family": "sdxl", "resolution": 1024}
+    assert chosen["resolution"] == 1024 and "Resolution set to 1024 px, the SDXL default" in chosen["architecture"]
+    assert "resolution" not in _choose(tab, sdxl, 768, "sd1")  # set by the user
+    assert "resolution" not in _choose(tab, sdxl, 512, "sdxl")  # the same family: 512 was chosen for it
+    assert _choose(tab, sd1, 1024, "sdxl")["resolution"] == 512  # back to SD 1.x's default
+
+
+def test_the_page_opens_with_the_sdxl_defaults_for_an_sdxl_base(tmp_path, tiny_checkpoint):
+    tab = _tab(tmp_path, tiny_checkpoint("sdxl"))
+    shown = page_load(tab)
+    assert shown["db_architecture"].startswith("**SDXL") and shown["db_resolution"] == 1024
 
 
 def test_low_memory_preset_sets_its_fields(tab):

@@ -42,18 +42,19 @@ def wait_for(condition, timeout=WAIT_SECONDS):
 
 @pytest.fixture
 def webui(tmp_path, tiny_checkpoint, monkeypatch):
-    """A fresh fake WebUI with the tiny model in models/Stable-diffusion, loaded as the current model."""
+    """A fresh fake WebUI with a tiny model (``webui(variant="sdxl")``; default SD 1.x) in models/Stable-diffusion as
+    base.safetensors, loaded as the current model."""
     _purge_fake()
     monkeypatch.syspath_prepend(str(FAKE))
     monkeypatch.setenv("DREAMBOOTH_ALLOWED_ROOTS", str(tmp_path))
     monkeypatch.setenv("DREAMBOOTH_DATA_DIR", str(tmp_path / "extension-data"))
     from modules import fake, paths
 
-    def start(**cmd_opts):
+    def start(variant="sd1", **cmd_opts):
         fake.reset(tmp_path / "webui", **cmd_opts)
         folder = Path(paths.models_path) / "Stable-diffusion"
         folder.mkdir(parents=True, exist_ok=True)
-        source = tiny_checkpoint("sd1")
+        source = tiny_checkpoint(variant)
         target = folder / "base.safetensors"
         shutil.copy(source, target)
         shutil.copy(source.with_suffix(".yaml"), folder / "base.yaml")
@@ -250,7 +251,39 @@ def test_the_weights_taken_from_memory_are_exactly_the_files(webui):
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(memory, name).state_dict(), getattr(disk, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert memory.extras.keys() == disk.extras.keys()  # not the schedule buffers the WebUI's model computes
     assert memory.arch == disk.arch
+
+
+def test_the_sdxl_weights_taken_from_memory_are_exactly_the_files(webui):
+    """Issue 15: the WebUI's loaded SDXL model (sgm's DiffusionEngine, hijacked) holds each text-encoder tensor twice
+    (``conditioner.*`` and ``cond_stage_model.*``), ``.wrapped`` segments, and ``denoiser.sigmas``, which the file
+    lacks: the components taken from it are the file's, every key and extra as the file has them, nothing more."""
+    w = webui("sdxl", no_half=True)
+    from dreambooth.models.components import load_components
+
+    keys = w.model.state_dict().keys()
+    assert any(k.startswith("cond_stage_model.embedders.1.wrapped.model.") for k in keys) and "denoiser.sigmas" in keys
+    host = w.glue.runner().host
+    assert host._memory_is_clean(w.model, str(w.base)) == ""
+    memory, disk = host._components_from_memory(w.model, str(w.base)), load_components(w.base)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(memory, name).state_dict(), getattr(disk, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert memory.extras.keys() == disk.extras.keys()
+    assert all(torch.equal(memory.extras[k], disk.extras[k]) for k in memory.extras)
+    assert memory.arch == disk.arch and memory.arch.family == "sdxl"
+
+
+def test_a_loaded_model_that_lacks_some_of_the_files_tensors_is_not_trained_from(webui):
+    """The WebUI loads with ``strict=False``: a tensor of the file that found no place in its model would be missing
+    from an output made from memory, so the file is read instead."""
+    w = webui("sdxl", no_half=True)
+    host = w.glue.runner().host
+    owner = w.model.conditioner.embedders._modules["1"].wrapped.model
+    del owner._parameters["logit_scale"]
+    reason = host._memory_is_clean(w.model, str(w.base))
+    assert reason == "the loaded model lacks 1 of the file's tensors (e.g. conditioner.embedders.1.model.logit_scale)"
 
 
 def test_a_clean_fp32_model_is_trained_from_memory_with_the_same_result(webui, make_settings, tmp_path):
@@ -278,6 +311,31 @@ def test_a_clean_fp32_model_is_trained_from_memory_with_the_same_result(webui, m
     assert moved > 0 and apart < 0.05 * moved, (apart, moved)
     assert w.model.location == "cuda"
     assert all(p.dtype == torch.float32 for p in w.model.parameters())  # the WebUI's own weights were not trained
+
+
+def test_an_sdxl_model_loaded_in_the_webui_is_trained_from_memory_into_a_listed_checkpoint(webui, make_settings):
+    """Issue 15, inside the WebUI: the loaded SDXL model's clean weights are trained (no second read of the file);
+    the output lands in the checkpoint folder with its sidecar yaml, is listed, holds exactly the base file's keys,
+    and one click makes txt2img use it."""
+    w = webui("sdxl", no_half=True)
+    from modules import sd_models
+
+    from dreambooth.models.files import read_state_dict, read_yaml
+
+    runner, settings = settings_for(w, make_settings, model_name="xl")
+    runner.start(settings)
+    assert runner.wait(WAIT_SECONDS) and runner.snapshot().state == "finished", runner.snapshot().error
+    assert any("training from the model already loaded in the WebUI" in line for line in runner.snapshot().log)
+    output = w.folder / "xl_2.safetensors"
+    assert runner.snapshot().checkpoints == (str(output),)
+    assert str(output) in [info.filename for info in sd_models.checkpoints_list.values()]
+    tensors, base = read_state_dict(output)[0], read_state_dict(w.base)[0]
+    assert tensors.keys() == base.keys()  # no cond_stage_model.* copies, no denoiser.sigmas
+    assert any(not torch.equal(tensors[k], base[k]) for k in tensors if k.startswith("model.diffusion_model."))
+    assert read_yaml(output.with_suffix(".yaml")) == read_yaml(w.base.with_suffix(".yaml"))
+    done, message = w.glue.runner().host.use_checkpoint(str(output))
+    loaded = sd_models.model_data.sd_model
+    assert done and loaded.is_sdxl and loaded.sd_checkpoint_info.filename == str(output), message
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,16 @@ What it does, in order (each step prints one line; the summary goes to WORK/summ
 1. Writes a tiny checkpoint with the real SD UNet's shape (``write_tiny_checkpoint(layout="sd")``: the WebUI maps
    LoRA names through the real UNet's layout) into WORK, and copies it with its yaml into the WebUI's
    ``models/Stable-diffusion`` (the yaml names the tiny CLIP folder in WORK; it must not sit in the models folder).
+   SDXL (``--family sdxl``, or an SDXL ``--base``): the tiny SDXL; its yaml names a tiny open_clip config for the
+   second text encoder, which open_clip only finds in its registry, so this check copies ``<name>.json`` (beside the
+   CLIP folder) into the WebUI venv's ``open_clip/model_configs/`` -- test set-up, never done by the extension.
 2. The LoRA: ``--lora FILE`` (a file our trainer wrote for that checkpoint, ``--base``), else one built here: lycoris
    LoRA modules on the layers :func:`dreambooth.network.names.select_targets` picks (conv layers included), with
    random non-zero up weights, written by :func:`dreambooth.network.files.write_network_file` with kohya metadata.
-   It goes into the WebUI's ``models/Lora``.
+   It goes into the WebUI's ``models/Lora``.  SDXL needs ``--lora`` (a file our trainer wrote for ``--base``).
 3. Starts the WebUI on 127.0.0.1 (CPU, ``--api --loglevel DEBUG``, the tiny checkpoint), waits for "Startup time:".
-4. ``GET /sdapi/v1/loras``: our file is listed with our metadata.  txt2img, same seed, with ``<lora:NAME:1>``,
+4. ``GET /sdapi/v1/loras``: our file is listed with our metadata.  txt2img (live preview "Approx cheap": the
+   default "Approx NN" downloads ``vaeapprox-sdxl.pt`` for SDXL), same seed, with ``<lora:NAME:1>``,
    ``<lora:NAME:0>`` and without a tag: the first differs from the other two.  The WebUI's log has no "didn't match",
    "could not find", "Couldn't find" or "Networks with errors" line, and the infotext no "Lora not found".
 5. Optionally (``--screenshot OUT.png``, Playwright + /usr/bin/chromium) a picture of the txt2img Lora tab with the
@@ -64,19 +68,46 @@ def write_base(work: Path, family: str, models: Path) -> Path:
     from dreambooth.models.tiny import write_tiny_checkpoint
 
     kind, _, prediction = family.partition("-")
-    name = f"tiny-{family}-sd"
+    sdxl = kind == "sdxl"  # the tiny SDXL has the real SDXL UNet's shape already (one layout)
     path = write_tiny_checkpoint(
         work,
         family=kind,
         prediction_type={"v": "v_prediction", "eps": "epsilon"}.get(prediction),
-        name=name,
-        **({} if kind == "sdxl" else {"layout": "sd"}),  # the tiny SDXL has SDXL's block layout already
+        name=f"tiny-{family}" if sdxl else f"tiny-{family}-sd",
+        layout="small" if sdxl else "sd",
     )
     target = models / "Stable-diffusion" / path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(path, target)
     shutil.copy(path.with_suffix(".yaml"), target.with_suffix(".yaml"))
     return target
+
+
+def register_open_clip_config(base: Path, python: str) -> str:
+    """For an SDXL base whose yaml names an open_clip config other than ViT-bigG-14: copy that config (written
+    beside the tiny CLIP folder by ``write_tiny_checkpoint``) into the WebUI venv's open_clip registry.  Returns
+    what was done, '' when nothing was needed."""
+    from dreambooth.models.files import read_yaml
+
+    yaml_path = base.with_suffix(".yaml")
+    models = read_yaml(yaml_path)["model"]["params"].get("conditioner_config", {}).get("params", {}).get("emb_models")
+    embedders = [m for m in models or [] if str(m.get("target", "")).endswith("FrozenOpenCLIPEmbedder2")]
+    if not embedders:
+        return ""
+    name = embedders[0]["params"]["arch"]
+    folder = subprocess.run(
+        [python, "-c", "import open_clip, pathlib; print(pathlib.Path(open_clip.__file__).parent / 'model_configs')"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    target = Path(folder) / f"{name}.json"
+    if target.is_file():
+        return f"open_clip config {name} already registered ({target})"
+    clip_folder = models[0].get("params", {}).get("version") if models else None
+    source = Path(clip_folder or "") / f"{name}.json"
+    if not source.is_file():
+        raise SystemExit(f"{yaml_path} names open_clip config {name}, which is neither in {folder} nor at {source}")
+    shutil.copy(source, target)
+    return f"registered open_clip config {name}: {source} -> {target} (test set-up)"
 
 
 def build_lora(base: Path, out: Path, family: str, rank: int = 4, seed: int = 0) -> Path:
@@ -182,8 +213,10 @@ def txt2img(url: str, prompt: str, emphasis: str = "") -> tuple[object, str]:
 
     payload = {"prompt": prompt, "steps": 4, "width": 64, "height": 64, "seed": 1234, "sampler_name": "Euler",
                "cfg_scale": 7, "batch_size": 1}  # fmt: skip
+    # "Approx NN" (the default live preview) downloads vaeapprox-sdxl.pt at the first SDXL image: offline it fails
+    payload["override_settings"] = {"show_progress_type": "Approx cheap"}
     if emphasis:
-        payload["override_settings"] = {"emphasis": emphasis}
+        payload["override_settings"]["emphasis"] = emphasis
     answer = call(f"{url}/sdapi/v1/txt2img", payload)
     image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB")
     return np.asarray(image).astype("int16"), json.loads(answer["info"]).get("infotexts", [""])[0]
@@ -241,6 +274,9 @@ def main() -> int:
     else:
         base = write_base(work, args.family, models)
     say(f"base model: {base}")
+    registered = register_open_clip_config(base, args.webui_python)
+    if registered:
+        say(registered)
     lora_dir = models / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or (args.lora.stem if args.lora else f"check-{args.family}")
@@ -249,6 +285,8 @@ def main() -> int:
         shutil.copy(args.lora, lora)
         if args.lora.with_suffix(".json").is_file():
             shutil.copy(args.lora.with_suffix(".json"), lora.with_suffix(".json"))
+    elif args.family == "sdxl":
+        raise SystemExit("--family sdxl needs --lora: a LoRA file our trainer wrote for --base")
     else:
         build_lora(base, lora, args.family)
     from dreambooth.network.files import read_network_file

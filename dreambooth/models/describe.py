@@ -48,7 +48,11 @@ def architecture_of(path: str | os.PathLike) -> Architecture:
 
 def describe_checkpoint(path: str | os.PathLike) -> str:
     """Two lines for people: family, prediction type and where it came from, and the network sizes."""
-    arch = architecture_of(path)
+    return describe_architecture(architecture_of(path))
+
+
+def describe_architecture(arch: Architecture) -> str:
+    """:func:`describe_checkpoint`'s lines for an architecture already read."""
     text = f"text encoder {arch.text['num_hidden_layers']} layers of {arch.text['hidden_size']}"
     if arch.text_2:
         text += f" + {arch.text_2['num_hidden_layers']} layers of {arch.text_2['hidden_size']}"

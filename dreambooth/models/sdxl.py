@@ -278,6 +278,38 @@ def join_sdxl_text(text_sd: dict[str, Any], text_2_sd: dict[str, Any], arch: Arc
 
 # -------------------------------------------------------------------------------------------- the WebUI's yaml
 
+BIG_G_OPEN_CLIP = "ViT-bigG-14"  # the open_clip model config sd_xl_base.yaml names for the second embedder
+
+
+def open_clip_name(arch: Architecture) -> str:
+    """The open_clip model-config name the yaml gives the second embedder: ``ViT-bigG-14`` at bigG's size, else a
+    name spelling the sizes.  The WebUI builds that encoder with ``open_clip.create_model_and_transforms(name)``,
+    which knows only registered names: a smaller encoder needs :func:`open_clip_model_config` registered there."""
+    t = arch.text_2 or {}
+    sizes = (t.get("hidden_size"), t.get("num_hidden_layers"), t.get("num_attention_heads"), t.get("projection_dim"))
+    if sizes == (1280, 32, 20, 1280):
+        return BIG_G_OPEN_CLIP
+    return "sdxl-text2-w{}-l{}-h{}-p{}".format(*sizes)
+
+
+def open_clip_model_config(arch: Architecture) -> dict[str, Any]:
+    """open_clip's model config (``open_clip/model_configs/<open_clip_name>.json``) for this second text encoder.
+    Its vision tower is the smallest open_clip builds: the WebUI deletes it right after building."""
+    t = arch.text_2 or {}
+    if t.get("intermediate_size") != 4 * t.get("hidden_size", 0) or t.get("hidden_act") != "gelu":
+        raise ValueError("open_clip 2.20 builds text towers with a GELU MLP 4x their width only")
+    return {
+        "embed_dim": t["projection_dim"],
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
+        "text_cfg": {
+            "context_length": t["max_position_embeddings"],
+            "vocab_size": t["vocab_size"],
+            "width": t["hidden_size"],
+            "heads": t["num_attention_heads"],
+            "layers": t["num_hidden_layers"],
+        },
+    }
+
 
 def sgm_yaml(arch: Architecture) -> dict[str, Any]:
     """``sd_xl_base.yaml`` (the WebUI's SDXL config, from Stability's generative-models) with this model's sizes."""
@@ -290,6 +322,7 @@ def sgm_yaml(arch: Architecture) -> dict[str, Any]:
     head_channels = channels[0] // (heads[0] if isinstance(heads, (list, tuple)) else heads)
     attention = [2**i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")]
     v = arch.is_v_prediction
+    big_g = open_clip_name(arch) == BIG_G_OPEN_CLIP
     clip_params: dict[str, Any] = {"layer": "hidden", "layer_idx": text["num_hidden_layers"] - 1}
     if arch.clip_version:
         clip_params["version"] = arch.clip_version
@@ -354,8 +387,9 @@ def sgm_yaml(arch: Architecture) -> dict[str, Any]:
                                 "input_key": "txt",
                                 "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
                                 "params": {
-                                    "arch": "ViT-bigG-14",
-                                    "version": "laion2b_s39b_b160k",
+                                    "arch": open_clip_name(arch),
+                                    # open_clip's pretrained tag; the WebUI loads no weights by it (None: none exist)
+                                    "version": "laion2b_s39b_b160k" if big_g else None,
                                     "freeze": True,
                                     "layer": "penultimate",
                                     "always_return_pooled": True,

@@ -8,6 +8,7 @@ CLIP text model and its tokenizer instead of ``openai/clip-vit-large-patch14``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,13 @@ def tiny_architecture(
 def tiny_sdxl_architecture(prediction_type: str = "epsilon") -> Architecture:
     """SDXL at a test size: the released model's shape (attention-free first level, more transformer blocks deeper,
     linear projections, the text_time added embedding) at 32/64 channels, and two text encoders of different widths
-    (32 and 64, as 768 and 1280: diffusers' single-file loader tells the two CLIPs apart by their width)."""
+    (32 and 64, as 768 and 1280: diffusers' single-file loader tells the two CLIPs apart by their width).  The second
+    one's MLP is 4x its width, as bigG's: open_clip 2.20 (the WebUI's pin) has no other MLP ratio for text towers."""
     from .sdxl import SDXL_SCALE_FACTOR, TIME_IDS, standard_sdxl_architecture, text_config
 
     arch = standard_sdxl_architecture(prediction_type)
     text = text_config(32, 64, 4, 1, "quick_gelu", 49407, 32)
-    text_2 = text_config(64, 128, 4, 1, "gelu", 0, 64)
+    text_2 = text_config(64, 256, 4, 1, "gelu", 0, 64)
     time_dim = 8
     arch.unet.update(
         sample_size=8,
@@ -197,7 +199,8 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write a tiny single-file checkpoint with its sidecar yaml into ``directory``; returns the checkpoint path.
 
-    For SD 1.x a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names.  ``components``
+    For SD 1.x and SDXL a folder ``NAME-clip/`` beside it holds the text model and tokenizer the yaml names (SDXL:
+    also ``<open_clip name>.json``, the second text encoder's open_clip model config).  ``components``
     (e.g. the demo's, whose VAE was taught to reconstruct) are written instead of new random ones.  ``layout``: see
     :func:`tiny_architecture`.
     """
@@ -213,6 +216,11 @@ def write_tiny_checkpoint(
             components.text_encoder.save_pretrained(str(clip_dir), safe_serialization=True)
             components.tokenizer.save_pretrained(str(clip_dir))
         arch.clip_version = str(clip_dir)
+        if arch.is_sdxl:  # the second embedder's open_clip config, to register where the WebUI runs (sdxl.py)
+            from .sdxl import open_clip_model_config, open_clip_name
+
+            config = json.dumps(open_clip_model_config(arch), indent=2)
+            (clip_dir / f"{open_clip_name(arch)}.json").write_text(config + "\n")
     destination = directory / f"{name}{suffix}"
     save_single_file(components, destination, sidecar=True)
     return destination

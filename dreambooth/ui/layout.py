@@ -149,6 +149,7 @@ def _first_screen(tab: Any) -> None:
                     c["low_memory_preset"] = gr.Button("Low-memory preset", elem_id="db_low_memory_preset", **SMALL)
         if names[0] == "pretrained_model_name_or_path":
             c["architecture"] = gr.Markdown(elem_id="db_architecture")
+            c["family"] = gr.State({})  # the family of the base model on screen (tab.describe_model)
         elif names[0] == "concept_instance_data_dir":
             with gr.Column(elem_classes="db-notes"):  # style.css: no gaps while they are empty
                 c["token_preview"] = gr.Markdown(elem_id="db_token_preview")
@@ -257,6 +258,7 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     editor = [tab.concept_widgets[s.name] for s in tab.concept_fields]
     concept = {c["concepts"], c["concept_index"], *editor}
     fill = [*widgets.values(), *editor, c["concepts"], c["concept_index"], c["settings_message"], c["architecture"]]
+    fill.append(c["family"])
     model, resume = widgets["pretrained_model_name_or_path"], widgets["resume_from"]
 
     # Handlers that only move values around answer at once, outside gradio's queue: a queued event fails ("Error"
@@ -276,7 +278,8 @@ def _wire(tab: Any, blocks: gr.Blocks) -> None:
     c["load"].click(tab.load_settings, c["saved"], fill, **quick)
     c["save"].click(tab.save_settings, tab.form(), [c["settings_message"], c["saved"]], **quick)
     c["refresh_models"].click(tab.refresh_models, {model, resume}, [model, resume])
-    model.change(tab.describe_model, model, c["architecture"])
+    resolution = widgets["resolution"]
+    model.change(tab.describe_model, {model, resolution, c["family"]}, [c["architecture"], c["family"], resolution])
 
     index = c["concept_index"]
     c["concept_index"].select(tab.select_concept, {c["concepts"], index}, editor, **quick)

@@ -30,6 +30,7 @@ from .status import dataset_markdown, existing_files, plot_rows, status_markdown
 MAX_THUMBNAILS = 24
 PRESET_FIELDS = ("low_memory", "train_batch_size", "cache_latents", "optimizer")
 MODEL_FIELD = "pretrained_model_name_or_path"
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 class Tab:
@@ -46,7 +47,7 @@ class Tab:
         self.widgets: dict[str, Any] = {}
         self.concept_widgets: dict[str, Any] = {}
         self.controls: dict[str, Any] = {}
-        self._descriptions: dict[tuple[str, int, int], str] = {}
+        self._descriptions: dict[tuple[str, int, int], tuple[str, dict[str, Any]]] = {}
         self.memory = MemoryPanel()
 
     # -------------------------------------------------------------------------------------- the form
@@ -134,9 +135,15 @@ class Tab:
         return self.host.loaded_checkpoint() or (checkpoints[0].path if checkpoints else None)
 
     def describe(self, path: str) -> str:
-        """The architecture line for a model path (cached per file version: a .ckpt has to be read whole)."""
+        """The architecture line for a model path."""
+        return self._described(path)[0]
+
+    def _described(self, path: str) -> tuple[str, dict[str, Any]]:
+        """The architecture line and the family (``{"family": "sdxl", "resolution": 1024}``: its name and default
+        training resolution in px; {} when unreadable) for a model path (cached per file version: a .ckpt has to be
+        read whole)."""
         if not path:
-            return "Choose a base model."
+            return "Choose a base model.", {}
         try:
             stat = Path(path).stat()
             key = (path, stat.st_mtime_ns, stat.st_size)
@@ -145,32 +152,39 @@ class Tab:
         if key in self._descriptions:
             return self._descriptions[key]
         try:
-            from ..models.describe import describe_checkpoint
+            from ..models.describe import architecture_of, describe_architecture
+            from ..train.families import family_for
 
             refused = self.host.paths.check_read(path, "pretrained_model_name_or_path")
             if refused:
                 raise DreamBoothError(refused)
-            text = describe_checkpoint(path)
+            arch = architecture_of(path)
+            family = {"family": arch.family, "resolution": family_for(arch).default_resolution}
+            described = describe_architecture(arch), family
         except (DreamBoothError, OSError) as error:
-            return f"**Cannot read this model:** {error}"
+            return f"**Cannot read this model:** {error}", {}
         if key is not None:
-            self._descriptions = {key: text}  # one entry: the model on screen
-        return text
+            self._descriptions = {key: described}  # one entry: the model on screen
+        return described
 
     # -------------------------------------------------------------------------------------- handlers
 
     def initial(self) -> dict[Any, Any]:
         """What the form shows when the page (re)loads: the last used settings, else the defaults, and what the
         base model is."""
-        settings = self.host.last_used()
-        message = "The settings of the last training are back." if settings else "Default settings."
-        settings = settings or self._base()
+        last = self.host.last_used()
+        message = "The settings of the last training are back." if last else "Default settings."
+        settings = last or self._base()
         if not settings.pretrained_model_name_or_path:
             settings.pretrained_model_name_or_path = self.default_model() or ""
+        text, family = self._described(settings.pretrained_model_name_or_path)
+        if not last and family:  # the defaults are those of the base model's family (SDXL: 1024 px)
+            settings.resolution = family["resolution"]
         return {
             **self.widget_values(settings),
             self.controls["settings_message"]: message,
-            self.controls["architecture"]: self.describe(settings.pretrained_model_name_or_path),
+            self.controls["architecture"]: text,
+            self.controls["family"]: family,
         }
 
     def train(self, data: dict[Any, Any]) -> dict[Any, Any]:
@@ -215,14 +229,29 @@ class Tab:
             settings = self.host.load_settings(name)
         except (OSError, DreamBoothError) as error:
             return {message: f"**Not loaded:** {error}"}  # the form stays as it is
+        text, family = self._described(settings.pretrained_model_name_or_path)
         return {
             **self.widget_values(settings),
             message: f"Loaded '{name}'.",
-            self.controls["architecture"]: self.describe(settings.pretrained_model_name_or_path),
+            self.controls["architecture"]: text,
+            self.controls["family"]: family,
         }
 
-    def describe_model(self, value: str) -> dict[Any, Any]:
-        return {self.controls["architecture"]: self.describe(self.model_path(value))}
+    def describe_model(self, data: dict[Any, Any]) -> dict[Any, Any]:
+        """The architecture line of the chosen base model; when its family differs from the last one's and the
+        resolution is still that family's default (the user did not set one), the new family's default."""
+        resolution, shown = self.widgets["resolution"], self.controls["family"]
+        text, family = self._described(self.model_path(data[self.widgets[MODEL_FIELD]]))
+        before, value = data.get(shown) or {}, data.get(resolution)
+        out = {self.controls["architecture"]: text, shown: family or before}
+        changed = family and before and family["family"] != before["family"]
+        if changed and value in (None, before["resolution"]):
+            new = family["resolution"]
+            if new != value:
+                out[resolution] = new
+                name = FAMILY_NAMES.get(family["family"], family["family"])
+                out[self.controls["architecture"]] = f"{text}  \nResolution set to {new} px, the {name} default."
+        return out
 
     def refresh_models(self, data: dict[Any, Any]) -> dict[Any, Any]:
         """Re-read the checkpoint list and the resumable training states."""

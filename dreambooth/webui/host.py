@@ -7,7 +7,10 @@ Facts of AUTOMATIC1111 v1.10.1 this relies on (measured on its source):
 - ``sd_models.send_model_to_cpu`` frees the loaded model's GPU memory; ``send_model_to_device`` gives it back
   (``reload_model_weights`` would return early and leave the model on the CPU).
 - ``model_data.sd_model`` is the loaded model without triggering a load; its ``state_dict()`` keys are the single
-  file's keys except for ``.wrapped`` segments that the text-encoder hijack inserts.
+  file's keys except for ``.wrapped`` segments that the text-encoder hijack inserts.  SDXL (sgm's ``DiffusionEngine``,
+  checked in the real WebUI): the hijack also sets ``cond_stage_model = conditioner``, so both text encoders appear
+  a second time under ``cond_stage_model.embedders.*`` (the same tensors), and ``denoiser.sigmas`` is a buffer the
+  model computes from the yaml, absent from the file.
 - The loaded weights equal the file only when no Lora deltas are patched in (``network_current_names``) and no Lora
   network is loaded (the Lora extension's ``networks.loaded_networks``: its class-level forward patches re-apply
   those to the loaded model's layers), no other VAE is loaded (``loaded_vae_file``), nothing is fp8, and the dtype is
@@ -262,11 +265,38 @@ class WebuiHost(Host):
                 probe_key, probe = key, tensor
         if probe is None:
             return "the loaded model has no UNet weights"
+        in_file = self._file_keys(path)
+        if in_file is not None:  # what the WebUI did not load (EMA copies aside) would be missing from the output
+            lacking = sorted(k for k in in_file - self._loaded_tensors(model).keys() if not k.startswith("model_ema."))
+            if lacking:
+                return f"the loaded model lacks {len(lacking)} of the file's tensors (e.g. {lacking[0]})"
         if probe.dtype != torch.float32 and not (frozen and probe.dtype in (torch.float16, torch.bfloat16)):
             file_dtype = self._file_dtype(path, probe_key)
             if file_dtype != probe.dtype:
                 return f"the loaded weights are {probe.dtype} while the file holds {file_dtype or 'another dtype'}"
         return ""
+
+    @staticmethod
+    def _loaded_tensors(model: Any) -> dict[str, Any]:
+        """The loaded model's tensors under the file's names: the hijack's ``.wrapped`` segments removed, and each
+        tensor once (for SDXL the hijack sets ``cond_stage_model = conditioner``, so ``state_dict()`` lists both
+        text encoders a second time under ``cond_stage_model.``; ``named_children`` names a shared child once)."""
+        children = {name for name, _ in model.named_children()}
+        return {
+            key.replace(".wrapped.", "."): tensor
+            for key, tensor in model.state_dict().items()
+            if "." not in key or key.split(".", 1)[0] in children
+        }
+
+    @staticmethod
+    def _file_keys(path: str) -> set[str] | None:
+        """The tensor names a .safetensors file holds (its header only); None for other files."""
+        if not path.lower().endswith(".safetensors"):
+            return None
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return set(handle.keys())
 
     @staticmethod
     def _file_dtype(path: str, key: str) -> Any:
@@ -291,8 +321,11 @@ class WebuiHost(Host):
         from ..models.components import components_from_state_dict
 
         state, dtype = {}, torch.float32
-        for key, tensor in model.state_dict().items():
-            key = key.replace(".wrapped.", ".")
+        in_file = self._file_keys(path)
+        for key, tensor in self._loaded_tensors(model).items():
+            # buffers the WebUI computes (sgm's denoiser.sigmas) are not the file's: outputs keep the file's keys
+            if (key not in in_file) if in_file is not None else key.startswith("denoiser."):
+                continue
             if not tensor.is_floating_point():
                 state[key] = tensor
             elif shared:

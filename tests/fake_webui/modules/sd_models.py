@@ -9,8 +9,9 @@ that leaves a CPU-unloaded model on the CPU), ``reuse_model_from_already_loaded`
 
 The model is ``FakeSdModel``: a ``torch.nn.Module`` whose module tree is built from the checkpoint's keys (one plain
 sub-module per key prefix, tensors as parameters), plus the DDPM schedule buffers the real ``LatentDiffusion`` always
-has. So ``state_dict()`` has the file's keys (after the real SD1 key normalisation), the hijack's ``.wrapped``
-segments (see ``sd_hijack``), the schedule buffers, and the dtypes the WebUI would give them.
+has (SDXL: sgm's ``denoiser.sigmas`` instead).  So ``state_dict()`` has the file's keys (after the real SD1 key
+normalisation), the hijack's ``.wrapped`` segments (see ``sd_hijack``), the schedule buffers, and the dtypes the
+WebUI would give them.
 
 Where the model is: ``model.location`` is ``"cuda"`` (on the accelerator), ``"cpu"`` or ``"meta"`` (trashed), updated
 by every ``.to()``/``.cpu()``/``.cuda()``. On a machine without CUDA the accelerator is simulated: ``devices.device``
@@ -537,7 +538,18 @@ class FakeSdModel(torch.nn.Module):
             else:
                 module.register_buffer(leaf, tensor)
 
-        for name, value in _ddpm_schedule().items():
+        schedule = _ddpm_schedule()
+        if any(key.startswith("conditioner.") for key in state_dict):
+            # sgm's DiffusionEngine (SDXL) has none of ldm's schedule buffers; its DiscreteDenoiser holds the
+            # sigmas, in state_dict() as "denoiser.sigmas" though files rarely carry it
+            if "denoiser" not in self._modules:
+                self.add_module("denoiser", _Node())
+            if "sigmas" not in self.denoiser._buffers:
+                alphas = schedule["alphas_cumprod"]
+                self.denoiser.register_buffer("sigmas", ((1 - alphas) / alphas).sqrt())
+            self.alphas_cumprod = schedule["alphas_cumprod"]  # sd_models_xl.extend_sdxl: a plain attribute
+            schedule = {}
+        for name, value in schedule.items():
             if name not in self._buffers:
                 self.register_buffer(name, value)
         # transformers 4.30 (the WebUI's pin) keeps CLIP's position_ids as a persistent buffer
