@@ -113,8 +113,8 @@ def lora_targets(spec: dict[str, Any]) -> Iterator[None]:
 
     choose = adapter.select_targets
 
-    def diffusers_layers(unet: Any, text_encoder: Any, *, conv: bool) -> list[Any]:
-        return [target for target in choose(unet, text_encoder, conv=conv) if is_diffusers_target(target)]
+    def diffusers_layers(*modules: Any, **options: Any) -> list[Any]:  # SDXL: a second text encoder among them
+        return [target for target in choose(*modules, **options) if is_diffusers_target(target)]
 
     adapter.select_targets = diffusers_layers
     try:
