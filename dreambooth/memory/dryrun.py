@@ -45,17 +45,36 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     device: the modules' weights (but those named in ``off_device``: "vae", "text_encoder"), the cached text
     embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
-    modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    names = ("unet", "text_encoder", "text_encoder_2", "vae")  # SDXL's second text encoder; None for SD 1.x / 2.x
+    modules = [getattr(components, n) for n in names if n not in off_device and getattr(components, n) is not None]
     if trainer.method is not None:  # a LoRA / LoHa / LoKr adapter: its weights beside the frozen model's
         modules.append(trainer.method.network)
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
-    tracker.register(list(trainer.text_cache.values()), TEXT_CACHE_LABEL)
+    tracker.register(_tensors(trainer.text_cache.values()), TEXT_CACHE_LABEL)
     with tracker:
         for _ in range(steps):
             trainer._step(run)
     return tracker
+
+
+def _tensors(values: Any) -> list[Any]:
+    """The tensors in ``values``, also inside dataclasses, tuples, lists and dicts (an SDXL embedding is both
+    encoders' hidden states and the pooled output)."""
+    import torch
+
+    found: list[Any] = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            found += _tensors(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif isinstance(value, dict):
+            found += _tensors(value.values())
+        elif isinstance(value, (tuple, list)):
+            found += _tensors(value)
+    return found
 
 
 class TrackedTrainer(Trainer):
@@ -228,6 +247,7 @@ class DryRun(Trainer):
             _on_meta,
             build_scheduler,
             build_text_encoder,
+            build_text_encoder_2,
             build_unet,
             build_vae,
         )
@@ -241,7 +261,10 @@ class DryRun(Trainer):
             noise_scheduler=build_scheduler(arch),
             arch=arch,
         )
-        for module in (components.unet, components.vae, components.text_encoder):
+        if arch.is_sdxl:  # the second (OpenCLIP bigG) text encoder and its tokenizer
+            components.text_encoder_2 = _on_meta(lambda: build_text_encoder_2(arch))
+            components.tokenizer_2 = _TokenizerStandIn(int(arch.text_2["max_position_embeddings"]))
+        for module in components.modules:
             module.requires_grad_(False).eval()
         return components
 
@@ -264,7 +287,7 @@ class DryRun(Trainer):
         with quiet_library_notices():
             components = self._fake_components()  # on meta: built in seconds, nothing initialised
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for module in (components.unet, components.vae, components.text_encoder):
+            for module in components.modules:
                 module.to_empty(device="cpu")
                 _convert_by_replacing(module)
                 if self.target_device_type == "cuda":  # CUDA's autocast normalises in float32, the CPU's does not
