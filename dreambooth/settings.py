@@ -587,7 +587,9 @@ class Settings:
     )
 
     # --- text encoder
-    train_text_encoder: bool = setting(False, "Train the text encoder too.", "text_encoder", label="Train text encoder")
+    train_text_encoder: bool = setting(
+        False, "Train the text encoder too (SDXL: both text encoders).", "text_encoder", label="Train text encoder"
+    )
     text_encoder_learning_rate: float | None = setting(
         None,
         "Learning rate of the text encoder (empty: learning_rate).",
@@ -595,6 +597,15 @@ class Settings:
         minimum=0.0,
         maximum=1.0,
         label="Text encoder learning rate",
+    )
+    text_encoder_2_learning_rate: float | None = setting(
+        None,
+        "SDXL: learning rate of the second text encoder (OpenCLIP ViT-bigG) when train_text_encoder is on (empty: "
+        "the text encoder's learning rate; 0: it stays frozen). Unused by SD 1.x/2.x.",
+        "text_encoder",
+        minimum=0.0,
+        maximum=1.0,
+        label="Second text encoder learning rate (SDXL)",
     )
     stop_text_encoder: float = setting(
         1.0,
@@ -606,7 +617,9 @@ class Settings:
     )
     clip_skip: int = setting(
         1,
-        "Use the output of the N-th last text-encoder layer (1: the last).",
+        "Use the output of the N-th last text-encoder layer (1: the last). SDXL counts from the penultimate layer, "
+        "as it was trained: 1 is the penultimate layer of both encoders (diffusers' clip_skip None), N skips N-1 "
+        "more.",
         "text_encoder",
         minimum=1,
         maximum=12,
@@ -810,6 +823,12 @@ class Settings:
 
     def text_encoder_lr(self) -> float:
         return self.learning_rate if self.text_encoder_learning_rate is None else self.text_encoder_learning_rate
+
+    def text_encoder_2_lr(self) -> float:
+        """SDXL's second text encoder's learning rate (0: frozen)."""
+        if self.text_encoder_2_learning_rate is None:
+            return self.text_encoder_lr()
+        return self.text_encoder_2_learning_rate
 
     def class_images_for(self, concept: Concept) -> int:
         return self.num_class_images if concept.num_class_images is None else concept.num_class_images

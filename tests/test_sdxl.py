@@ -276,8 +276,8 @@ def test_sdxl_refiner_and_inpainting_folders_are_refused_by_name(tiny_checkpoint
         load_components(folder)
 
 
-def test_sdxl_is_described_but_not_trained_yet(tiny_checkpoint, make_settings, capsys):
-    """info / convert work; training refuses in one sentence until the SDXL trainer lands."""
+def test_sdxl_is_described_and_accepted_for_training(tiny_checkpoint, make_settings, capsys):
+    """info / convert work; the settings of an SDXL run validate (the trainer: tests/test_sdxl_train.py)."""
     from dreambooth.cli import main
 
     source = tiny_checkpoint("sdxl")
@@ -289,7 +289,7 @@ def test_sdxl_is_described_but_not_trained_yet(tiny_checkpoint, make_settings, c
     assert "**SDXL (non-standard size)**" in describe_checkpoint(source)
     assert "text encoder 4 layers of 32 + 4 layers of 64" in describe_checkpoint(source)
     problems = make_settings(pretrained_model_name_or_path=str(source)).validate()
-    assert any("the model is SDXL; training SDXL is not supported yet" in p for p in problems), problems
+    assert problems == [], problems
 
 
 def test_lora_merge_and_extract_refuse_sdxl_until_its_lora_names_exist(tiny_checkpoint, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 from .augment import Augmentation
 from .dataset import mix_seed
-from .images import image_content_hash, load_image, resize_and_crop
+from .images import Crop, image_content_hash, load_image, plan_crop, resize_and_crop
 
 
 def pixels(
@@ -32,18 +32,54 @@ def pixels(
     augment_seed: int = 0,
 ) -> Any:
     """A (3, H, W) float tensor in [-1, 1]; ``size`` is a square side or a (width, height) bucket."""
+    return pixels_and_crop(path, size, center_crop, flip, crop_seed, augmentation, augment_seed)[0]
+
+
+def pixels_and_crop(
+    path: Path,
+    size: int | tuple[int, int],
+    center_crop: bool,
+    flip: bool,
+    crop_seed: int,
+    augmentation: Augmentation | None = None,
+    augment_seed: int = 0,
+) -> tuple[Any, Crop]:
+    """:func:`pixels` and the :class:`~dreambooth.data.images.Crop` they were cut with (flipped with them)."""
     import numpy as np
     import torch
     from PIL import Image
 
+    image = _source_image(path, augmentation, augment_seed)
+    crop = plan_crop(image.size, size, center_crop, random.Random(crop_seed))
+    image = resize_and_crop(image, size, crop=crop)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = crop.flipped()
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1), crop
+
+
+def crop_of(
+    path: Path,
+    size: int | tuple[int, int],
+    center_crop: bool,
+    flip: bool,
+    crop_seed: int,
+    augmentation: Augmentation | None = None,
+    augment_seed: int = 0,
+) -> Crop:
+    """The crop :func:`pixels` takes with these arguments, without resizing (the image is still decoded: its size
+    after augmentation decides the crop)."""
+    image = _source_image(path, augmentation, augment_seed)
+    crop = plan_crop(image.size, size, center_crop, random.Random(crop_seed))
+    return crop.flipped() if flip else crop
+
+
+def _source_image(path: Path, augmentation: Augmentation | None, augment_seed: int) -> Any:
     image = load_image(path)
     if augmentation is not None:
         image = augmentation.apply(image, augment_seed)
-    image = resize_and_crop(image, size, center_crop=center_crop, rng=random.Random(crop_seed))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return image
 
 
 def module_fingerprint(module: Any) -> str:
@@ -101,6 +137,7 @@ class LatentCache:
         self.seed = seed
         self.cache_dir = cache_dir
         self.memory: dict[str, tuple[Any, Any]] = {}
+        self.crops: dict[str, Crop] = {}  # the crop each entry was encoded from (SDXL's time ids need it)
         self.vae_id = module_fingerprint(vae)
 
     def crop_seed(self, path: Path) -> int:
@@ -125,22 +162,32 @@ class LatentCache:
             return self.memory[key]
         entry = self._read_disk(key)
         if entry is None:
-            entry = latent_distribution(self.vae, self.pixels(path, flip, size, variant))
-            self._write_disk(key, entry)
+            image, self.crops[key] = self._pixels_and_crop(path, flip, size, variant)
+            entry = latent_distribution(self.vae, image)
+            self._write_disk(key, entry, self.crops[key])
         self.memory[key] = entry
         return entry
 
+    def crop(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Crop:
+        """The crop the entry of these arguments was encoded from (remembered with the entry, on disk too)."""
+        key = self.key(path, flip, size, variant)
+        if key not in self.crops:
+            self._read_disk(key)
+        if key not in self.crops:  # an entry written before crops were kept: the same seeds give the same crop
+            self.crops[key] = crop_of(*self._arguments(path, flip, size, variant))
+        return self.crops[key]
+
     def pixels(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Any:
         """The (3, H, W) pixels in [-1, 1] that the entry of these arguments is (or would be) encoded from."""
-        return pixels(
-            path,
-            size or self.resolution,
-            self.center_crop,
-            flip,
-            self.crop_seed(path),
-            self.augmentation,
-            self.augment_seed(path, variant),
-        )
+        return self._pixels_and_crop(path, flip, size, variant)[0]
+
+    def _pixels_and_crop(self, path: Path, flip: bool, size: tuple[int, int] | None, variant: int) -> Any:
+        return pixels_and_crop(*self._arguments(path, flip, size, variant))
+
+    def _arguments(self, path: Path, flip: bool, size: tuple[int, int] | None, variant: int) -> tuple:
+        size_or_side = size or self.resolution
+        seeds = (self.crop_seed(path), self.augmentation, self.augment_seed(path, variant))
+        return (path, size_or_side, self.center_crop, flip, *seeds)
 
     def _read_disk(self, key: str) -> tuple[Any, Any] | None:
         if self.cache_dir is None:
@@ -152,11 +199,14 @@ class LatentCache:
 
         try:
             tensors = load_file(str(path))
-            return tensors["mean"], tensors["std"]
+            entry = tensors["mean"], tensors["std"]
         except Exception:  # a damaged cache entry is recomputed, never trusted
             return None
+        if "crop" in tensors:
+            self.crops[key] = Crop.from_list(tensors["crop"].tolist())
+        return entry
 
-    def _write_disk(self, key: str, entry: tuple[Any, Any]) -> None:
+    def _write_disk(self, key: str, entry: tuple[Any, Any], crop: Crop | None = None) -> None:
         if self.cache_dir is None:
             return
         from safetensors.torch import save_file
@@ -165,4 +215,9 @@ class LatentCache:
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_dir / f"{key}.safetensors") as temp:
-            save_file({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, str(temp))
+            tensors = {"mean": entry[0].contiguous(), "std": entry[1].contiguous()}
+            if crop is not None:
+                import torch
+
+                tensors["crop"] = torch.tensor(crop.as_list(), dtype=torch.int64)
+            save_file(tensors, str(temp))

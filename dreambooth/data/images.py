@@ -7,6 +7,7 @@ file and the reason. Nothing here changes Pillow's global settings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -165,33 +166,82 @@ def check_images(paths, min_size: int = 0) -> list[ImageProblem]:
     return problems
 
 
-def resize_and_crop(
-    image: Image.Image,
+@dataclass(frozen=True)
+class Crop:
+    """Where a training image's pixels came from, in pixels: the image's size before resizing (``original``, height
+    and width, after EXIF rotation and augmentation), its size once scaled to cover the target (``resized``), the
+    crop's top-left corner in the resized image (``top``, ``left``; mirrored when the crop is flipped, so it
+    describes the pixels actually seen) and the target size (``target``, height and width).  SDXL is conditioned on
+    (original, top-left, target): see :meth:`time_ids`."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    top: int
+    left: int
+    target: tuple[int, int]
+
+    def flipped(self) -> Crop:
+        """The same crop of the horizontally flipped image."""
+        left = self.resized[1] - self.left - self.target[1]
+        return dataclasses.replace(self, left=left)
+
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's six size conditionings: (original height, original width, crop top, crop left, target height,
+        target width), in the order of diffusers' ``add_time_ids`` and Stability's sgm."""
+        return (*self.original, self.top, self.left, *self.target)
+
+    def as_list(self) -> list[int]:
+        return [*self.original, *self.resized, self.top, self.left, *self.target]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> Crop:
+        oh, ow, rh, rw, top, left, th, tw = (int(v) for v in values)
+        return cls((oh, ow), (rh, rw), top, left, (th, tw))
+
+
+def plan_crop(
+    image_size: tuple[int, int],
     size: int | tuple[int, int],
     center_crop: bool = True,
     rng: random.Random | None = None,
-) -> Image.Image:
-    """Scale ``image`` to cover the target (Lanczos) and crop it to exactly the target size.
-
-    ``size``: an int for a square, or ``(width, height)``. ``center_crop``: crop the middle; when False the crop is at
-    a random offset drawn from ``rng`` (required then), so the result is deterministic for a given ``rng`` state.
-    """
+) -> Crop:
+    """The :class:`Crop` :func:`resize_and_crop` takes from an image of ``image_size`` (width, height); the random
+    offset (``center_crop`` False) is drawn from ``rng`` exactly as there."""
     target_w, target_h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if target_w <= 0 or target_h <= 0:
         raise ValueError(f"target size must be positive, got {size!r}")
     if not center_crop and rng is None:
         raise ValueError("resize_and_crop: rng is required when center_crop is False")
-    width, height = image.size
+    width, height = image_size
     scale = max(target_w / width, target_h / height)
     new_w = max(target_w, round(width * scale))
     new_h = max(target_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
     if center_crop:
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     else:
         left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
-    return image.crop((left, top, left + target_w, top + target_h))
+    return Crop((height, width), (new_h, new_w), top, left, (target_h, target_w))
+
+
+def resize_and_crop(
+    image: Image.Image,
+    size: int | tuple[int, int],
+    center_crop: bool = True,
+    rng: random.Random | None = None,
+    crop: Crop | None = None,
+) -> Image.Image:
+    """Scale ``image`` to cover the target (Lanczos) and crop it to exactly the target size.
+
+    ``size``: an int for a square, or ``(width, height)``. ``center_crop``: crop the middle; when False the crop is at
+    a random offset drawn from ``rng`` (required then), so the result is deterministic for a given ``rng`` state.
+    ``crop``: the geometry already planned (:func:`plan_crop`); then ``rng`` is not drawn from.
+    """
+    crop = crop or plan_crop(image.size, size, center_crop, rng)
+    new_h, new_w = crop.resized
+    target_h, target_w = crop.target
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    return image.crop((crop.left, crop.top, crop.left + target_w, crop.top + target_h))
 
 
 def image_content_hash(path) -> str:

@@ -276,10 +276,11 @@ def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelErro
 
 
 def training_unsupported(source: str, arch: Architecture, doing: str = "training") -> UnsupportedModelError | None:
-    """Why a model that loads and converts cannot be trained yet (SDXL: the trainer's conditioning comes later).
+    """Why a model that loads and converts cannot be used for ``doing`` yet, else None.
 
-    ``doing`` names the refused work ("training", "merging a LoRA into", ...) in the sentence."""
-    if not arch.is_sdxl:
+    Every family trains (SDXL through train/families/sdxl.py); ``doing`` other than "training" ("merging a LoRA
+    into", "extracting a LoRA from") is refused for SDXL until its LoRA names exist."""
+    if not arch.is_sdxl or doing == "training":
         return None
     return UnsupportedModelError(
         f"{source}: the model is SDXL; {doing} SDXL is not supported yet (SDXL files can be inspected and converted "

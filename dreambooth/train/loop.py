@@ -26,13 +26,14 @@ from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
+from .families import Conditioning, Family, family_for
 from .loss import combine_losses, training_target
 from .method import NetworkMethod
 from .noising import draw_noise, timestep_range, weighted_sample_losses, zero_terminal_snr_scheduler
 from .optimizers import use_averaged_weights, use_training_weights
 from .outputs import Outputs, RunState, TrainResult
 from .precision import FrozenModules, Placement, frozen_placement, move
-from .sampling import encode_prompts, eval_mode, generate
+from .sampling import eval_mode, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
 
@@ -93,7 +94,8 @@ class Trainer(Outputs):
         self.callbacks = callbacks or Callbacks()
         self.commands = commands or Commands()
         self.components = components
-        self.text_cache: dict[str, Any] = {}
+        self.text_cache: dict[str, Any] = {}  # prompt -> hidden states of the frozen text encoder(s)
+        self.pooled_cache: dict[str, Any] = {}  # prompt -> pooled text embedding (SDXL)
         self.latent_cache = None
         self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
         self.dist: Any = None
@@ -120,7 +122,6 @@ class Trainer(Outputs):
     def _load(self, device: Any) -> Any:
         import torch
 
-        from ..models.architecture import training_unsupported
         from ..models.components import drop_base_ema, load_components
         from ..validation import training_warnings
 
@@ -129,9 +130,6 @@ class Trainer(Outputs):
         if components is None:
             self._emit("loading", f"loading {s.pretrained_model_name_or_path}")
             components = load_components(s.pretrained_model_name_or_path)
-        refusal = training_unsupported(components.source, components.arch)
-        if refusal:
-            raise refusal
         dropped = drop_base_ema(components)
         if dropped:
             self.log(f"dropped {dropped} EMA tensors (model_ema.*) of the base file: they were not trained")
@@ -139,9 +137,9 @@ class Trainer(Outputs):
             from ..models.components import load_vae
 
             components.vae, components.arch = load_vae(s.pretrained_vae_name_or_path, components.arch)
-        layers = components.text_encoder.config.num_hidden_layers
-        if s.clip_skip > layers:
-            raise DreamBoothError(f"clip_skip is {s.clip_skip} but the text encoder has only {layers} layers")
+        problem = family_for(components).check(components, s.clip_skip)
+        if problem:
+            raise DreamBoothError(problem)
         for warning in training_warnings(s, components.arch, components.tokenizer):  # known once loaded
             self.log(f"warning: {warning}")
         if not s.trains_network:  # a frozen UNet is placed with the other frozen modules
@@ -155,7 +153,20 @@ class Trainer(Outputs):
         """Where the VAE and text encoder are during the steps, and their dtype (train/precision.py)."""
         from ..models.inpainting import is_inpainting
 
-        return frozen_placement(self.settings, device, inpainting=is_inpainting(components), cache_text=self.cache_text)
+        family = family_for(components)
+        return frozen_placement(
+            self.settings,
+            device,
+            inpainting=is_inpainting(components),
+            cache_text=self.cache_text,
+            text_encoders=family.text_encoder_names,
+            vae_in_fp32=family.vae_in_fp32 and not self.settings.pretrained_vae_name_or_path,  # a given VAE: its dtype
+        )
+
+    @property
+    def family(self) -> Family:
+        """What the model's family does differently (train/families)."""
+        return family_for(self.components)
 
     def _class_images(self, components: Any) -> None:
         from ..data.class_images import generate_class_images, usable_class_images
@@ -260,16 +271,29 @@ class Trainer(Outputs):
         """The (3, H, W) pixels in [-1, 1] a sample's latent is made from (cached: the cached latent's crop)."""
         from ..data.cache import pixels
 
-        s = self.settings
         size, variant = self._size(example), self._variant(sample_index)
         if self.latent_cache is not None:
             return self.latent_cache.pixels(example.path, flip, size, variant)
+        return pixels(*self._image_arguments(example, flip, sample_index, epoch))
+
+    def _crop(self, example: Example, flip: bool, sample_index: int, epoch: int) -> Any:
+        """The :class:`~dreambooth.data.images.Crop` of the pixels :meth:`_pixels` gives (cached: the cached
+        latent's), for SDXL's time ids."""
+        from ..data.cache import crop_of
+
+        size, variant = self._size(example), self._variant(sample_index)
+        if self.latent_cache is not None:
+            return self.latent_cache.crop(example.path, flip, size, variant)
+        return crop_of(*self._image_arguments(example, flip, sample_index, epoch))
+
+    def _image_arguments(self, example: Example, flip: bool, sample_index: int, epoch: int) -> tuple:
+        """The arguments of data/cache.py's ``pixels`` for an uncached sample: a new crop each epoch."""
+        s = self.settings
+        size, variant = self._size(example), self._variant(sample_index)
         content = self.contents.get(example.path)
         crop_seed = mix_seed(s.seed, "crop", content, epoch)
         augment_seed = mix_seed(s.seed, "augment", content, "sample", variant)
-        return pixels(
-            example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
-        )
+        return example.path, size or s.resolution, s.center_crop, flip, crop_seed, self.augmentation, augment_seed
 
     def _latent(
         self, example: Example, flip: bool, sample_index: int, generator: Any, epoch: int, image: Any = None
@@ -300,20 +324,27 @@ class Trainer(Outputs):
         return self.inpainting_inputs
 
     def _text(self, prompts: list[str], train_text: bool) -> Any:
+        """The UNet's context (hidden states) for ``prompts``: see :meth:`_conditioning`."""
+        return self._conditioning(prompts, train_text).hidden
+
+    def _conditioning(self, prompts: list[str], train_text: bool) -> Conditioning:
+        """The text conditioning of ``prompts`` by the model's family; a frozen encoder's is cached per prompt."""
         import torch
 
-        components, s = self.components, self.settings
+        components, s, family = self.components, self.settings, self.family
         if train_text or not self.cache_text:
             context = contextlib.nullcontext() if train_text else torch.no_grad()
             with context:
-                return encode_prompts(components.text_encoder, components.tokenizer, prompts, s.clip_skip)
+                return family.encode(components, prompts, s.clip_skip)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
         if missing:
             with torch.no_grad():
-                encoded = encode_prompts(components.text_encoder, components.tokenizer, missing, s.clip_skip)
-            for prompt, hidden in zip(missing, encoded):
-                self.text_cache[prompt] = hidden.float()  # fp32 also when the encoder ran in half precision
-        return torch.stack([self.text_cache[p] for p in prompts])
+                encoded = family.encode(components, missing, s.clip_skip)
+            for prompt, row in zip(missing, encoded.rows()):
+                self.text_cache[prompt] = row.hidden.float()  # fp32 also when the encoder ran in half precision
+                if row.pooled is not None:
+                    self.pooled_cache[prompt] = row.pooled.float()
+        return Conditioning.stack([Conditioning(self.text_cache[p], self.pooled_cache.get(p)) for p in prompts])
 
     def _noise_scheduler(self) -> Any:
         """The training noise schedule: the model's, or its zero-terminal-SNR rescaling (made once)."""
@@ -342,7 +373,9 @@ class Trainer(Outputs):
         low, high = timestep_range(s, scheduler)
         started = time.perf_counter()
         inpainting = self._inpainting()
+        family = self.family
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
+        crops = []  # SDXL: each latent's crop (its time ids)
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
@@ -356,6 +389,8 @@ class Trainer(Outputs):
                     masks.append(inpainting.mask(image, mix_seed(s.seed, "mask", sample.index, role)))
                 latent = self._latent(example, sample.flip, sample.index, generator, epoch, image)
                 latents.append(latent)
+                if family.uses_crops:
+                    crops.append(self._crop(example, sample.flip, sample.index, epoch))
                 plain = torch.randn(latent.shape, generator=generator)
                 timesteps.append(torch.randint(low, high, (1,), generator=generator))
                 target_noise, input_noise = draw_noise(s, plain, generator)  # offset noise, input perturbation
@@ -383,8 +418,9 @@ class Trainer(Outputs):
                 noisy = inpainting.unet_input(noisy, conditioning.to(device))
                 self.timings["data"] += time.perf_counter() - encode_started
             with autocast:
-                hidden = self._text([prompts[i] for i in indices], train_text).to(device)
-                prediction = components.unet(noisy, group_steps, encoder_hidden_states=hidden).sample
+                conditioning = self._conditioning([prompts[i] for i in indices], train_text).to(device)
+                unet_inputs = family.unet_inputs(conditioning, [crops[i] for i in indices] if crops else None)
+                prediction = components.unet(noisy, group_steps, **unet_inputs).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
             per_sample = per_sample.index_put(
@@ -564,7 +600,7 @@ class Trainer(Outputs):
 
         s, dist = self.settings, self.dist
         device = dist.device
-        unet, text_encoder = self.components.unet, self.components.text_encoder
+        unet = self.components.unet
         per_step = s.train_batch_size * s.gradient_accumulation_steps * dist.world_size
         scale = per_step if s.scale_lr else 1
         if s.trains_network:
@@ -579,13 +615,15 @@ class Trainer(Outputs):
             modules = {"unet": unet}
             unet.requires_grad_(True).train()
         if s.train_text_encoder:
-            if s.full_bf16:
-                text_encoder.bfloat16()
-            text_encoder.requires_grad_(True).train()
-            if s.gradient_checkpointing:
-                text_encoder.gradient_checkpointing_enable()
-            groups.append({"params": list(text_encoder.parameters()), "lr": s.text_encoder_lr() * scale})
-            modules["text_encoder"] = text_encoder
+            for name, lr in self._text_learning_rates().items():
+                text_encoder = getattr(self.components, name)
+                if s.full_bf16:
+                    text_encoder.bfloat16()
+                text_encoder.requires_grad_(True).train()
+                if s.gradient_checkpointing:
+                    text_encoder.gradient_checkpointing_enable()
+                groups.append({"params": list(text_encoder.parameters()), "lr": lr * scale})
+                modules[name] = text_encoder
         optimizer = make_optimizer(groups, s, device, self._optimizer_construction)
         scaler = torch.amp.GradScaler(device.type) if s.mixed_precision == "fp16" else None
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
@@ -611,6 +649,14 @@ class Trainer(Outputs):
             self.log(f"resumed from {folder} at step {run.start}")
         run.writer = self._logger(Path(s.output_dir)) if dist.is_main else None
         return run
+
+    def _text_learning_rates(self) -> dict[str, float]:
+        """The trained text encoders (train_text_encoder) and their learning rates; SDXL's second encoder has its
+        own (0: it stays frozen)."""
+        s = self.settings
+        rates = {"text_encoder": s.text_encoder_lr(), "text_encoder_2": s.text_encoder_2_lr()}
+        names = self.family.text_encoder_names
+        return {name: rates[name] for name in names if rates[name] > 0 or name == "text_encoder"}
 
     def _steps(self, run: RunState) -> None:
         """Steps until the total; a save or samples when due or asked for; cancel stops between steps."""
@@ -638,13 +684,14 @@ class Trainer(Outputs):
         import torch
 
         s, dist = self.settings, self.dist
-        text_encoder, step = self.components.text_encoder, run.step
+        step = run.step
         train_text = self._trains_text() and step < run.text_stop_step
         if self._trains_text() and not train_text and run.text_training:
             run.text_training = False
             if self.method is not None:
                 self.method.freeze_text()
-            text_encoder.requires_grad_(False).eval()
+            for text_encoder in self.family.text_encoders(self.components):
+                text_encoder.requires_grad_(False).eval()
             self.log(f"text encoder frozen at step {step} (stop_text_encoder {s.stop_text_encoder})")
         use_training_weights(run.optimizer)  # schedule-free: from its averaged weights (after a save) back to these
         losses = []
@@ -755,12 +802,15 @@ class Trainer(Outputs):
         components = self.components
         if components is None or self.dist is None or not hasattr(components, "unet"):
             return
+        text_encoders = self.family.text_encoder_names
         components.unet.requires_grad_(False).eval()
-        components.text_encoder.requires_grad_(False).eval()
+        for name in text_encoders:
+            getattr(components, name).requires_grad_(False).eval()
         if self.frozen is not None:  # the exact fp32 modules, not their half-precision copies
             self.frozen.restore(components, self.dist.device)
         components.vae.to(self.dist.device)
-        components.text_encoder.to(self.dist.device)
+        for name in text_encoders:
+            getattr(components, name).to(self.dist.device)
 
     def _finished(self, run: RunState) -> TrainResult:
         result = run.result

@@ -6,7 +6,9 @@ Decision (:func:`frozen_placement`, the one place it is made; the trainer and th
   memory, faster): they fill the caches, make the class images and samples, and run in every step when their outputs
   are not cached (``cache_latents`` off; the masked-image latents of inpainting models).  The VAE takes fp16 too: the
   SD 1.x / 2.x VAE *encoder* stays in fp16's range at training resolutions; decoding a sample in fp16 that overflows
-  is done again in fp32 (train/sampling.py), as the WebUI does.  A future SDXL family keeps its VAE in fp32.  Cached
+  is done again in fp32 (train/sampling.py), as the WebUI does.  The SDXL VAE overflows in fp16 (its encoder too):
+  an SDXL run keeps its own VAE in fp32 (``vae_in_fp32``), a separate VAE given by the user (e.g. the fp16-fixed
+  one) takes the run's dtype.  SDXL's second text encoder is placed like the first.  Cached
   latents and embeddings are stored in fp32.
 - **exact weights**: the modules given to the trainer keep their fp32 weights, untouched, in CPU memory; the run
   works with half-precision copies (:class:`FrozenModules`).  Checkpoints are written from the fp32 modules, and at the
@@ -59,28 +61,36 @@ def frozen_dtype(settings: Any, device_type: str) -> Any:
 
 
 def frozen_placement(
-    settings: Any, device: Any, *, inpainting: bool = False, cache_text: bool = True
+    settings: Any,
+    device: Any,
+    *,
+    inpainting: bool = False,
+    cache_text: bool = True,
+    text_encoders: tuple[str, ...] = ("text_encoder",),
+    vae_in_fp32: bool = False,
 ) -> dict[str, Placement]:
     """``{"vae": Placement, "text_encoder": Placement}`` for a run of ``settings`` on ``device`` (see the module's
     docstring).  A trained text encoder: the training device, fp32 (it is not frozen; it stays fp32 after
     ``stop_text_encoder`` too).  ``inpainting``: the model encodes masked images every step (its VAE stays);
     ``cache_text`` False: the text embeddings are not cached (the benchmark's naive mode).  The fp32 weights kept
-    for saving are in CPU memory in every case."""
+    for saving are in CPU memory in every case.  ``text_encoders``: the model's (SDXL: "text_encoder",
+    "text_encoder_2"), placed alike; ``vae_in_fp32``: the VAE stays fp32 whatever the precision (SDXL's own)."""
     import torch
 
     device = torch.device(device)
     cpu = torch.device("cpu")
     dtype = frozen_dtype(settings, device.type)
     vae_cached = settings.cache_latents and not inpainting
-    placement = {"vae": Placement(cpu if vae_cached else device, dtype)}
+    placement = {"vae": Placement(cpu if vae_cached else device, torch.float32 if vae_in_fp32 else dtype)}
     if settings.trains_network:  # the adapter trains; the UNet and the text encoder stay frozen
         placement["unet"] = Placement(device, dtype)
         text_needed = settings.network_train_text_encoder or not cache_text
-        placement["text_encoder"] = Placement(device if text_needed else cpu, dtype)
+        text = Placement(device if text_needed else cpu, dtype)
     elif settings.train_text_encoder:
-        placement["text_encoder"] = Placement(device, torch.float32)
+        text = Placement(device, torch.float32)
     else:
-        placement["text_encoder"] = Placement(cpu if cache_text else device, dtype)
+        text = Placement(cpu if cache_text else device, dtype)
+    placement.update((name, text) for name in text_encoders)
     return placement
 
 

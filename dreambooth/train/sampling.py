@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..compat import quiet_library_notices, text_final_layer_norm
+from ..compat import text_final_layer_norm
 
 
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str], clip_skip: int = 1) -> Any:
@@ -81,22 +81,14 @@ def generate(
     """
     import torch
 
-    from ..models.inpainting import pipeline_class, txt2img_inputs
+    from ..models.inpainting import txt2img_inputs
+    from .families import family_for
 
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    family = family_for(components)
+    unet, vae = components.unet, components.vae
+    text_encoders = family.text_encoders(components)
     device = device or next(unet.parameters()).device
-    with quiet_library_notices():  # the pipeline module resolves CLIP's image processor, which we never use
-        pipeline = pipeline_class(components)
-    pipe = pipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=components.tokenizer,
-        unet=unet,
-        scheduler=_sampling_scheduler(components, zero_terminal_snr),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = family.pipeline(components, _sampling_scheduler(components, zero_terminal_snr))
     pipe.set_progress_bar_config(disable=True)
     extra = txt2img_inputs(components, resolution, resolution)
     jobs = [(prompt, k) for prompt in prompts for k in range(images_per_prompt)]
@@ -108,11 +100,11 @@ def generate(
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=autocast_dtype)
 
-    with preserved_rng(), eval_mode(unet, vae, text_encoder), torch.no_grad():
-        vae_device = next(vae.parameters()).device
-        text_device = next(text_encoder.parameters()).device
-        vae.to(device)
-        text_encoder.to(device)
+    with preserved_rng(), eval_mode(unet, vae, *text_encoders), torch.no_grad():
+        frozen = [vae, *text_encoders]
+        devices = [next(m.parameters()).device for m in frozen]
+        for module in frozen:
+            module.to(device)
         try:
             dtype = next(unet.parameters()).dtype
             latent_side = resolution // pipe.vae_scale_factor
@@ -124,13 +116,11 @@ def generate(
                 shape = (vae.config.latent_channels, latent_side, latent_side)
                 latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
                 with autocast():
-                    embeds = encode_prompts(text_encoder, components.tokenizer, [p for p, _ in chunk], clip_skip)
-                    negative = encode_prompts(
-                        text_encoder, components.tokenizer, [negative_prompt] * len(chunk), clip_skip
+                    prompt_inputs = family.pipeline_inputs(
+                        pipe, components, [p for p, _ in chunk], [negative_prompt] * len(chunk), clip_skip, dtype
                     )
                     denoised = pipe(
-                        prompt_embeds=embeds.to(dtype),
-                        negative_prompt_embeds=negative.to(dtype),
+                        **prompt_inputs,
                         num_inference_steps=steps,
                         guidance_scale=guidance_scale,
                         height=resolution,
@@ -146,8 +136,8 @@ def generate(
                 if on_batch is not None:
                     on_batch(batch)
         finally:
-            vae.to(vae_device)
-            text_encoder.to(text_device)
+            for module, where in zip(frozen, devices):
+                module.to(where)
     return images
 
 
