@@ -98,7 +98,7 @@ def lora_settings(spec: dict[str, Any]) -> dict[str, Any]:
 
 def is_diffusers_target(target: Any) -> bool:
     """Whether diffusers' train_dreambooth_lora.py adapts this layer (a :class:`~.network.names.Target`)."""
-    layers = DIFFUSERS_TEXT_LAYERS if target.is_text else DIFFUSERS_UNET_LAYERS
+    layers = DIFFUSERS_UNET_LAYERS if target.component == "unet" else DIFFUSERS_TEXT_LAYERS  # SDXL: 2 encoders
     return any(target.path == layer or target.path.endswith("." + layer) for layer in layers)
 
 

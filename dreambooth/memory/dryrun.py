@@ -3,12 +3,13 @@
 :class:`DryRun` is a :class:`~dreambooth.train.loop.Trainer` that overrides only what produces data: the examples
 (one batch of the configuration's concepts: instance images, and their class images with prior preservation, all
 of the largest bucket with aspect-ratio buckets), the latent cache (latent distributions of that shape), the pixels
-(when latents are not cached or the model is inpainting), a tokenizer stand-in (ids of the encoder's length) and
-the loss as numbers.  Loading, placement (``_load``, ``_cache``), the caches of text embeddings, the optimizer,
-schedule and GradScaler (``_optimization``), the step (``_step``, ``_loss``: prior-preservation batch, autocast,
-gradient checkpointing, the text encoder trained or frozen and cached, clipping, the optimizer step) are the
-trainer's.  Two steps run, since the optimizer creates its states in the first and the steady-state peak is the
-second's.  :func:`tracked_steps` is the part a real run shares (the CPU agreement test wraps a real run with it).
+(when latents are not cached or the model is inpainting) and their crops (SDXL's time ids), a tokenizer stand-in
+(ids of the encoder's length) and the loss as numbers.  Loading, placement (``_load``, ``_cache``), the caches of
+text embeddings, the optimizer, schedule and GradScaler (``_optimization``), the step (``_step``, ``_loss``:
+prior-preservation batch, autocast, gradient checkpointing, the text encoder trained or frozen and cached, clipping,
+the optimizer step) are the trainer's.  Two steps run, since the optimizer creates its states in the first and the
+steady-state peak is the second's.  :func:`tracked_steps` is the part a real run shares (the CPU agreement test wraps
+a real run with it).
 
 The modules are built on the meta device (no weights are read or initialised) and moved into
 ``FakeTensorMode``'s fake tensors of the *CPU*: this torch has no CUDA, and fake CUDA tensors fail inside the UNet.
@@ -52,29 +53,12 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
-    tracker.register(_tensors(trainer.text_cache.values()), TEXT_CACHE_LABEL)
+    cached = [*trainer.text_cache.values(), *trainer.pooled_cache.values()]  # SDXL: also the pooled embeddings
+    tracker.register(cached, TEXT_CACHE_LABEL)
     with tracker:
         for _ in range(steps):
             trainer._step(run)
     return tracker
-
-
-def _tensors(values: Any) -> list[Any]:
-    """The tensors in ``values``, also inside dataclasses, tuples, lists and dicts (an SDXL embedding is both
-    encoders' hidden states and the pooled output)."""
-    import torch
-
-    found: list[Any] = []
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            found += _tensors(getattr(value, f.name) for f in dataclasses.fields(value))
-        elif isinstance(value, dict):
-            found += _tensors(value.values())
-        elif isinstance(value, (tuple, list)):
-            found += _tensors(value)
-    return found
 
 
 class TrackedTrainer(Trainer):
@@ -133,6 +117,18 @@ class _LatentCacheStandIn:
 
         width, height = size or (self.resolution, self.resolution)
         return torch.zeros((3, height, width))
+
+    def crop(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Any:
+        return _crop_stand_in(size or (self.resolution, self.resolution))
+
+
+def _crop_stand_in(size: tuple[int, int]) -> Any:
+    """The crop of an image of exactly the training ``size`` (width, height): SDXL's time ids are numbers of the same
+    shape whatever the crop."""
+    from ..data.images import Crop
+
+    width, height = size
+    return Crop((height, width), (height, width), 0, 0, (height, width))
 
 
 class DryRun(Trainer):
@@ -215,6 +211,11 @@ class DryRun(Trainer):
         size = self._size(example)
         width, height = size or (self.settings.resolution, self.settings.resolution)
         return torch.zeros((3, height, width))
+
+    def _crop(self, example: Any, flip: bool, sample_index: int, epoch: int) -> Any:
+        if self.latent_cache is not None:
+            return self.latent_cache.crop(example.path, flip, self._size(example))
+        return _crop_stand_in(self._size(example) or (self.settings.resolution, self.settings.resolution))
 
     def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
         return [0.0, 0.0, 0.0]  # fake tensors hold no numbers
