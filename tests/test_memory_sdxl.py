@@ -94,7 +94,7 @@ SDXL_AGREEMENT = {
 
 
 @needs_sdxl_training
-@pytest.mark.slow  # a 2-step tiny-SDXL run and its dry run each (about 10-20 s on a loaded machine)
+@pytest.mark.slow  # a 2-step tiny-SDXL run and its dry run each (2-3 min on the loaded 2-core machine)
 @pytest.mark.parametrize("name", list(SDXL_AGREEMENT))
 def test_the_estimate_agrees_with_a_real_cpu_run_of_the_tiny_sdxl(name, tmp_path):
     check_agreement(BENCH_TINY_SDXL, SDXL_AGREEMENT[name], tmp_path)
@@ -112,7 +112,7 @@ FIT_PRESET = {  # what Fit my GPU turns on for SDXL on a 12 GiB card (the ladder
 
 
 @needs_sdxl_training
-@pytest.mark.slow  # a dry run of the full-size SDXL (about a minute)
+@pytest.mark.slow  # a dry run of the full-size SDXL (about 2 min on the loaded 2-core machine)
 def test_a_full_sdxl_fine_tune_at_1024_fits_12_gib_with_the_fit_preset():
     settings = Settings(pretrained_model_name_or_path="x", resolution=1024, train_batch_size=1, **FIT_PRESET)
     result = estimate(settings, SDXL)
@@ -124,7 +124,7 @@ def test_a_full_sdxl_fine_tune_at_1024_fits_12_gib_with_the_fit_preset():
 
 
 @needs_sdxl_training
-@pytest.mark.slow  # a dry run of the full-size SDXL (about a minute)
+@pytest.mark.slow  # a dry run of the full-size SDXL (about 2 min on the loaded 2-core machine)
 def test_sdxl_lora_rank_16_at_1024_fits_7_gib():
     settings = Settings(
         pretrained_model_name_or_path="x",
