@@ -11,6 +11,7 @@ Commands:
   tokens PHRASE     how the CLIP tokenizer splits a phrase, with warnings for a poor identifier
   prepare SRC DST   crop and scale a folder of images to training size (square or aspect buckets), with a report
   caption FOLDER    write IMAGE.txt captions beside a folder's images with a local BLIP model (never downloads)
+  masks FOLDER      write IMAGE.mask.png (the masked loss's mask) beside each transparent image, from its alpha
   merge-lora BASE LORA OUT      merge a LoRA / LoHa / LoKr into a checkpoint at a weight
   extract-lora TUNED BASE OUT   extract a LoRA from a full fine-tune (SVD of the weight difference)
 """
@@ -316,6 +317,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_masks(args: argparse.Namespace) -> int:
+    from .data.loss_masks import write_alpha_masks
+
+    report = write_alpha_masks(args.folder, overwrite=args.overwrite)
+    print(report.summary())
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -536,6 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     caption.set_defaults(func=cmd_caption)
+
+    masks = commands.add_parser(
+        "masks",
+        help="write IMAGE.mask.png beside each transparent image from its alpha channel (for masked_loss)",
+        description="For every image of FOLDER (and its subfolders) with transparent pixels, write IMAGE.mask.png "
+        "beside it: its alpha channel, upright (EXIF rotation applied), opaque = white = trained, transparent = "
+        "black = ignored by masked_loss. Existing masks are kept unless --overwrite. The images are never changed.",
+    )
+    masks.add_argument("folder", help="folder of training images")
+    masks.add_argument("--overwrite", action="store_true", help="replace existing masks (default: keep them)")
+    masks.set_defaults(func=cmd_masks)
 
     from .cli_tools import add_parsers
 

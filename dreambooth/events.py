@@ -19,13 +19,14 @@ log = logging.getLogger("dreambooth")
 
 @dataclass(frozen=True)
 class Progress:
-    phase: str  # loading, class_images, caching, training, saving, sampling, done, cancelled, error
+    phase: str  # loading, class_images, caching, training, validation, saving, sampling, done, cancelled, error
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
     loss: float | None = None
     instance_loss: float | None = None
     prior_loss: float | None = None
+    validation_loss: float | None = None  # the latest validation loss (train/validation_loss.py), if any
     learning_rates: dict[str, float] = field(default_factory=dict)
     seconds_per_step: float | None = None
     eta_seconds: float | None = None

@@ -258,6 +258,7 @@ class Host:
         for index, concept in enumerate(settings.concepts, start=1):
             readable.append((f"concept {index} instance_data_dir", concept.instance_data_dir))
             readable.append((f"concept {index} class_data_dir", concept.class_data_dir))
+            readable.append((f"concept {index} validation_data_dir", concept.validation_data_dir))
         refused = [policy.check_read(value, name) for name, value in readable if value]
         if settings.has_prior_preservation:
             refused.extend(self._class_folder_writes(settings, policy))

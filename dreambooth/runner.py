@@ -40,6 +40,7 @@ class JobSnapshot:
     model_name: str = ""
     progress: Progress = Progress(phase="idle")
     losses: tuple[tuple[int, float], ...] = ()
+    validation_losses: tuple[tuple[int, float], ...] = ()  # (step, validation loss), when images are held out
     samples: tuple[str, ...] = ()
     checkpoints: tuple[str, ...] = ()
     log: tuple[str, ...] = ()
@@ -57,7 +58,7 @@ class JobSnapshot:
         return data
 
 
-CARRIED = ("loss", "instance_loss", "prior_loss", "seconds_per_step", "peak_memory_gib")
+CARRIED = ("loss", "instance_loss", "prior_loss", "validation_loss", "seconds_per_step", "peak_memory_gib")
 
 
 def _carry_forward(last: Progress, new: Progress) -> Progress:
@@ -85,6 +86,11 @@ class _JobCallbacks(Callbacks):
         extra: dict[str, Any] = {"progress": progress}
         if progress.phase == "training" and progress.loss is not None:
             extra["losses"] = (*runner.snapshot().losses, (progress.step, progress.loss))
+        if progress.phase == "validation" and progress.validation_loss is not None:
+            extra["validation_losses"] = (
+                *runner.snapshot().validation_losses,
+                (progress.step, progress.validation_loss),
+            )
         runner._update(self.job_id, **extra)
         runner.host.report_progress(progress)
 
@@ -94,7 +100,7 @@ class _JobCallbacks(Callbacks):
 
     def on_checkpoint(self, step: int, paths: list[Path]) -> None:
         files = [str(p) for p in paths if p.suffix.lower() in CHECKPOINT_SUFFIXES]  # not the sidecar yaml
-        kept = [p for p in self.runner.snapshot().checkpoints if Path(p).is_file()]  # save_total_limit removes some
+        kept = [p for p in self.runner.snapshot().checkpoints if Path(p).is_file() and p not in files]  # NAME_best
         self.runner._update(self.job_id, checkpoints=(*kept, *files))
         self.runner.host.checkpoint_written(paths, self.settings)
 

@@ -96,6 +96,30 @@ class Concept:
         "concept",
         label="Instance prompt",
     )
+    loss_weight: float = setting(
+        1.0,
+        "Multiplies this concept's instance loss (its class images keep prior_loss_weight).",
+        "concept",
+        minimum=0.0,
+        maximum=100.0,
+        label="Loss weight of this concept",
+    )
+    repeats: int | None = setting(
+        None,
+        "Times each instance image of this concept is seen per epoch (kohya's folder repeats); empty: balanced, "
+        "its images repeat until the longest concept's are all used.",
+        "concept",
+        minimum=1,
+        maximum=10000,
+        label="Repeats of this concept",
+    )
+    validation_data_dir: str = setting(
+        "",
+        "Folder of held-out images of this concept for the validation loss (never trained on; captioned like the "
+        "instance images); empty: validation_split of the instance images.",
+        "concept",
+        label="Validation images folder",
+    )
     class_data_dir: str = setting(
         "",
         "Folder of class (regularisation) images; missing ones are generated there.",
@@ -512,6 +536,21 @@ class Settings:
         maximum=MAX_TIMESTEPS,
         label="Timesteps below",
     )
+    masked_loss: bool = setting(
+        False,
+        "Weigh each instance image's loss by IMAGE.mask.png beside it (white: train, black: ignore, grey: in "
+        "between); images without a mask train everywhere. The Dataset tools make masks from transparent images.",
+        "loss",
+        label="Masked loss",
+    )
+    masked_loss_unmasked_weight: float = setting(
+        0.0,
+        "Masked loss: the weight of the masks' black part (0: ignored; 1: as without a mask).",
+        "loss",
+        minimum=0.0,
+        maximum=1.0,
+        label="Masked loss: weight of black",
+    )
 
     # --- memory and speed
     mixed_precision: str = setting(
@@ -729,6 +768,29 @@ class Settings:
         maximum=100000,
         label="Keep newest N checkpoints",
     )
+    validation_split: float = setting(
+        0.0,
+        "Share of each concept's instance images held out for the validation loss, never trained on (0: none; a "
+        "concept's validation_data_dir replaces its share).",
+        "saving",
+        minimum=0.0,
+        maximum=0.9,
+        label="Validation share of images",
+    )
+    validation_steps: int = setting(
+        100,
+        "Compute the validation loss every N steps (and at the end), at fixed timesteps and noises.",
+        "saving",
+        minimum=1,
+        maximum=MAX_STEPS,
+        label="Validation every N steps",
+    )
+    save_best: bool = setting(
+        False,
+        "Keep the checkpoint (or LoRA file) of the lowest validation loss as NAME_best, replaced when it improves.",
+        "saving",
+        label="Keep the best checkpoint",
+    )
 
     # --- samples
     save_sample_prompt: str = setting(
@@ -815,6 +877,11 @@ class Settings:
     @property
     def has_prior_preservation(self) -> bool:
         return self.with_prior_preservation
+
+    @property
+    def has_validation(self) -> bool:
+        """Some images are held out for the validation loss (a share, or a concept's validation folder)."""
+        return self.validation_split > 0 or any(c.validation_data_dir for c in self.concepts)
 
     @property
     def trains_network(self) -> bool:
@@ -1009,7 +1076,7 @@ def _concept_target(
 def _resolve_concept_paths(concept: Concept, base_dir: str | os.PathLike | None) -> Concept:
     if base_dir is None:
         return concept
-    for name in ("instance_data_dir", "class_data_dir"):
+    for name in ("instance_data_dir", "class_data_dir", "validation_data_dir"):
         value = getattr(concept, name)
         if value and not Path(value).is_absolute():
             setattr(concept, name, str((Path(base_dir) / value).resolve()))
@@ -1033,6 +1100,7 @@ PATH_FIELDS = frozenset(
         "logging_dir",
         "instance_data_dir",
         "class_data_dir",
+        "validation_data_dir",
     }
 )
 

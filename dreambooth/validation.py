@@ -197,6 +197,21 @@ def _network_problems(s: Settings, check_files: bool) -> list[str]:
     return problems
 
 
+def _held_out_problem(s: Settings, concept: Any, where: str, found: int) -> list[str]:
+    """``validation_split`` must leave the concept at least one image to train on (data/dataset.py holds out the
+    rounded share, at least one)."""
+    share = s.validation_split
+    if concept.validation_data_dir or not isinstance(share, (int, float)) or share <= 0 or not found:
+        return []
+    held = max(1, round(share * found))
+    if held < found:
+        return []
+    return [
+        f"{where}: validation_split {share} holds out {held} of its {found} instance images and leaves none to train "
+        "on: lower it, add images, or give the concept a validation_data_dir"
+    ]
+
+
 def validate_settings(settings: Settings, check_files: bool = True, model_in_memory: bool = False) -> list[str]:
     s = settings
     text_problems = _text_problems(s)
@@ -250,6 +265,7 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
                 total_instance += found
                 if not found:
                     problems.append(f"{where}: no images (png, jpg, jpeg, webp, bmp) in '{concept.instance_data_dir}'")
+                problems.extend(_held_out_problem(s, concept, where, found))
         if s.with_prior_preservation:
             if not concept.class_prompt.strip():
                 problems.append(f"{where}: prior preservation needs a class_prompt (e.g. 'photo of a dog')")
@@ -261,6 +277,19 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
                 and not _probe(concept.class_data_dir, "is_dir")
             ):
                 problems.append(f"{where}: class_data_dir '{concept.class_data_dir}' is a file, not a folder")
+        if concept.validation_data_dir and check_files:
+            if not _probe(concept.validation_data_dir, "is_dir"):
+                problems.append(f"{where}: validation_data_dir '{concept.validation_data_dir}' is not a folder")
+            elif not count_images(concept.validation_data_dir):
+                problems.append(
+                    f"{where}: no images (png, jpg, jpeg, webp, bmp) in validation_data_dir "
+                    f"'{concept.validation_data_dir}'"
+                )
+    share = s.validation_split if isinstance(s.validation_split, (int, float)) else 0
+    if s.save_best is True and not share > 0 and not any(c.validation_data_dir for c in s.concepts):
+        problems.append(
+            "save_best needs a validation loss: set validation_split above 0 or a concept's validation_data_dir"
+        )
     if check_files and total_instance and s.train_batch_size > total_instance:
         problems.append(
             f"train_batch_size is {s.train_batch_size} but there are only {total_instance} instance images: "

@@ -118,6 +118,49 @@ def test_two_processes_train_a_lora_like_one_process(setup, tmp_path):
     assert_same_training(two, read_network_file(reference.checkpoints[0]).tensors, start)
 
 
+def test_two_processes_with_concept_weights_repeats_and_save_best_train_like_one(make_settings, setup, tmp_path):
+    """Two concepts (loss_weight 0.25 on the second, repeats 2 on the first), a validation share and save_best: two
+    processes of batch 1 train as one process of batch 2, and one NAME_best of the same step is written."""
+    from conftest import draw_subject
+
+    _, base = setup
+    draw_subject(tmp_path / "other", count=3, size=(64, 64), seed=3)
+
+    def make(name: str, **changes):
+        settings = make_settings(
+            output_dir=str(tmp_path / name),
+            max_train_steps=3,
+            validation_split=0.34,
+            validation_steps=1,
+            save_best=True,
+            **changes,
+        )
+        first = dataclasses.replace(settings.concepts[0], repeats=2)
+        second = dataclasses.replace(
+            first, instance_data_dir=str(tmp_path / "other"), instance_prompt="photo of qlx cup", repeats=None
+        )
+        settings = dataclasses.replace(settings, concepts=[first, dataclasses.replace(second, loss_weight=0.25)])
+        path = tmp_path / f"{name}.json"
+        settings.save(path)
+        return settings, path
+
+    one, _ = make("concepts-one", train_batch_size=2)
+    Trainer(one).run()
+    _, config = make("concepts-two", train_batch_size=1)
+    result = torchrun(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, two = tmp_path / "concepts-one", tmp_path / "concepts-two"
+    assert_same_training(unet(two / "dreambooth_3.safetensors"), unet(reference / "dreambooth_3.safetensors"), base)
+    assert sorted(p.name for p in two.glob("*.safetensors")) == [
+        "dreambooth_3.safetensors",
+        "dreambooth_best.safetensors",
+    ]
+    steps = [
+        read_state_dict(folder / "dreambooth_best.safetensors")[1]["dreambooth.step"] for folder in (reference, two)
+    ]
+    assert steps[0] == steps[1]
+
+
 def test_a_failure_in_one_process_ends_the_run_with_its_message(setup):
     make, _ = setup
     _, config = make("failing", max_train_steps=50)

@@ -39,6 +39,7 @@ class Run:
     out: Path
     lrs: list
     losses: list
+    validation: list
 
     @property
     def unet(self) -> str:
@@ -85,8 +86,11 @@ class Recorder(Callbacks):
     def __init__(self):
         self.lrs = []
         self.losses = []  # (total, instance, prior) of each step
+        self.validation = []  # (step, validation loss)
 
     def on_progress(self, progress):
+        if progress.phase == "validation":
+            self.validation.append((progress.step, progress.validation_loss))
         if progress.phase == "training":
             self.lrs.append(dict(progress.learning_rates))
             self.losses.append((progress.loss, progress.instance_loss, progress.prior_loss))
@@ -103,7 +107,7 @@ def train(make_settings, tmp_path):
         recorder = Recorder()
         trainer = Trainer(settings, callbacks=recorder)
         result = trainer.run()
-        return Run(trainer, result, Path(settings.output_dir), recorder.lrs, recorder.losses)
+        return Run(trainer, result, Path(settings.output_dir), recorder.lrs, recorder.losses, recorder.validation)
 
     return run
 
@@ -268,6 +272,10 @@ ROWS = {
     "zero_terminal_snr": None,  # test_zero_terminal_snr_*: the last alpha-bar 0, trailing samples, the warning
     "min_timestep": None,  # test_timesteps_are_drawn_in_the_range
     "max_timestep": None,  # test_timesteps_are_drawn_in_the_range
+    # masked loss: tests/test_masked_loss.py (the term by hand; pixels under black change neither the loss nor the
+    # gradients, bit for bit; all-white masks train exactly as none; masks follow every crop, bucket and flip)
+    "masked_loss": None,  # test_a_run_with_white_masks_trains_exactly_as_without_and_black_changes_it, ...
+    "masked_loss_unmasked_weight": None,  # test_the_unmasked_weight_setting_reaches_the_trainers_weights
     "adam_beta1": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta1": 0.5}, differs("unet")),
     "adam_beta2": ({"max_train_steps": 3}, {"max_train_steps": 3, "adam_beta2": 0.9}, differs("unet")),
     "adam_weight_decay": ({}, {"adam_weight_decay": 0.5}, differs("unet")),
@@ -412,6 +420,35 @@ ROWS = {
     "concept.class_data_dir": None,
     "concept.class_prompt": (PRIOR, {**PRIOR, "concept": {"class_prompt": "photo of a donut"}}, None),
     "concept.class_negative_prompt": (PRIOR, {**PRIOR, "concept": {"class_negative_prompt": "blurry"}}, None),
+    # validation loss, save_best, per-concept weight and repeats (tests/test_validation_loss.py shows each in full)
+    "validation_split": (
+        {},
+        {"validation_split": 0.34},
+        lambda b, v: not b.validation and [s for s, _ in v.validation] == [2] and len(v.trainer.held_out) == 1,
+    ),
+    "validation_steps": (
+        {"validation_split": 0.34, "max_train_steps": 3},
+        {"validation_split": 0.34, "max_train_steps": 3, "validation_steps": 1},
+        lambda b, v: [s for s, _ in b.validation] == [3] and [s for s, _ in v.validation] == [1, 2, 3],
+    ),
+    "save_best": (
+        {"validation_split": 0.34},
+        {"validation_split": 0.34, "save_best": True},
+        lambda b, v: (
+            not (b.out / "dreambooth_best.safetensors").exists() and (v.out / "dreambooth_best.safetensors").is_file()
+        ),
+    ),
+    "concept.loss_weight": (  # one concept, no class images: the whole loss is halved
+        {"max_train_steps": 1},
+        {"max_train_steps": 1, "concept": {"loss_weight": 0.5}},
+        lambda b, v: v.losses[0][0] == pytest.approx(0.5 * b.losses[0][0], rel=1e-6),
+    ),
+    "concept.repeats": (  # one epoch of 3 images: 3 steps; each image twice: 6
+        {"max_train_steps": None, "num_train_epochs": 1},
+        {"max_train_steps": None, "num_train_epochs": 1, "concept": {"repeats": 2}},
+        lambda b, v: (b.result.step, v.result.step) == (3, 6),
+    ),
+    "concept.validation_data_dir": None,  # test_validation_loss.py: ..._moves_with_them, ...does_not_change_...
     "concept.num_class_images": ({}, {**PRIOR, "concept": {"num_class_images": 3}}, count("../class", 3)),
     "concept.sample_prompt": (
         SAMPLES,

@@ -100,7 +100,10 @@ def test_a_job_with_an_empty_class_folder_generates_its_class_images_in_the_run_
 
 def test_every_path_a_job_reads_is_checked_with_the_same_sentence(host, make_settings, tmp_path):
     settings = host.prepare(
-        make_settings(test_prompts_file="/etc/passwd", concept={"instance_data_dir": "/etc", "class_data_dir": "/"})
+        make_settings(
+            test_prompts_file="/etc/passwd",
+            concept={"instance_data_dir": "/etc", "class_data_dir": "/", "validation_data_dir": "/var"},
+        )
     )
     problems = host.check_settings(settings)
     policy = host.paths
@@ -108,11 +111,12 @@ def test_every_path_a_job_reads_is_checked_with_the_same_sentence(host, make_set
         ("test_prompts_file", "/etc/passwd"),
         ("concept 1 instance_data_dir", "/etc"),
         ("concept 1 class_data_dir", "/"),
+        ("concept 1 validation_data_dir", "/var"),
     ):
         assert policy.check_read(path, field) in problems
     assert all("DREAMBOOTH_ALLOWED_ROOTS" in p and "--allow DIR" in p for p in problems if "may read" in p)
     # what lies outside the allowed folders is not probed: no "no images in '/etc'", no "does not exist"
-    assert not any("/etc'" in p and "outside" not in p for p in problems), problems
+    assert not any(("/etc'" in p or "/var'" in p) and "outside" not in p for p in problems), problems
     hidden = host.prepare(make_settings(pretrained_model_name_or_path="/no/such/model.safetensors"))
     assert [p for p in host.check_settings(hidden) if "/no/such" in p] == [
         host.paths.check_read("/no/such/model.safetensors", "pretrained_model_name_or_path")

@@ -69,6 +69,24 @@ def test_a_job_runs_on_its_thread_and_the_snapshot_follows_it(host, make_setting
     assert any("saved" in line for line in snap.log)
 
 
+@pytest.mark.slow
+def test_the_snapshot_keeps_the_validation_losses_and_lists_the_best_checkpoint_once(host, make_settings, monkeypatch):
+    from dreambooth.train.validation_loss import ValidationLoss
+
+    values = iter([3.0, 2.0, 2.5, 1.0])
+    monkeypatch.setattr(ValidationLoss, "compute", lambda self, run: next(values))
+    runner = Runner(host)
+    settings = make_settings(max_train_steps=4, validation_split=0.34, validation_steps=1, save_best=True)
+    runner.start(host.prepare(settings))
+    assert runner.wait(WAIT_SECONDS)
+    snap = runner.snapshot()
+    assert snap.state == "finished", snap.error
+    assert snap.validation_losses == ((1, 3.0), (2, 2.0), (3, 2.5), (4, 1.0))
+    assert snap.progress.validation_loss == 1.0  # carried through the final events
+    names = [Path(p).name for p in snap.checkpoints]
+    assert names == ["dreambooth_best.safetensors", "dreambooth_4.safetensors"]  # saved three times, listed once
+
+
 def test_a_second_start_while_one_runs_is_refused(tmp_path, make_settings, tiny_checkpoint):
     host = GatedHost(tmp_path / "models", allowed_roots=[tmp_path, tiny_checkpoint("sd1").parent])
     runner = Runner(host)

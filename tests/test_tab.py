@@ -190,6 +190,15 @@ def test_the_first_screen_holds_a_first_runs_settings_and_the_rest_is_folded_awa
     assert len(rows) <= 5 and all(len(members) >= 2 for members in rows.values())
 
 
+def test_masked_loss_sits_with_the_loss_options_and_its_mask_tool_with_the_dataset_tools(tab):
+    places = _places(tab)
+    for elem_id in ("db_masked_loss", "db_masked_loss_unmasked_weight"):
+        assert places[elem_id][-1][:2] == ("Accordion", "Loss weighting and noise"), elem_id
+    assert places["db_tool_masks_run"][0][:2] == ("Tab", "Dataset tools")
+    weight = tab.widgets["masked_loss_unmasked_weight"]
+    assert (weight.minimum, weight.maximum, weight.value) == (0.0, 1.0, 0.0)
+
+
 def test_one_line_values_are_one_line_and_the_model_list_shows_titles(tab):
     for name in ("model_name", "caption_template", "pretrained_vae_name_or_path", "save_sample_prompt"):
         assert (tab.widgets[name].lines, tab.widgets[name].max_lines) == (1, 1), name
@@ -405,6 +414,24 @@ def test_poll_sends_only_what_changed(make_settings, tab):
     assert "Finished" in shown["status"] and "step 2 / 2" in shown["status"]
     assert list(shown["plot"]["value"]["step"]) == [1, 2] and len(shown["samples"]["value"]) == 1
     assert shown["checkpoints"]["value"].endswith("dreambooth_2.safetensors")
+
+
+def test_the_loss_plot_shows_the_validation_loss_beside_the_training_loss(make_settings, tab, tmp_path):
+    from conftest import draw_subject
+
+    held_out = tmp_path / "held_out"
+    draw_subject(held_out, count=1, size=(64, 64), seed=5)
+    settings = make_settings(max_train_steps=3, validation_steps=2, concept={"validation_data_dir": str(held_out)})
+    tab.runner.start(tab.host.prepare(settings))
+    assert tab.runner.wait(WAIT_SECONDS)
+    shown = named(tab, tab.poll({}))
+    plot = shown["plot"]["value"]
+    rows = list(zip(plot["step"], plot["series"]))
+    assert rows == [(1, "training"), (2, "training"), (3, "training"), (2, "validation"), (3, "validation")]
+    validation = [loss for loss, series in zip(plot["loss"], plot["series"]) if series == "validation"]
+    assert validation == [loss for _, loss in tab.runner.snapshot().validation_losses] and validation[0] > 0
+    assert f"validation loss {validation[-1]:.4f}" in shown["status"]
+    assert tab.controls["plot"].color == "series"  # one line per series
 
 
 def test_a_deleted_run_folder_leaves_the_page_loading(make_settings, tab):

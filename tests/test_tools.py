@@ -105,6 +105,24 @@ def test_the_tools_write_only_under_the_write_roots(read_only_tools, tmp_path):
     assert "Not prepared" not in report and len(list((tools.host.data_dir / "ready").glob("*.png"))) == 2
 
 
+def test_mask_tool_writes_masks_from_transparency_only_under_the_write_roots(tools, read_only_tools, tmp_path):
+    """Dataset tools -> Masks: IMAGE.mask.png from the alpha channel (data/loss_masks.py), a write into the folder."""
+    from PIL import Image
+
+    cut_out = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    cut_out.paste((200, 10, 10, 255), (8, 8, 24, 24))
+    (tmp_path / "set").mkdir()
+    cut_out.save(tmp_path / "set" / "cut.png")
+    report = tools.alpha_masks(str(tmp_path / "set"), False)
+    assert "1 mask(s) written" in report and (tmp_path / "set" / "cut.mask.png").is_file()
+    assert "already have a mask, kept" in tools.alpha_masks(str(tmp_path / "set"), False)
+    (tmp_path / "home" / "set").mkdir()
+    cut_out.save(tmp_path / "home" / "set" / "cut.png")
+    report = read_only_tools.alpha_masks(str(tmp_path / "home" / "set"), True)
+    assert "No masks written" in report and "may write to" in report
+    assert not (tmp_path / "home" / "set" / "cut.mask.png").exists()
+
+
 def test_check_images_outside_the_roots_names_the_roots_and_the_setting(tmp_path):
     """Issue 12 item 29: "Check images" on a folder outside the read roots says which folders may be read and
     which setting allows more, in the same sentence the trainer and the tools give."""

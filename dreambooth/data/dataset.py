@@ -1,10 +1,12 @@
 """Training examples and the order they are seen in.
 
 The sample sequence is a pure function of (seed, global sample index): sample ``g`` belongs to epoch
-``g // epoch_length``; within an epoch the concepts take turns (balanced: a small concept's images repeat, reshuffled,
-until the largest concept's are used once); with prior preservation each instance sample is paired with a class image
-of the same concept.  Batch ``b`` holds samples ``b * batch_size ...``.  Nothing depends on how many steps ran before,
-so a resumed run (or several processes, each taking its share of a batch) sees exactly the same samples.
+``g // epoch_length``; within an epoch the concepts take turns (balanced: a small concept's images repeat,
+reshuffled, until the largest concept's are used once; a concept with ``repeats`` r has each of its images exactly r
+times in an epoch, and the balanced concepts are topped up to the longest concept); with prior preservation each
+instance sample is paired with a class image of the same concept.  Batch ``b`` holds samples ``b * batch_size ...``.
+Nothing depends on how many steps ran before, so a resumed run (or several processes, each taking its share of a
+batch) sees exactly the same samples.
 """
 
 from __future__ import annotations
@@ -62,6 +64,35 @@ def instance_examples(settings: Settings, index: int, concept: Concept) -> list[
     return _examples(settings, list_images(concept.instance_data_dir), concept.instance_prompt, index, False)
 
 
+def validation_examples(
+    settings: Settings, index: int, concept: Concept, examples: list[Example]
+) -> tuple[list[Example], list[Example]]:
+    """(trained, held out): the concept's instance ``examples`` split for the validation loss.
+
+    A ``validation_data_dir`` holds the concept's held-out images (captioned like its instance images) and every
+    instance image trains; otherwise ``validation_split`` of the instance images (rounded, at least one) is held out,
+    chosen by their paths inside the folder, not by the seed: runs with other seeds are measured on the same images.
+    """
+    from ..errors import DreamBoothError
+
+    if concept.validation_data_dir:
+        held = list_images(concept.validation_data_dir)
+        return examples, _examples(settings, held, concept.instance_prompt, index, False)
+    if settings.validation_split <= 0:
+        return examples, []
+    count = max(1, round(settings.validation_split * len(examples)))
+    if count >= len(examples):
+        raise DreamBoothError(
+            f"concept {index + 1}: validation_split {settings.validation_split} holds out {count} of its "
+            f"{len(examples)} instance images and leaves none to train on: lower it, add images, or give the concept "
+            "a validation_data_dir"
+        )
+    root = Path(concept.instance_data_dir)
+    ranked = sorted(examples, key=lambda e: mix_seed("validation", e.path.relative_to(root).as_posix()))
+    held = set(ranked[:count])
+    return [e for e in examples if e not in held], [e for e in examples if e in held]
+
+
 def class_examples(settings: Settings, index: int, concept: Concept) -> list[Example]:
     """The concept's class images (at most its ``num_class_images``), with the class prompt.
 
@@ -93,15 +124,28 @@ def mix_seed(*parts: int | str) -> int:
 class SamplePlan:
     """The deterministic, balanced, infinite sequence of training samples."""
 
-    def __init__(self, instances: list[list[Example]], classes: list[list[Example]] | None, seed: int, hflip: bool):
-        self.instances = [group for group in instances if group]
+    def __init__(
+        self,
+        instances: list[list[Example]],
+        classes: list[list[Example]] | None,
+        seed: int,
+        hflip: bool,
+        repeats: list[int | None] | None = None,
+    ):
+        """``repeats``: per concept, how many times each of its images is seen per epoch (None: balanced)."""
+        repeats = list(repeats) if repeats is not None else [None] * len(instances)
+        kept = [i for i, group in enumerate(instances) if group]
+        self.instances = [instances[i] for i in kept]
         if not self.instances:
             raise ValueError("no instance images")
+        self.repeats = [repeats[i] for i in kept]
         self.classes = classes
         self.seed = seed
         self.hflip = hflip
-        self.per_concept = max(len(group) for group in self.instances)
-        self.epoch_length = self.per_concept * len(self.instances)
+        counts = [len(g) * r if r else len(g) for g, r in zip(self.instances, self.repeats)]
+        self.per_concept = max(counts)  # a balanced concept's samples per epoch: the longest concept's
+        self.lengths = [len(g) * r if r else self.per_concept for g, r in zip(self.instances, self.repeats)]
+        self.epoch_length = sum(self.lengths)
         self._epoch_cache: dict[int, list[tuple[Example, Example | None]]] = {}
 
     def _epoch(self, epoch: int) -> list[tuple[Example, Example | None]]:
@@ -112,11 +156,11 @@ class SamplePlan:
             columns = []
             for concept_index, group in enumerate(self.instances):
                 order: list[Example] = []
-                while len(order) < self.per_concept:
+                while len(order) < self.lengths[concept_index]:  # whole shuffles: with repeats r, each image r times
                     shuffled = list(group)
                     rng.shuffle(shuffled)
                     order.extend(shuffled)
-                order = order[: self.per_concept]
+                order = order[: self.lengths[concept_index]]
                 priors: list[Example | None] = [None] * len(order)
                 if self.classes is not None:
                     pool = list(self.classes[concept_index]) if concept_index < len(self.classes) else []
@@ -128,7 +172,9 @@ class SamplePlan:
                             cycled.extend(shuffled)
                         priors = list(cycled[: len(order)])
                 columns.append(list(zip(order, priors)))
-            self._epoch_cache[epoch] = [column[i] for i in range(self.per_concept) for column in columns]
+            # The concepts take turns; a shorter concept (its own repeats) drops out when its samples are used.
+            longest = max(len(column) for column in columns)
+            self._epoch_cache[epoch] = [column[i] for i in range(longest) for column in columns if i < len(column)]
         return self._epoch_cache[epoch]
 
     def sample(self, index: int) -> Sample:
@@ -166,8 +212,9 @@ class BucketPlan(SamplePlan):
         hflip: bool,
         bucket_of: dict[Path, Any],
         batch_size: int,
+        repeats: list[int | None] | None = None,
     ):
-        super().__init__(instances, classes, seed, hflip)
+        super().__init__(instances, classes, seed, hflip, repeats)
         self.bucket_of = bucket_of
         self.batch_size = batch_size
         self._starts = [0]  # first batch index of each epoch computed so far

@@ -22,6 +22,7 @@ from ..errors import DreamBoothError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 MAX_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
+MASK_SUFFIX = ".mask.png"  # IMAGE.mask.png beside IMAGE.ext: the image's loss mask (data/loss_masks.py), no image
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -48,7 +49,8 @@ def list_images(folder) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by path string.
 
     A file counts when its suffix, in any case, is one of :data:`IMAGE_SUFFIXES`. Hidden files and folders (names
-    starting with ``.``) below ``folder`` are skipped. Raises :class:`DreamBoothError` when ``folder`` is not a folder.
+    starting with ``.``) below ``folder`` are skipped, and so are loss masks (names ending in :data:`MASK_SUFFIX`).
+    Raises :class:`DreamBoothError` when ``folder`` is not a folder.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -60,7 +62,9 @@ def list_images(folder) -> list[Path]:
         found.extend(
             Path(dirpath, name)
             for name in filenames
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+            if not name.startswith(".")
+            and Path(name).suffix.lower() in IMAGE_SUFFIXES
+            and not name.lower().endswith(MASK_SUFFIX)
         )
     return sorted(found, key=str)
 

@@ -13,7 +13,8 @@ the output format's suffix. SRC is only read, never written.
   BIRME expect); a byte-identical copy of an earlier image is skipped and reported with the file it duplicates; a file
   that cannot be read is reported with the reason; a second source that would be written under the same output name
   (``a.jpg`` and ``a.png``) is skipped and reported as a name clash, nothing is overwritten.
-* A caption ``IMAGE.txt`` beside an image is copied, bytes unchanged, beside its output.
+* A caption ``IMAGE.txt`` beside an image is copied, bytes unchanged, beside its output; a loss mask
+  ``IMAGE.mask.png`` (data/loss_masks.py) is cropped and scaled with its image, to the output's ``STEM.mask.png``.
 * Every file is written atomically (temporary file, then rename).
 """
 
@@ -32,6 +33,7 @@ from ..errors import DreamBoothError
 from ..models.files import atomic_path
 from .buckets import closest_bucket, generate_buckets
 from .images import ImageError, image_content_hash, list_images, load_image
+from .loss_masks import check_mask, mask_file
 
 CROPS = ("center", "entropy", "focal")
 FORMATS = {"png": (".png", "PNG"), "jpg": (".jpg", "JPEG"), "webp": (".webp", "WEBP")}
@@ -49,7 +51,8 @@ class PreparedImage:
     ``source``: the file in SRC; ``output``: the file written in DST; ``original_size``: the source's (width, height)
     after EXIF rotation; ``size``: the output's (width, height); ``crop_box``: the window of the source that became the
     output, ``(left, top, right, bottom)`` in source pixels (fractional); ``upscaled``: the window was smaller than the
-    output, so the image was enlarged; ``caption``: the caption file copied beside the output, if any.
+    output, so the image was enlarged; ``caption``: the caption file copied beside the output, if any; ``mask``: the
+    loss mask written beside the output (the source's mask with the same window and scale), if any.
     """
 
     source: Path
@@ -59,6 +62,7 @@ class PreparedImage:
     crop_box: tuple[float, float, float, float]
     upscaled: bool = False
     caption: Path | None = None
+    mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,9 @@ class PrepareReport:
         )
         if captions:
             head += f", {captions} caption(s) copied"
+        masks = sum(image.mask is not None for image in self.written)
+        if masks:
+            head += f", {masks} mask(s) cropped with their image"
         problems = self.problems()
         if not problems:
             return head
@@ -481,6 +488,12 @@ def prepare_folder(
                         caption_output = output.with_suffix(".txt")
                         _copy_caption(caption, caption_output)
                         prepared = replace(prepared, caption=caption_output)
+                    if mask_file(source).is_file():
+                        problem = check_mask(source, 1.0)
+                        if problem:
+                            report.unreadable.append(Problem(mask_file(source), f"{problem}; not copied"))
+                        else:
+                            prepared = replace(prepared, mask=_prepare_mask(mask_file(source), prepared))
                     report.written.append(prepared)
                     seen_hashes[digest] = source
                     taken_names[output_name.casefold()] = source
@@ -488,6 +501,15 @@ def prepare_folder(
             progress(done, len(sources), source)
     report.unused_focal_points = sorted(set(points) - {source.relative_to(src).as_posix() for source in sources})
     return report
+
+
+def _prepare_mask(mask: Path, prepared: PreparedImage) -> Path:
+    """The loss mask of a prepared image: the same window of it, scaled the same way; written as a PNG."""
+    output = mask_file(prepared.output)
+    with load_image(mask) as grey:
+        result = grey.convert("L").resize(prepared.size, Image.Resampling.LANCZOS, box=prepared.crop_box)
+    _save(result, output, "png")
+    return output
 
 
 def _prepare_one(

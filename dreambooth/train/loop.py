@@ -20,7 +20,17 @@ from typing import Any
 
 from ..data.augment import Augmentation
 from ..data.cache import ContentHashes
-from ..data.dataset import BucketPlan, Example, Sample, SamplePlan, class_examples, instance_examples, mix_seed
+from ..data.dataset import (
+    BucketPlan,
+    Example,
+    Sample,
+    SamplePlan,
+    class_examples,
+    instance_examples,
+    mix_seed,
+    validation_examples,
+)
+from ..data.loss_masks import stack_weights
 from ..errors import DreamBoothError
 from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
@@ -98,9 +108,12 @@ class Trainer(Outputs):
         self.pooled_cache: dict[str, Any] = {}  # prompt -> pooled text embedding (SDXL)
         self.latent_cache = None
         self.inpainting_inputs: Any = None  # masks and masked-image latents, for inpainting models
+        self.loss_masks: Any = None  # the masked loss's masks (data/loss_masks.py), when masked_loss is on
         self.dist: Any = None
         self.frozen: FrozenModules | None = None  # the VAE / frozen text encoder in the run's dtype (precision.py)
         self.method: NetworkMethod | None = None  # a LoRA / LoHa / LoKr run's adapter (train/method.py)
+        self.held_out: list[Example] = []  # instance images of the validation loss, never trained on
+        self.validation: Any = None  # the validation loss (train/validation_loss.py), when images are held out
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
@@ -210,15 +223,20 @@ class Trainer(Outputs):
         from ..data.images import check_images
 
         s = self.settings
-        instances = [instance_examples(s, i, c) for i, c in enumerate(s.concepts)]
+        split = [validation_examples(s, i, c, instance_examples(s, i, c)) for i, c in enumerate(s.concepts)]
+        instances, self.held_out = [trained for trained, _ in split], [e for _, held in split for e in held]
         classes = [class_examples(s, i, c) for i, c in enumerate(s.concepts)] if s.has_prior_preservation else None
-        paths = [e.path for group in instances + (classes or []) for e in group]
+        paths = [e.path for group in instances + (classes or []) + [self.held_out] for e in group]
         problems = check_images(paths)
         if problems:
             lines = "\n".join(f"  {p.path}: {p.reason}" for p in problems)
             raise DreamBoothError(f"{len(problems)} image(s) cannot be used; fix or remove them:\n{lines}")
         if s.use_aspect_ratio_bucket:
             self._assign_buckets(paths)
+        if s.masked_loss:  # every mask checked now
+            from ..data.loss_masks import LossMasks
+
+            self.loss_masks = LossMasks(self, [e.path for group in instances for e in group])
         for index, group in enumerate(instances):
             if not group:
                 raise DreamBoothError(
@@ -374,8 +392,10 @@ class Trainer(Outputs):
         started = time.perf_counter()
         inpainting = self._inpainting()
         family = self.family
+        mask_weights: list[Any] = []  # the masked loss's per-pixel weights of each latent (None: no mask)
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
         crops = []  # SDXL: each latent's crop (its time ids)
+        weights = []  # each sample's concept loss_weight (class images: 1, prior_loss_weight comes later)
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
@@ -391,6 +411,9 @@ class Trainer(Outputs):
                 latents.append(latent)
                 if family.uses_crops:
                     crops.append(self._crop(example, sample.flip, sample.index, epoch))
+                if self.loss_masks is not None:  # the mask with the latent's own crop, variant and flip
+                    weight = self.loss_masks.weights(example, sample.flip, sample.index, epoch, latent.shape)
+                    mask_weights.append(weight)
                 plain = torch.randn(latent.shape, generator=generator)
                 timesteps.append(torch.randint(low, high, (1,), generator=generator))
                 target_noise, input_noise = draw_noise(s, plain, generator)  # offset noise, input perturbation
@@ -398,6 +421,7 @@ class Trainer(Outputs):
                 inputs.append(input_noise)
                 prompts.append(example.prompt)
                 is_prior.append(role == "prior")
+                weights.append(1.0 if role == "prior" else s.concepts[example.concept].loss_weight)
         self.timings["data"] += time.perf_counter() - started
         # One forward pass per latent shape (with buckets, a class image may have another shape than its instance).
         shapes: dict[tuple[int, ...], list[int]] = {}
@@ -423,9 +447,12 @@ class Trainer(Outputs):
                 prediction = components.unet(noisy, group_steps, **unet_inputs).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
             where = (torch.tensor(indices, device=device),)
+            group_masks = stack_weights([mask_weights[i] for i in indices]) if mask_weights else None
             per_sample = per_sample.index_put(
-                where, weighted_sample_losses(s, scheduler, prediction, target, group_steps)
+                where, weighted_sample_losses(s, scheduler, prediction, target, group_steps, group_masks)
             )
+        if any(w != 1.0 for w in weights):
+            per_sample = per_sample * torch.tensor(weights, device=device)
         counts = global_counts or (is_prior.count(False), is_prior.count(True))  # counted here, not from a tensor
         return combine_losses(per_sample, torch.tensor(is_prior, device=device), s.prior_loss_weight, counts)
 
@@ -534,10 +561,15 @@ class Trainer(Outputs):
             dist.barrier()  # every process's share of the class images is written
         instances, classes = self._examples()
         global_batch = s.train_batch_size * dist.world_size
+        repeats = [c.repeats for c in s.concepts]
         if s.use_aspect_ratio_bucket:
-            plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, global_batch)
+            plan = BucketPlan(instances, classes, s.seed, s.hflip, self.bucket_of, global_batch, repeats)
         else:
-            plan = SamplePlan(instances, classes, s.seed, s.hflip)
+            plan = SamplePlan(instances, classes, s.seed, s.hflip, repeats)
+        if self.held_out:
+            from .validation_loss import ValidationLoss
+
+            self.validation = ValidationLoss(self, self.held_out)
         total = total_steps_for(s, plan, sum(len(g) for g in instances), global_batch)
         self._cache(instances, classes)
         return self._optimization(plan, global_batch, total)
@@ -546,6 +578,8 @@ class Trainer(Outputs):
         """Latents (and text embeddings of a frozen encoder) once; then the modules whose outputs are cached leave
         the training device (train/precision.py)."""
         self._fill_caches([e for group in instances + (classes or []) for e in group])
+        if self.validation is not None:  # its latents and text embeddings, while the VAE and encoder are here
+            self.validation.prepare()
         self.frozen.park(self.components)
 
     def _fill_caches(self, examples: list[Example]) -> None:
@@ -669,6 +703,8 @@ class Trainer(Outputs):
             losses = self._step(run)
             run.step_times.append(time.perf_counter() - started)
             self._report(run, losses)
+            if self.validation is not None:
+                self.validation.after_step(run)  # when due: the validation loss, and NAME_best with save_best
             due = s.save_model_every_n_steps and run.step % s.save_model_every_n_steps == 0 and run.step < run.total
             save_now, sample_now = dist.broadcast_flags([self.commands.take("save"), self.commands.take("sample")])
             if due or save_now:

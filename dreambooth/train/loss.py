@@ -20,15 +20,31 @@ def training_target(scheduler: Any, latents: Any, noise: Any, timesteps: Any) ->
     raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
 
 
-def sample_losses(prediction: Any, target: Any, loss_type: str = "l2", huber_c: Any = None) -> Any:
+def masked_mean(per_element: Any, weights: Any = None) -> Any:
+    """Each sample's mean of ``per_element`` (B, C, H, W), weighted by ``weights`` (B, 1, H, W, in [0, 1]; None: the
+    plain mean): sum(loss x weight) / sum(weight) over the sample, so an all-ones weight gives exactly the plain mean
+    and a sample's loss keeps its scale whatever share of it is masked (its balance with the prior term too).  A
+    sample whose weights are all 0 has loss 0 (and gradient 0), not 0/0."""
+    if weights is None:
+        return per_element.flatten(1).mean(dim=1)
+    import torch
+
+    weights = weights.to(per_element.device, per_element.dtype)
+    weighted = (per_element * weights).flatten(1).mean(dim=1)
+    share = weights.flatten(1).mean(dim=1)  # mean weight per element: the same over channels
+    return weighted / torch.clamp(share, min=torch.finfo(share.dtype).tiny)
+
+
+def sample_losses(prediction: Any, target: Any, loss_type: str = "l2", huber_c: Any = None, weights: Any = None) -> Any:
     """The mean loss of each sample (one value per batch entry), in fp32 whatever the prediction dtype.
 
     ``loss_type``: l2 (squared error), huber (pseudo-Huber 2c(sqrt(d² + c²) - c)) or smooth_l1 (2(sqrt(d² + c²) -
-    c)), the forms of kohya's sd-scripts; ``huber_c``: c, one value per sample (a tensor) or one number.
+    c)), the forms of kohya's sd-scripts; ``huber_c``: c, one value per sample (a tensor) or one number;
+    ``weights``: a per-element weight (B, 1, H, W) of the masked loss, see :func:`masked_mean` (None: none).
     """
     difference = prediction.float() - target.float()
     if loss_type == "l2":
-        return (difference**2).flatten(1).mean(dim=1)
+        return masked_mean(difference**2, weights)
     import torch
 
     c = torch.as_tensor(huber_c, dtype=torch.float32, device=difference.device)
@@ -40,7 +56,7 @@ def sample_losses(prediction: Any, target: Any, loss_type: str = "l2", huber_c: 
         smooth = 2 * smooth
     else:
         raise ValueError(f"unknown loss type {loss_type!r} (l2, huber or smooth_l1)")
-    return smooth.flatten(1).mean(dim=1)
+    return masked_mean(smooth, weights)
 
 
 def signal_to_noise(alphas_cumprod: Any, timesteps: Any) -> Any:

@@ -58,9 +58,12 @@ def draw_noise(settings: Any, noise: Any, generator: Any) -> tuple[Any, Any]:
     return noise, model_input
 
 
-def weighted_sample_losses(settings: Any, scheduler: Any, prediction: Any, target: Any, timesteps: Any) -> Any:
-    """Each sample's loss (``loss_type``, with the Huber c of its timestep) times its weight (Min-SNR, debiased
-    estimation), one value per sample."""
+def weighted_sample_losses(
+    settings: Any, scheduler: Any, prediction: Any, target: Any, timesteps: Any, masks: Any = None
+) -> Any:
+    """Each sample's loss (``loss_type``, with the Huber c of its timestep; weighted per element by ``masks``, the
+    masked loss's (B, 1, H, W) weights, or None) times its weight (Min-SNR, debiased estimation), one value per
+    sample."""
     c = None
     if settings.loss_type != "l2":
         c = huber_c_schedule(
@@ -70,7 +73,7 @@ def weighted_sample_losses(settings: Any, scheduler: Any, prediction: Any, targe
             scheduler.alphas_cumprod,
             scheduler.config.num_train_timesteps,
         )
-    losses = sample_losses(prediction, target, settings.loss_type, c)
+    losses = sample_losses(prediction, target, settings.loss_type, c, masks)
     if settings.min_snr_gamma <= 0 and not settings.debiased_estimation:
         return losses
     snr = signal_to_noise(scheduler.alphas_cumprod, timesteps)

@@ -29,6 +29,8 @@ from .failures import (
 from .optimizers import use_averaged_weights
 from .state import STATE_NAME
 
+BEST_TAG = "best"  # save_best's file: NAME_best.safetensors
+
 
 @dataclass
 class TrainResult:
@@ -93,8 +95,9 @@ class Outputs:
         self.log(f"saved {paths[0]}")
         self._tests(step, run.result, next(self.components.unet.parameters()).device)
 
-    def _save_checkpoint(self, run: RunState) -> list[Path]:
-        """The full checkpoint (+ sidecar yaml); returns the written paths, the checkpoint first."""
+    def _save_checkpoint(self, run: RunState, tag: str = "", extra: dict[str, str] | None = None) -> list[Path]:
+        """The full checkpoint NAME_STEP (``tag``: NAME_TAG instead) + sidecar yaml, with ``extra`` metadata;
+        returns the written paths, the checkpoint first."""
         from ..models.components import save_single_file
 
         s, step = self.settings, run.step
@@ -102,23 +105,49 @@ class Outputs:
             "dreambooth.step": str(step),
             "dreambooth.base_model": Path(s.pretrained_model_name_or_path).name,
             "dreambooth.settings": self.requested.to_json(),
+            **(extra or {}),
         }
-        destination = self._checkpoint_folder() / f"{s.model_name}_{step}.{s.save_format}"
+        destination = self._checkpoint_folder() / f"{s.model_name}_{tag or step}.{s.save_format}"
         checkpoint_bytes = tensor_bytes(self._component_tensors(), half=s.save_half)
         with self._disk_full_message(f"the checkpoint of step {step}", destination.parent, checkpoint_bytes):
             return save_single_file(self._saved_components(), destination, half=s.save_half, metadata=metadata)
 
-    def _save_network(self, run: RunState) -> Path:
-        """The adapter as one kohya-format LoRA file in the Lora folder (train/method.py)."""
+    def _save_network(self, run: RunState, tag: str = "", extra: dict[str, str] | None = None) -> Path:
+        """The adapter as one kohya-format LoRA file NAME_STEP (``tag``: NAME_TAG) in the Lora folder
+        (train/method.py), with ``extra`` metadata."""
         from ..network.files import write_network_file
 
         destination = self.method.file_path(run.step)
+        if tag:
+            destination = destination.with_name(f"{self.settings.model_name}_{tag}{destination.suffix}")
         tensors = self.method.tensors()
         with self._disk_full_message(
             f"the LoRA file of step {run.step}", destination.parent, tensor_bytes(tensors.values())
         ):
             destination.parent.mkdir(parents=True, exist_ok=True)
-            return write_network_file(destination, tensors, self.method.metadata(run))
+            return write_network_file(destination, tensors, {**self.method.metadata(run), **(extra or {})})
+
+    def _save_best(self, run: RunState, validation_loss: float) -> None:
+        """``save_best``: the weights of this step as NAME_best (checkpoint, or LoRA file in the Lora folder), written
+        atomically over the previous best; not a NAME_STEP file, so save_total_limit never counts or removes it.
+        Only the main process writes; the others wait."""
+        use_averaged_weights(run.optimizer)  # schedule-free: the averaged weights, as every save
+        if self.dist.is_main:
+            self._emit("saving", f"saving the best weights (step {run.step})", step=run.step, total_steps=run.total)
+            extra = {"dreambooth.validation_loss": repr(validation_loss), "dreambooth.step": str(run.step)}
+            if self.method is not None:
+                paths = [self._save_network(run, BEST_TAG, extra)]
+            else:
+                paths = self._save_checkpoint(run, BEST_TAG, extra)
+            guarded(self.callbacks, "on_checkpoint", run.step, paths)
+            self.log(f"saved {paths[0]} (validation loss {validation_loss:.6f} at step {run.step}, the lowest so far)")
+        self.dist.barrier()
+
+    def _best_file(self) -> Path:
+        """Where :meth:`_save_best` writes."""
+        s = self.settings
+        suffix = "safetensors" if self.method is not None else s.save_format
+        return self._checkpoint_folder() / f"{s.model_name}_{BEST_TAG}.{suffix}"
 
     def _save_state(self, run: RunState, checkpoint: Path | None) -> None:
         from .state import save_state

@@ -227,7 +227,9 @@ def _run_panel(tab: Any) -> None:
     c["message"] = gr.Markdown(elem_id="db_message")
     c["status"] = gr.Markdown(elem_id="db_status")
     with gr.Row():
-        c["plot"] = gr.LinePlot(x="step", y="loss", title="Loss", elem_id="db_loss_plot", width=420, height=240)
+        c["plot"] = gr.LinePlot(
+            x="step", y="loss", color="series", title="Loss", elem_id="db_loss_plot", width=420, height=240
+        )
         c["samples"] = gr.Gallery(label="Samples", columns=4, elem_id="db_samples")
     with gr.Row(equal_height=False, elem_classes="db-compact-row"):
         c["checkpoints"] = gr.Dropdown(label="Checkpoints of this job", elem_id="db_checkpoints", scale=4)

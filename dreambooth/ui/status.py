@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..runner import JobSnapshot
 
@@ -39,6 +40,8 @@ def status_markdown(snapshot: JobSnapshot) -> str:
         details.append(f"ETA {_duration(p.eta_seconds)}")
     if p.loss is not None:
         details.append(f"loss {p.loss:.4f}")
+    if p.validation_loss is not None:
+        details.append(f"validation loss {p.validation_loss:.4f}")
     if p.peak_memory_gib is not None:
         details.append(f"peak memory {p.peak_memory_gib:.2f} GiB")
     if details:
@@ -56,9 +59,17 @@ def existing_files(paths: tuple[str, ...] | list[str]) -> list[str]:
     return [path for path in paths if Path(path).is_file()]
 
 
-def loss_points(snapshot: JobSnapshot) -> list[tuple[int, float]]:
-    """The loss curve, thinned to at most :data:`MAX_PLOT_POINTS` points (the last one always kept)."""
-    losses = list(snapshot.losses)
+def plot_rows(snapshot: JobSnapshot) -> list[tuple[int, float, str]]:
+    """(step, loss, series) of the tab's loss plot: the training loss and, when images are held out, the
+    validation loss, each thinned as :func:`loss_points`."""
+    rows = [(step, loss, "training") for step, loss in loss_points(snapshot)]
+    return rows + [(step, loss, "validation") for step, loss in loss_points(snapshot, snapshot.validation_losses)]
+
+
+def loss_points(snapshot: JobSnapshot, points: Any = None) -> list[tuple[int, float]]:
+    """The loss curve (``points``, default the training loss), thinned to at most :data:`MAX_PLOT_POINTS` points
+    (the last one always kept)."""
+    losses = list(snapshot.losses if points is None else points)
     if len(losses) <= MAX_PLOT_POINTS:
         return losses
     stride = -(-len(losses) // MAX_PLOT_POINTS)

@@ -25,7 +25,7 @@ from ..runner import Runner, RunnerBusy
 from ..settings import Settings, SettingsError, concepts_from_list
 from .form import concept_specs, empty_concept, settings_from_values, settings_specs, values_from_settings
 from .memory import MemoryPanel
-from .status import dataset_markdown, existing_files, loss_points, status_markdown
+from .status import dataset_markdown, existing_files, plot_rows, status_markdown
 
 MAX_THUMBNAILS = 24
 PRESET_FIELDS = ("low_memory", "train_batch_size", "cache_latents", "optimizer")
@@ -420,7 +420,7 @@ class Tab:
         snapshot = self.runner.snapshot()
         job = snapshot.job_id
         now = {  # what identifies each output's content; an unchanged one is not sent again
-            "losses": (job, len(snapshot.losses)),
+            "losses": (job, len(snapshot.losses), len(snapshot.validation_losses)),
             "samples": (job, len(snapshot.samples)),
             "log": (job, len(snapshot.log), snapshot.log[-1:]),
             "checkpoints": (job, len(snapshot.checkpoints)),
@@ -429,8 +429,8 @@ class Tab:
         c = self.controls
         outputs: dict[Any, Any] = {c["seen"]: now, c["status"]: status_markdown(snapshot)}
         if changed["losses"]:
-            points = loss_points(snapshot) or [(0, 0.0)]
-            outputs[c["plot"]] = gr.update(value=pd.DataFrame(points, columns=["step", "loss"]))
+            rows = plot_rows(snapshot) or [(0, 0.0, "training")]  # training and validation loss, two series
+            outputs[c["plot"]] = gr.update(value=pd.DataFrame(rows, columns=["step", "loss", "series"]))
         if changed["samples"]:
             outputs[c["samples"]] = gr.update(value=list(reversed(existing_files(snapshot.samples))))
         if changed["log"]:

@@ -1,8 +1,10 @@
-"""The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, and a caption editor.
+"""The tab's "Dataset tools": prepare (crop / resize / buckets), captioning, masks from transparency, and a caption
+editor.
 
 Each tool asks the host's path policy (the page may be reachable from other machines): what it reads lies under the
 read roots, what it writes under the write roots.  It never changes an original image: prepare writes a new folder
-(a write), captioning and the editor write ``IMAGE.txt`` files beside the images (writes into that folder).
+(a write), captioning and the editor write ``IMAGE.txt`` files beside the images, the mask tool ``IMAGE.mask.png``
+files (writes into that folder).
 """
 
 from __future__ import annotations
@@ -98,6 +100,19 @@ class DatasetTools:
             return f"**Not captioned:** {error}"
         return "```\n" + report.summary() + "\n```"
 
+    def alpha_masks(self, folder: str, overwrite: bool) -> str:
+        """IMAGE.mask.png from the alpha channel of each transparent image of ``folder`` (data/loss_masks.py)."""
+        from ..data.loss_masks import write_alpha_masks
+
+        refused = self._check(write={"Image folder (masks are written there)": folder})
+        if refused:
+            return f"**No masks written:** {refused}"
+        try:
+            report = write_alpha_masks(folder, overwrite=bool(overwrite))
+        except (DreamBoothError, ValueError) as error:
+            return f"**No masks written:** {error}"
+        return "```\n" + report.summary() + "\n```"
+
     # ------------------------------------------------------------------------------------------ editor
 
     def load_captions(self, folder: str) -> tuple[Any, Any, str]:
@@ -178,6 +193,14 @@ class DatasetTools:
             run = gr.Button("Caption", elem_id="db_tool_caption_run")
             report = gr.Markdown(elem_id="db_tool_caption_report")
             run.click(self.caption, [folder, source, model, prefix, suffix, overwrite, dedupe], report)
+
+        with gr.Accordion("Masks for the masked loss, from transparency", open=False, elem_id="db_tool_masks"):
+            with gr.Row():
+                folder = gr.Textbox(label="Image folder", elem_id="db_tool_masks_folder", scale=4)
+                overwrite = gr.Checkbox(label="Overwrite existing masks", elem_id="db_tool_masks_overwrite")
+            run = gr.Button("Write IMAGE.mask.png from alpha", elem_id="db_tool_masks_run")
+            report = gr.Markdown(elem_id="db_tool_masks_report")
+            run.click(self.alpha_masks, [folder, overwrite], report)
 
         with gr.Accordion("Caption editor", open=False, elem_id="db_tool_editor"):
             with gr.Row():
