@@ -31,7 +31,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from ..settings import Settings
+from ..settings import Concept, Settings
 from ..train.loop import Trainer
 from .cuda_autocast import normalize_in_float32
 from .tracker import MemoryTracker
@@ -149,6 +149,9 @@ class DryRun(Trainer):
             report_to="none",
             max_train_steps=DRY_RUN_STEPS,
             device="cpu",
+            # a quick look without concepts (--arch) estimates one concept of the defaults: the trainer reads each
+            # concept's repeats and loss_weight
+            concepts=settings.concepts or [Concept()],
         )
         super().__init__(settings, cache_text=cache_text, final_save=False, check_model_path=False)
         self.arch = arch
