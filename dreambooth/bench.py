@@ -55,6 +55,8 @@ SCALES = {
     "tiny128": ("bench-tiny", 128),
     "small128": ("bench-small", 128),
     "sd15-256": ("sd15", 256),
+    "tiny-sdxl128": ("bench-tiny-sdxl", 128),
+    "tiny-sdxl256": ("bench-tiny-sdxl", 256),
 }
 DEFAULT_SCALES = ["tiny64", "tiny128", "small128"]
 INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx ring", "photo of a ring"
@@ -71,10 +73,15 @@ BENCH_MODELS = {
 }
 
 
+BENCH_TINY_SDXL = "bench-tiny-sdxl"  # the tests' tiny SDXL (models/tiny.py): SDXL's shape, two text encoders
+
+
 def bench_architecture(model: str) -> Any:
     """The architecture of a benchmark model (random weights are made from it)."""
     from .models.tiny import tiny_architecture
 
+    if model == BENCH_TINY_SDXL:
+        return tiny_architecture("sdxl")
     if model not in BENCH_MODELS:
         raise ValueError(f"unknown bench model {model!r}")
     unet_channels, attention, context, unet_layers, vae_channels, vae_layers, text = BENCH_MODELS[model]
@@ -123,6 +130,8 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     model, resolution = SCALES[spec["scale"]]
     arch = bench_architecture(model)
+    if arch.is_sdxl and spec["mode"].startswith("floor"):  # its bare step has no SDXL conditioning
+        raise ValueError(f"bench mode floor does not exist for the SDXL scale {spec['scale']} (default and naive do)")
     components = tiny_components(arch, seed=0)
     trained: list[int] = []
 

@@ -98,7 +98,7 @@ def lora_settings(spec: dict[str, Any]) -> dict[str, Any]:
 
 def is_diffusers_target(target: Any) -> bool:
     """Whether diffusers' train_dreambooth_lora.py adapts this layer (a :class:`~.network.names.Target`)."""
-    layers = DIFFUSERS_TEXT_LAYERS if target.is_text else DIFFUSERS_UNET_LAYERS
+    layers = DIFFUSERS_UNET_LAYERS if target.component == "unet" else DIFFUSERS_TEXT_LAYERS  # SDXL: 2 encoders
     return any(target.path == layer or target.path.endswith("." + layer) for layer in layers)
 
 
@@ -113,8 +113,8 @@ def lora_targets(spec: dict[str, Any]) -> Iterator[None]:
 
     choose = adapter.select_targets
 
-    def diffusers_layers(unet: Any, text_encoder: Any, **options: Any) -> list[Any]:
-        return [target for target in choose(unet, text_encoder, **options) if is_diffusers_target(target)]
+    def diffusers_layers(*modules: Any, **options: Any) -> list[Any]:  # SDXL: a second text encoder among them
+        return [target for target in choose(*modules, **options) if is_diffusers_target(target)]
 
     adapter.select_targets = diffusers_layers
     try:

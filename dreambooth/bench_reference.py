@@ -8,6 +8,13 @@ optimizer step (``torch.optim.optimizer.register_optimizer_step_post_hook``) and
 per step is the median of the differences between consecutive step times, warm-up steps left out as ``bench``
 does.  The script needs ``torchvision``: ``envs/reference-bench.sh`` builds such an environment, ``.venv-ref``.
 
+On the SDXL scales (``tiny-sdxl128``, ``tiny-sdxl256``) the script is
+``examples/dreambooth/train_dreambooth_lora_sdxl.py`` (diffusers has SDXL DreamBooth only as LoRA), given the same
+options but ``--pre_compute_text_embeddings``, which it lacks: with the text encoders frozen it encodes the instance
+and class prompts once by itself, as our embedding cache does.  It adapts the same layers as the SD script, in both
+text encoders when they train; its VAE encodes every step, in fp32 (it has no latent cache), and its time ids come
+from each image's crop.
+
 What diffusers' LoRA script cannot be told (v0.40.0; its command line has no option for them), and so differs from a
 LoRA bench row of ours unless the bench sets ours to match: alpha is always the rank (``lora_alpha=args.rank``); the
 UNet's adapted layers are always the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (kohya's
@@ -105,15 +112,42 @@ def script_arguments(
         args.append("--train_text_encoder")
     if method == "lora":
         args += ["--rank", str(config["rank"])]
-        if not config["train_text"]:
+        if is_sdxl_config(config):
+            # train_dreambooth_lora_sdxl.py encodes one instance prompt (and the class prompt) once by itself when
+            # the text encoders are frozen (it has no option for it); its text encoders' rate is its own option
+            if config["train_text"]:
+                args += ["--text_encoder_lr", repr(learning_rate)]
+        elif not config["train_text"]:
             args.append("--pre_compute_text_embeddings")
     return args
 
 
-def check_script_method(script: Path, method: str) -> None:
-    """Refuse a reference script that trains something else than ``method``: train_dreambooth_lora.py accepts all
-    of train_dreambooth.py's options, so a mix-up would otherwise compare a LoRA with a full fine-tune unnoticed."""
-    trains_lora = "LoraConfig" in script.read_text(encoding="utf-8", errors="replace")
+def is_sdxl_config(config: dict[str, Any]) -> bool:
+    """Whether a bench configuration's model is an SDXL (its reference is train_dreambooth_lora_sdxl.py)."""
+    from .bench import bench_architecture
+
+    return bench_architecture(_model_and_resolution(config)[0]).is_sdxl
+
+
+def check_script_method(script: Path, method: str, sdxl: bool = False) -> None:
+    """Refuse a reference script that trains something else than ``method`` (or another family than the bench
+    model's, ``sdxl``): train_dreambooth_lora.py accepts all of train_dreambooth.py's options, so a mix-up would
+    otherwise compare a LoRA with a full fine-tune unnoticed."""
+    text = script.read_text(encoding="utf-8", errors="replace")
+    trains_sdxl = "StableDiffusionXLPipeline" in text
+    if trains_sdxl != sdxl:
+        what = "an SDXL model" if trains_sdxl else "an SD 1.x / 2.x model (it never uses StableDiffusionXLPipeline)"
+        wanted = "train_dreambooth_lora_sdxl.py" if sdxl else "train_dreambooth.py or train_dreambooth_lora.py"
+        raise ValueError(
+            f"{script}: this reference script trains {what}, but the bench scale is "
+            f"{'an SDXL' if sdxl else 'an SD 1.x'} one: pass diffusers' examples/dreambooth/{wanted}."
+        )
+    if sdxl and method != "lora":
+        raise ValueError(
+            f"{script}: diffusers has SDXL DreamBooth only as a LoRA script; run the SDXL scales with "
+            "--training-method lora."
+        )
+    trains_lora = "LoraConfig" in text
     if trains_lora != (method == "lora"):
         what = "a LoRA (it uses peft's LoraConfig)" if trains_lora else "the full model (it never uses LoraConfig)"
         wanted = "train_dreambooth_lora.py" if method == "lora" else "train_dreambooth.py"
@@ -137,7 +171,7 @@ def measure_reference(script: str | os.PathLike, config: dict[str, Any], work: s
     if not script.is_file():
         raise FileNotFoundError(f"{script}: no such reference script")
     method = config.get("method", "full")
-    check_script_method(script, method)
+    check_script_method(script, method, is_sdxl_config(config))
     model, resolution = _model_and_resolution(config)
     model_dir = work / f"model-{model}"
     if not model_dir.is_dir():

@@ -145,7 +145,7 @@ AGREEMENT_CONFIGURATIONS = {
         "mixed_precision": "bf16",
     },
 }
-SCALES = {"bench-tiny": 64, "bench-small": 128}
+SCALES = {"bench-tiny": 64, "bench-small": 128, "bench-tiny-sdxl": 64}
 
 
 def check_agreement(scale: str, changes: dict, work: Path) -> None:

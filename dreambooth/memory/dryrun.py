@@ -3,12 +3,13 @@
 :class:`DryRun` is a :class:`~dreambooth.train.loop.Trainer` that overrides only what produces data: the examples
 (one batch of the configuration's concepts: instance images, and their class images with prior preservation, all
 of the largest bucket with aspect-ratio buckets), the latent cache (latent distributions of that shape), the pixels
-(when latents are not cached or the model is inpainting), a tokenizer stand-in (ids of the encoder's length) and
-the loss as numbers.  Loading, placement (``_load``, ``_cache``), the caches of text embeddings, the optimizer,
-schedule and GradScaler (``_optimization``), the step (``_step``, ``_loss``: prior-preservation batch, autocast,
-gradient checkpointing, the text encoder trained or frozen and cached, clipping, the optimizer step) are the
-trainer's.  Two steps run, since the optimizer creates its states in the first and the steady-state peak is the
-second's.  :func:`tracked_steps` is the part a real run shares (the CPU agreement test wraps a real run with it).
+(when latents are not cached or the model is inpainting) and their crops (SDXL's time ids), a tokenizer stand-in
+(ids of the encoder's length) and the loss as numbers.  Loading, placement (``_load``, ``_cache``), the caches of
+text embeddings, the optimizer, schedule and GradScaler (``_optimization``), the step (``_step``, ``_loss``:
+prior-preservation batch, autocast, gradient checkpointing, the text encoder trained or frozen and cached, clipping,
+the optimizer step) are the trainer's.  Two steps run, since the optimizer creates its states in the first and the
+steady-state peak is the second's.  :func:`tracked_steps` is the part a real run shares (the CPU agreement test wraps
+a real run with it).
 
 The modules are built on the meta device (no weights are read or initialised) and moved into
 ``FakeTensorMode``'s fake tensors of the *CPU*: this torch has no CUDA, and fake CUDA tensors fail inside the UNet.
@@ -30,7 +31,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from ..settings import Settings
+from ..settings import Concept, Settings
 from ..train.loop import Trainer
 from .cuda_autocast import normalize_in_float32
 from .tracker import MemoryTracker
@@ -45,13 +46,15 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
     device: the modules' weights (but those named in ``off_device``: "vae", "text_encoder"), the cached text
     embeddings and all that the steps allocate.  The latent cache is in CPU memory on a GPU and is not counted."""
     components = trainer.components
-    modules = [getattr(components, n) for n in ("unet", "text_encoder", "vae") if n not in off_device]
+    names = ("unet", "text_encoder", "text_encoder_2", "vae")  # SDXL's second text encoder; None for SD 1.x / 2.x
+    modules = [getattr(components, n) for n in names if n not in off_device and getattr(components, n) is not None]
     if trainer.method is not None:  # a LoRA / LoHa / LoKr adapter: its weights beside the frozen model's
         modules.append(trainer.method.network)
     tracker = MemoryTracker(device_type).watch(modules, [run.optimizer])
     for module in modules:
         tracker.register(list(module.parameters()) + list(module.buffers()))
-    tracker.register(list(trainer.text_cache.values()), TEXT_CACHE_LABEL)
+    cached = [*trainer.text_cache.values(), *trainer.pooled_cache.values()]  # SDXL: also the pooled embeddings
+    tracker.register(cached, TEXT_CACHE_LABEL)
     with tracker:
         for _ in range(steps):
             trainer._step(run)
@@ -115,6 +118,18 @@ class _LatentCacheStandIn:
         width, height = size or (self.resolution, self.resolution)
         return torch.zeros((3, height, width))
 
+    def crop(self, path: Path, flip: bool, size: tuple[int, int] | None = None, variant: int = 0) -> Any:
+        return _crop_stand_in(size or (self.resolution, self.resolution))
+
+
+def _crop_stand_in(size: tuple[int, int]) -> Any:
+    """The crop of an image of exactly the training ``size`` (width, height): SDXL's time ids are numbers of the same
+    shape whatever the crop."""
+    from ..data.images import Crop
+
+    width, height = size
+    return Crop((height, width), (height, width), 0, 0, (height, width))
+
 
 class DryRun(Trainer):
     """The trainer on fake tensors of ``arch``; :meth:`measure` returns the tracker of two steps."""
@@ -134,6 +149,9 @@ class DryRun(Trainer):
             report_to="none",
             max_train_steps=DRY_RUN_STEPS,
             device="cpu",
+            # a quick look without concepts (--arch) estimates one concept of the defaults: the trainer reads each
+            # concept's repeats and loss_weight
+            concepts=settings.concepts or [Concept()],
         )
         super().__init__(settings, cache_text=cache_text, final_save=False, check_model_path=False)
         self.arch = arch
@@ -197,6 +215,11 @@ class DryRun(Trainer):
         width, height = size or (self.settings.resolution, self.settings.resolution)
         return torch.zeros((3, height, width))
 
+    def _crop(self, example: Any, flip: bool, sample_index: int, epoch: int) -> Any:
+        if self.latent_cache is not None:
+            return self.latent_cache.crop(example.path, flip, self._size(example))
+        return _crop_stand_in(self._size(example) or (self.settings.resolution, self.settings.resolution))
+
     def _loss_values(self, loss: Any, instance_loss: Any, prior_loss: Any) -> list[float]:
         return [0.0, 0.0, 0.0]  # fake tensors hold no numbers
 
@@ -228,6 +251,7 @@ class DryRun(Trainer):
             _on_meta,
             build_scheduler,
             build_text_encoder,
+            build_text_encoder_2,
             build_unet,
             build_vae,
         )
@@ -241,7 +265,10 @@ class DryRun(Trainer):
             noise_scheduler=build_scheduler(arch),
             arch=arch,
         )
-        for module in (components.unet, components.vae, components.text_encoder):
+        if arch.is_sdxl:  # the second (OpenCLIP bigG) text encoder and its tokenizer
+            components.text_encoder_2 = _on_meta(lambda: build_text_encoder_2(arch))
+            components.tokenizer_2 = _TokenizerStandIn(int(arch.text_2["max_position_embeddings"]))
+        for module in components.modules:
             module.requires_grad_(False).eval()
         return components
 
@@ -264,7 +291,7 @@ class DryRun(Trainer):
         with quiet_library_notices():
             components = self._fake_components()  # on meta: built in seconds, nothing initialised
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for module in (components.unet, components.vae, components.text_encoder):
+            for module in components.modules:
                 module.to_empty(device="cpu")
                 _convert_by_replacing(module)
                 if self.target_device_type == "cuda":  # CUDA's autocast normalises in float32, the CPU's does not

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ModelFileError
 from ..models.architecture import SD_SCALE_FACTOR, SD_SCHEDULE, Architecture, released_vae
+from ..models.sdxl import standard_sdxl_architecture
 
 GIB = 2**30
 
@@ -114,6 +115,7 @@ ARCH_SHORTCUTS: dict[str, Architecture] = {
     "sd15": standard_architecture("sd1"),
     "sd21": standard_architecture("sd2", v_prediction=True),
     "sd21-512": standard_architecture("sd2"),
+    "sdxl": standard_sdxl_architecture(),  # SDXL base 1.0: two text encoders, the VAE of 1024 px
 }
 
 
@@ -199,19 +201,16 @@ def estimate(
     agreement test, where nothing leaves the device).  ``cache_text``: the trainer's flag of that name (False for
     the benchmark's naive configuration, whose frozen text encoder runs every step).
     """
+    from ..models.architecture import training_unsupported
     from ..train.distributed import BUCKET_BYTES
     from .dryrun import DryRun
 
     started = time.perf_counter()
     if arch is None:
-        from ..errors import UnsupportedModelError
-
         arch = architecture_of(settings.pretrained_model_name_or_path)
-        if arch.is_sdxl:  # SDXL trains, but the dry run's fake components do not cover it yet (sdxl-bench)
-            raise UnsupportedModelError(
-                f"{settings.pretrained_model_name_or_path}: the model is SDXL; the memory estimate does not cover "
-                "SDXL yet: train without the estimate (low_memory off)."
-            )
+    refusal = training_unsupported(settings.pretrained_model_name_or_path or arch.name, arch)
+    if refusal:  # a model the trainer refuses has no training step to measure: the trainer's sentence
+        raise refusal
     arch = copy.deepcopy(arch)
     tracker = DryRun(settings, arch, device_type=device_type, cache_text=cache_text).measure()
     constants = {}

@@ -394,8 +394,8 @@ class Trainer(Outputs):
         family = self.family
         mask_weights: list[Any] = []  # the masked loss's per-pixel weights of each latent (None: no mask)
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
-        weights = []  # each sample's concept loss_weight (class images: 1, prior_loss_weight comes later)
         crops = []  # SDXL: each latent's crop (its time ids)
+        weights = []  # each sample's concept loss_weight (class images: 1, prior_loss_weight comes later)
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
