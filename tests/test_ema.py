@@ -82,16 +82,16 @@ class WeightsPerStep(Callbacks):
 def test_the_saved_checkpoint_holds_the_ema_of_the_run_and_both_keeps_the_trained_weights(make_settings, tmp_path):
     recorder = WeightsPerStep()
     settings = make_settings(
-        max_train_steps=5, use_ema=True, ema_decay=0.2, ema_update_every=2, ema_output="both", learning_rate=3e-3
+        max_train_steps=7, use_ema=True, ema_decay=0.2, ema_update_every=2, ema_output="both", learning_rate=3e-3
     )
     trainer = recorder.trainer = Trainer(settings, callbacks=recorder)
     result = trainer.run()
-    expected = closed_form(recorder.sequence, 0.2, 2)  # updates after steps 2 and 4
+    expected = closed_form(recorder.sequence, 0.2, 2)  # updates after steps 2, 4, 6 (the third's decay: 0.2)
     saved = load_components(result.checkpoints[-1]).unet.state_dict()
-    assert result.checkpoints[-1].name == "dreambooth_5.safetensors"
+    assert result.checkpoints[-1].name == "dreambooth_7.safetensors"
     for name, value in expected.items():
         torch.testing.assert_close(saved[name].double(), value, rtol=0, atol=1e-6)
-    trained = load_components(tmp_path / "out" / "dreambooth_5_trained.safetensors").unet.state_dict()
+    trained = load_components(tmp_path / "out" / "dreambooth_7_trained.safetensors").unet.state_dict()
     after = trainer.components.unet.state_dict()  # the modules hold the trained weights again after the run
     assert all(torch.equal(trained[k], after[k]) for k in expected)
     assert all(torch.equal(after[k], recorder.sequence[-1][k]) for k in expected)
