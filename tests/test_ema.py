@@ -146,3 +146,12 @@ def test_the_memory_estimate_counts_the_ema_on_the_gpu_only(on_cpu):
     breakdown = estimate(settings, arch).breakdown
     weights = estimate(dataclasses.replace(settings, use_ema=False), arch).breakdown["weights, trained (fp32)"]
     assert breakdown.get("EMA weights (fp32)", 0) == (0 if on_cpu else weights)
+
+
+def test_save_total_limit_removes_the_trained_companion_with_its_checkpoint(make_settings, tmp_path):
+    settings = make_settings(
+        use_ema=True, ema_output="both", save_model_every_n_steps=1, save_total_limit=1, save_training_state=False
+    )
+    Trainer(settings).run()
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert names == ["dreambooth_2.safetensors", "dreambooth_2_trained.safetensors"]
