@@ -349,6 +349,15 @@ class Settings:
     class_inference_steps: int = setting(
         30, "Denoising steps when generating class images.", "prior", minimum=1, maximum=500, label="Class image steps"
     )
+    prior_from_base_model: bool = setting(
+        False,
+        "Prior preservation without class images: for each instance image, the frozen base model's prediction on the "
+        "class prompt (same noisy latent) is the target of the trained model's, weighted by prior_loss_weight. Costs "
+        "one more forward pass per step (LoRA: with the adapter off; full fine-tune: a half-precision copy of the base "
+        "UNet is kept). Use instead of with_prior_preservation when you have no time or disk for class images.",
+        "prior",
+        label="Prior from the base model (no class images)",
+    )
 
     # --- schedule
     seed: int = setting(
@@ -447,6 +456,45 @@ class Settings:
         minimum=0.0,
         maximum=1e6,
         label="Gradient clipping",
+    )
+    use_ema: bool = setting(
+        False,
+        "Keep an exponential moving average (EMA) of the trained weights (LoRA: of the adapter) and use it for "
+        "samples, test images and the saved output: smoother, often better results from long runs.",
+        "optimizer",
+        label="EMA of the weights",
+    )
+    ema_decay: float = setting(
+        0.999,
+        "EMA decay per update, reached after a warm-up (the first update copies the weights, the k-th uses "
+        "min(decay, k / (k + 9))); higher remembers longer: about 1 / (1 - decay) updates.",
+        "optimizer",
+        minimum=0.0,
+        maximum=0.999999,
+        label="EMA decay",
+    )
+    ema_update_every: int = setting(
+        1,
+        "Update the EMA every N optimizer steps (the decay applies per update).",
+        "optimizer",
+        minimum=1,
+        maximum=MAX_STEPS,
+        label="EMA every N steps",
+    )
+    ema_on_cpu: bool = setting(
+        False,
+        "Keep the EMA in CPU memory instead of on the GPU (saves GPU memory of one fp32 copy of the trained weights; "
+        "each update copies the weights to the CPU).",
+        "optimizer",
+        label="EMA in CPU memory",
+    )
+    ema_output: str = setting(
+        "ema",
+        "What the saves hold with use_ema: ema (NAME_STEP.safetensors holds the EMA weights); both (also "
+        "NAME_STEP_trained.safetensors with the weights as trained, without averaging).",
+        "optimizer",
+        choices=("ema", "both"),
+        label="EMA output",
     )
 
     # --- loss weighting and noise

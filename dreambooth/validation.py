@@ -9,7 +9,9 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .train.ema import ema_problems
 from .train.optimizers import optimizer_problems, optimizer_warnings
+from .train.prior import base_prior_problems
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -243,6 +245,8 @@ def validate_settings(settings: Settings, check_files: bool = True, model_in_mem
     problems.extend(_memory_problems(s))
     problems.extend(_network_problems(s, check_files))
     problems.extend(optimizer_problems(s))
+    problems.extend(ema_problems(s))
+    problems.extend(base_prior_problems(s))
     if isinstance(s.max_timestep, int) and isinstance(s.min_timestep, int) and s.min_timestep >= s.max_timestep:
         problems.append(
             f"min_timestep {s.min_timestep} and max_timestep {s.max_timestep} leave no timestep to train: "

@@ -113,6 +113,7 @@ def train(make_settings, tmp_path):
 
 
 PRIOR = {"with_prior_preservation": True}
+EMA = {"use_ema": True}
 SAMPLES = {"n_save_sample": 1}
 TESTS = {"test_prompt": "photo of zwx ring on a table"}
 TEXT = {"train_text_encoder": True}
@@ -161,6 +162,13 @@ def ranks(run: Run) -> set[int]:
 
 def layers(run: Run, prefix: str) -> set[str]:
     return {name for name in run.lora.layers if name.startswith(prefix)}
+
+
+def saved_unet(run: Run, name: str = "dreambooth_2") -> str:
+    """The digest of the UNet in the run's checkpoint ``name``."""
+    from dreambooth.models.components import load_components
+
+    return digest(load_components(run.out / f"{name}.safetensors").unet.state_dict())
 
 
 def bf16_values(module) -> bool:
@@ -220,6 +228,29 @@ ROWS = {
     ),
     "with_prior_preservation": ({}, PRIOR, differs("unet")),
     "prior_loss_weight": None,  # test_prior_loss_weight_scales_the_prior_term
+    # the base model's prediction as the prior, no class image written: tests/test_prior_from_base.py (the drift of
+    # class predictions, the adapter really off, the weighted term, the half-precision copy, its memory)
+    "prior_from_base_model": (
+        {},
+        {"prior_from_base_model": True},
+        lambda b, v: (
+            b.losses[1][2] is None and v.losses[1][2] > 0 and b.unet != v.unet and not (v.out.parent / "class").exists()
+        ),
+    ),
+    # the EMA's closed form with the warm-up, update_every, exact resume, LoRA's adapter: tests/test_ema.py
+    "use_ema": ({}, EMA, lambda b, v: saved_unet(b) == b.unet and saved_unet(v) != v.unet),
+    "ema_decay": None,  # test_the_ema_equals_the_closed_form_after_k_steps_with_update_every, test_the_saved_...
+    "ema_update_every": None,  # the same tests: updates after every N-th step only
+    "ema_on_cpu": None,  # test_the_memory_estimate_counts_the_ema_on_the_gpu_only (on a CPU both are the CPU)
+    "ema_output": (
+        EMA,
+        {**EMA, "ema_output": "both"},
+        lambda b, v: (
+            saved_unet(v, "dreambooth_2_trained") == v.unet
+            and saved_unet(v) == saved_unet(b) != v.unet
+            and not (b.out / "dreambooth_2_trained.safetensors").exists()
+        ),
+    ),
     "num_class_images": ({}, {**PRIOR, "num_class_images": 3}, count("../class", 3)),
     "sample_batch_size": None,
     "class_inference_steps": (PRIOR, {**PRIOR, "class_inference_steps": 3}, None),

@@ -55,6 +55,8 @@ def tracked_steps(trainer: Trainer, run: Any, steps: int, device_type: str, off_
         tracker.register(list(module.parameters()) + list(module.buffers()))
     cached = [*trainer.text_cache.values(), *trainer.pooled_cache.values()]  # SDXL: also the pooled embeddings
     tracker.register(cached, TEXT_CACHE_LABEL)
+    for label, tensors in trainer.resident_tensors().items():  # the EMA, the base model kept for the prior
+        tracker.register(tensors, label)
     with tracker:
         for _ in range(steps):
             trainer._step(run)
@@ -172,6 +174,10 @@ class DryRun(Trainer):
             if where.type != self.target_device_type:
                 self.off_device.add(name)
         return {name: Placement(device, dtype) for name, (_, dtype) in placement.items()}
+
+    def _ema_device(self, device: Any) -> Any:
+        """ema_on_cpu: not on the GPU; the meta device keeps its (fake) tensors out of the count."""
+        return "meta" if self.settings.ema_on_cpu else device
 
     # ---------------------------------------------------------------------------------------- data
 

@@ -36,6 +36,7 @@ from ..events import Callbacks, Commands, Progress, guarded
 from ..settings import Settings
 from .distributed import launched_processes
 from .distributed import make as make_distributed
+from .ema import ema_weights, make_ema
 from .families import Conditioning, Family, family_for
 from .loss import combine_losses, training_target
 from .method import NetworkMethod
@@ -43,6 +44,7 @@ from .noising import draw_noise, timestep_range, weighted_sample_losses, zero_te
 from .optimizers import use_averaged_weights, use_training_weights
 from .outputs import Outputs, RunState, TrainResult
 from .precision import FrozenModules, Placement, frozen_placement, move
+from .prior import BasePrior
 from .sampling import eval_mode, generate
 
 STEPS_PER_INSTANCE_IMAGE = 100  # the guide's rule of thumb when neither epochs nor steps are given
@@ -114,6 +116,8 @@ class Trainer(Outputs):
         self.method: NetworkMethod | None = None  # a LoRA / LoHa / LoKr run's adapter (train/method.py)
         self.held_out: list[Example] = []  # instance images of the validation loss, never trained on
         self.validation: Any = None  # the validation loss (train/validation_loss.py), when images are held out
+        self.ema: Any = None  # use_ema: the average of the trained weights (train/ema.py)
+        self.prior: Any = None  # prior_from_base_model: the base model's predictions (train/prior.py)
         self.bucket_of: dict[Path, Any] = {}
         self.augmentation = Augmentation.from_settings(self.settings)
         self.contents = ContentHashes()
@@ -396,6 +400,7 @@ class Trainer(Outputs):
         latents, noise, inputs, timesteps, prompts, is_prior, images, masks = [], [], [], [], [], [], [], []
         crops = []  # SDXL: each latent's crop (its time ids)
         weights = []  # each sample's concept loss_weight (class images: 1, prior_loss_weight comes later)
+        from_base: set[int] = set()  # prior_from_base_model: entries whose target is the base model's prediction
         for sample in samples:
             pairs = [(sample.instance, "instance")]
             if sample.prior is not None:
@@ -422,6 +427,15 @@ class Trainer(Outputs):
                 prompts.append(example.prompt)
                 is_prior.append(role == "prior")
                 weights.append(1.0 if role == "prior" else s.concepts[example.concept].loss_weight)
+            if self.prior is not None:  # prior_from_base_model: the instance's noisy latent with the class prompt
+                for values in (latents, noise, inputs, timesteps, images, masks, crops):
+                    values.extend(values[-1:])
+                if mask_weights:
+                    mask_weights.append(None)  # the base model's prediction is matched everywhere
+                weights.append(1.0)
+                prompts.append(self.prior.class_prompt(sample.instance))
+                is_prior.append(True)
+                from_base.add(len(latents) - 1)
         self.timings["data"] += time.perf_counter() - started
         # One forward pass per latent shape (with buckets, a class image may have another shape than its instance).
         shapes: dict[tuple[int, ...], list[int]] = {}
@@ -446,6 +460,10 @@ class Trainer(Outputs):
                 unet_inputs = family.unet_inputs(conditioning, [crops[i] for i in indices] if crops else None)
                 prediction = components.unet(noisy, group_steps, **unet_inputs).sample
             target = training_target(scheduler, group_latents, group_noise, group_steps)
+            if from_base:
+                group_prompts = [prompts[i] for i in indices]
+                is_base = [i in from_base for i in indices]
+                target = self.prior.targets(target, is_base, noisy, group_steps, group_prompts, autocast)
             where = (torch.tensor(indices, device=device),)
             group_masks = stack_weights([mask_weights[i] for i in indices]) if mask_weights else None
             per_sample = per_sample.index_put(
@@ -580,6 +598,9 @@ class Trainer(Outputs):
         self._fill_caches([e for group in instances + (classes or []) for e in group])
         if self.validation is not None:  # its latents and text embeddings, while the VAE and encoder are here
             self.validation.prepare()
+        if self.settings.prior_from_base_model:  # before anything trains and before the text encoder is parked
+            self.prior = BasePrior(self)
+            self.prior.prepare(instances, self.dist.device)
         self.frozen.park(self.components)
 
     def _fill_caches(self, examples: list[Example]) -> None:
@@ -675,12 +696,15 @@ class Trainer(Outputs):
             text_stop_step=math.ceil(s.stop_text_encoder * total) if self._trains_text() else 0,
             result=TrainResult(step=0, total_steps=total, cancelled=False),
         )
+        self.ema = make_ema(s, modules, groups, self._ema_device(device))
         if s.resume_from:
             folder = find_state(s.resume_from) or Path(s.resume_from)
             run.start = run.step = run.state_step = load_state(
-                folder, modules, optimizer, run.lr_scheduler, scaler, s.optimizer
+                folder, modules, optimizer, run.lr_scheduler, scaler, s.optimizer, self.ema
             )
             self.log(f"resumed from {folder} at step {run.start}")
+            if self.ema is not None and self.ema.restarted:
+                self.log("the state holds no EMA (use_ema was off): the EMA starts from the resumed weights")
         run.writer = self._logger(Path(s.output_dir)) if dist.is_main else None
         return run
 
@@ -691,6 +715,20 @@ class Trainer(Outputs):
         rates = {"text_encoder": s.text_encoder_lr(), "text_encoder_2": s.text_encoder_2_lr()}
         names = self.family.text_encoder_names
         return {name: rates[name] for name in names if rates[name] > 0 or name == "text_encoder"}
+
+    def _ema_device(self, device: Any) -> Any:
+        """Where the EMA lives: the training device, or the CPU with ema_on_cpu."""
+        return "cpu" if self.settings.ema_on_cpu else device
+
+    def resident_tensors(self) -> dict[str, list[Any]]:
+        """Tensors on the training device besides the modules and the optimizer, by memory label: the EMA, the
+        base model's copy (the memory estimate registers them)."""
+        tensors = {}
+        if self.ema is not None and str(self.ema.device) == str(self.dist.device):
+            tensors["EMA weights (fp32)"] = list(self.ema.shadow.values())
+        if self.prior is not None:
+            tensors["base model for the prior"] = self.prior.resident_tensors()
+        return tensors
 
     def _steps(self, run: RunState) -> None:
         """Steps until the total; a save or samples when due or asked for; cancel stops between steps."""
@@ -712,7 +750,8 @@ class Trainer(Outputs):
             elif sample_now:
                 use_averaged_weights(run.optimizer)  # schedule-free: samples of the averaged weights
                 if dist.is_main:
-                    self._samples(run.step, run.result, run.device)
+                    with ema_weights(self.ema):  # use_ema: samples of the EMA
+                        self._samples(run.step, run.result, run.device)
                 dist.barrier()
 
     def _step(self, run: RunState) -> list[tuple[float, float, float | None]]:
@@ -739,7 +778,7 @@ class Trainer(Outputs):
             epoch = run.plan.epoch_of_batch(batch_index, run.global_batch)
             counts = None
             if dist.world_size > 1:  # this process's slice of the step's samples
-                counts = (len(samples), sum(x.prior is not None for x in samples))
+                counts = (len(samples), sum(x.prior is not None or self.prior is not None for x in samples))
                 samples = samples[dist.rank * s.train_batch_size : (dist.rank + 1) * s.train_batch_size]
             fb_started = time.perf_counter()
             values = [0.0, 0.0, 0.0]
@@ -755,7 +794,7 @@ class Trainer(Outputs):
                 (run.scaler.scale(scaled) if run.scaler else scaled).backward()
                 values = self._loss_values(loss, instance_loss, prior_loss)
             self.timings["forward_backward"] += time.perf_counter() - fb_started
-            has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples)
+            has_prior = counts[1] > 0 if counts else any(x.prior is not None for x in samples) or self.prior is not None
             total_value, instance_value, prior_value = dist.sum_values(values)
             losses.append((total_value, instance_value, prior_value if has_prior else None))
         opt_started = time.perf_counter()
@@ -773,6 +812,8 @@ class Trainer(Outputs):
             run.optimizer.step()
         run.lr_scheduler.step()
         run.step += 1
+        if self.ema is not None:
+            self.ema.after_step(run.step)
         run.updating = False
         run.optimizer.zero_grad(set_to_none=True)
         self.timings["optimizer"] += time.perf_counter() - opt_started

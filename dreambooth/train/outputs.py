@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import DreamBoothError
 from ..events import guarded
+from .ema import TRAINED_SUFFIX, ema_weights
 from .failures import (
     DiskFull,
     TrainingFailed,
@@ -83,21 +84,27 @@ class Outputs:
         disk: DiskFull."""
         s, step = self.settings, run.step
         self._emit("saving", f"saving step {step}", step=step, total_steps=run.total)
-        if self.method is not None:
-            paths = [self._save_network(run)]
-        else:
-            paths = self._save_checkpoint(run)
+        with ema_weights(self.ema):  # use_ema: the file holds the EMA (train/ema.py)
+            paths = [self._save_network(run)] if self.method is not None else self._save_checkpoint(run)
+        if self.ema is not None and s.ema_output == "both":  # NAME_STEP_trained: the weights as trained
+            if self.method is not None:
+                paths.append(self._save_network(run, suffix=TRAINED_SUFFIX))
+            else:
+                paths += self._save_checkpoint(run, suffix=TRAINED_SUFFIX)
         run.result.checkpoints.append(paths[0])
         if s.save_training_state:
             self._save_state(run, paths[0])
         self._prune_checkpoints(run)
         guarded(self.callbacks, "on_checkpoint", step, paths)
         self.log(f"saved {paths[0]}")
-        self._tests(step, run.result, next(self.components.unet.parameters()).device)
+        with ema_weights(self.ema):
+            self._tests(step, run.result, next(self.components.unet.parameters()).device)
 
-    def _save_checkpoint(self, run: RunState, tag: str = "", extra: dict[str, str] | None = None) -> list[Path]:
+    def _save_checkpoint(
+        self, run: RunState, tag: str = "", extra: dict[str, str] | None = None, suffix: str = ""
+    ) -> list[Path]:
         """The full checkpoint NAME_STEP (``tag``: NAME_TAG instead) + sidecar yaml, with ``extra`` metadata;
-        returns the written paths, the checkpoint first."""
+        returns the written paths, the checkpoint first.  ``suffix``: after NAME_STEP in the file name."""
         from ..models.components import save_single_file
 
         s, step = self.settings, run.step
@@ -107,19 +114,22 @@ class Outputs:
             "dreambooth.settings": self.requested.to_json(),
             **(extra or {}),
         }
-        destination = self._checkpoint_folder() / f"{s.model_name}_{tag or step}.{s.save_format}"
+        destination = self._checkpoint_folder() / f"{s.model_name}_{tag or step}{suffix}.{s.save_format}"
         checkpoint_bytes = tensor_bytes(self._component_tensors(), half=s.save_half)
         with self._disk_full_message(f"the checkpoint of step {step}", destination.parent, checkpoint_bytes):
             return save_single_file(self._saved_components(), destination, half=s.save_half, metadata=metadata)
 
-    def _save_network(self, run: RunState, tag: str = "", extra: dict[str, str] | None = None) -> Path:
+    def _save_network(
+        self, run: RunState, tag: str = "", extra: dict[str, str] | None = None, suffix: str = ""
+    ) -> Path:
         """The adapter as one kohya-format LoRA file NAME_STEP (``tag``: NAME_TAG) in the Lora folder
-        (train/method.py), with ``extra`` metadata."""
+        (train/method.py), with ``extra`` metadata; ``suffix``: after NAME_STEP in the file name."""
         from ..network.files import write_network_file
 
         destination = self.method.file_path(run.step)
         if tag:
             destination = destination.with_name(f"{self.settings.model_name}_{tag}{destination.suffix}")
+        destination = destination.with_name(destination.stem + suffix + destination.suffix)
         tensors = self.method.tensors()
         with self._disk_full_message(
             f"the LoRA file of step {run.step}", destination.parent, tensor_bytes(tensors.values())
@@ -172,6 +182,7 @@ class Outputs:
                     "checkpoint": str(checkpoint) if checkpoint else "",
                 },
                 run.scaler,
+                self.ema,
             )
         run.state_step = run.step
 
@@ -229,7 +240,8 @@ class Outputs:
         if self.dist.is_main:
             self._save(run)
             if samples:
-                self._samples(run.step, run.result, run.device)
+                with ema_weights(self.ema):  # use_ema: samples of the EMA
+                    self._samples(run.step, run.result, run.device)
         self.dist.barrier()
         run.last_saved = run.step
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from ..models.files import sidecar_yaml_path
+from .ema import TRAINED_SUFFIX
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -33,8 +34,10 @@ def prune_checkpoints(folder: Path, model_name: str, keep: int, protected: set[P
     for _, path in checkpoints[: max(0, len(checkpoints) - keep)]:
         if path.resolve() in protected:
             continue
-        path.unlink(missing_ok=True)
-        if not any(path.with_suffix(suffix).exists() for suffix in CHECKPOINT_SUFFIXES):
-            sidecar_yaml_path(path).unlink(missing_ok=True)  # shared by NAME_STEP.safetensors and NAME_STEP.ckpt
+        trained = path.with_name(path.stem + TRAINED_SUFFIX + path.suffix)  # ema_output both: its companion
+        for each in (path, trained):
+            each.unlink(missing_ok=True)
+            if not any(each.with_suffix(suffix).exists() for suffix in CHECKPOINT_SUFFIXES):
+                sidecar_yaml_path(each).unlink(missing_ok=True)  # shared by NAME_STEP.safetensors and NAME_STEP.ckpt
         deleted.append(path)
     return deleted

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DreamBoothError
+from .ema import EMA_FILE
 
 STATE_VERSION = 1
 STATE_NAME = "state"
@@ -36,8 +37,11 @@ def save_state(
     lr_scheduler: Any,
     info: dict[str, Any],
     scaler: Any = None,
+    ema: Any = None,
 ) -> Path:
-    """Write the state of ``step`` and make it ``folder``; the previous one stays complete until the new one is."""
+    """Write the state of ``step`` and make it ``folder``; the previous one stays complete until the new one is.
+    ``ema``: the run's :class:`~dreambooth.train.ema.WeightsEMA` (``ema.safetensors``, its update count in
+    ``state.json``)."""
     import torch
     from safetensors.torch import save_file
 
@@ -60,6 +64,9 @@ def save_state(
         torch.save(rng, temp / "rng.pt", **legacy)
         if scaler is not None:
             torch.save(scaler.state_dict(), temp / "scaler.pt", **legacy)
+        if ema is not None:
+            tensors, info["ema"] = ema.state()
+            save_file(tensors, str(temp / EMA_FILE))
         _fsync_files(temp)
         marker = temp / "state.json.tmp"  # the completion marker, written last and renamed into place
         marker.write_text(
@@ -163,11 +170,13 @@ def load_state(
     lr_scheduler: Any,
     scaler: Any = None,
     optimizer_name: str | None = None,
+    ema: Any = None,
 ) -> int:
     """Restore everything saved by :func:`save_state`; returns the step to continue from.
 
     ``optimizer_name``: the settings' optimizer; a state whose optimizer states were made by another one is refused
-    (8-bit and 32-bit AdamW states cannot stand in for each other)."""
+    (8-bit and 32-bit AdamW states cannot stand in for each other).  ``ema``: the run's EMA, given the saved
+    averages; a state without them (saved with use_ema off) leaves it at the resumed weights, with no update made."""
     import torch
     from safetensors.torch import load_file
 
@@ -204,4 +213,9 @@ def load_state(
         torch.cuda.set_rng_state_all(rng["cuda"])
     if scaler is not None and (folder / "scaler.pt").is_file():
         scaler.load_state_dict(load_pickle(folder / "scaler.pt", "training state file"))
+    if ema is not None:
+        if (folder / EMA_FILE).is_file() and "ema" in info:
+            ema.load(load_file(str(folder / EMA_FILE)), info["ema"], str(folder / EMA_FILE))
+        else:
+            ema.restart()
     return int(info["step"])
