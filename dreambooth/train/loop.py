@@ -463,7 +463,8 @@ class Trainer(Outputs):
             if from_base:
                 group_prompts = [prompts[i] for i in indices]
                 is_base = [i in from_base for i in indices]
-                target = self.prior.targets(target, is_base, noisy, group_steps, group_prompts, autocast)
+                group_crops = [crops[i] for i in indices] if crops else None
+                target = self.prior.targets(target, is_base, noisy, group_steps, group_prompts, autocast, group_crops)
             where = (torch.tensor(indices, device=device),)
             group_masks = stack_weights([mask_weights[i] for i in indices]) if mask_weights else None
             per_sample = per_sample.index_put(

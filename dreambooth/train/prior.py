@@ -75,8 +75,8 @@ class BasePrior:
         import torch
 
         from ..data.dataset import caption_source
+        from .families import Conditioning
         from .precision import half_copy
-        from .sampling import encode_prompts
 
         trainer = self.trainer
         s, components = trainer.settings, trainer.components
@@ -89,11 +89,11 @@ class BasePrior:
         unique = list(dict.fromkeys(self.prompts.values()))
         if not trainer._trains_text() and trainer.cache_text:  # the run's own cache: the same embeddings
             trainer._text(unique, train_text=False)
-            self.embeddings = {prompt: trainer.text_cache[prompt] for prompt in unique}
+            self.embeddings = {p: Conditioning(trainer.text_cache[p], trainer.pooled_cache.get(p)) for p in unique}
         else:
             with torch.no_grad():
-                hidden = encode_prompts(components.text_encoder, components.tokenizer, unique, s.clip_skip).float()
-            self.embeddings = dict(zip(unique, hidden))
+                encoded = trainer.family.encode(components, unique, s.clip_skip).to(dtype=torch.float32)
+            self.embeddings = dict(zip(unique, encoded.rows()))
         if not s.trains_network:
             self.dtype = base_copy_dtype(s, device.type)
             self.unet = half_copy(components.unet, device, self.dtype).requires_grad_(False).eval()
@@ -104,8 +104,9 @@ class BasePrior:
     def resident_tensors(self) -> list[Any]:
         """What this keeps on the training device for the whole run (for the memory estimate): the UNet copy and
         the embeddings that are not in the trainer's text cache."""
-        cached = {id(t) for t in self.trainer.text_cache.values()}
-        tensors = [t for t in self.embeddings.values() if id(t) not in cached]
+        cached = {id(t) for t in [*self.trainer.text_cache.values(), *self.trainer.pooled_cache.values()]}
+        rows = [t for row in self.embeddings.values() for t in (row.hidden, row.pooled) if t is not None]
+        tensors = [t for t in rows if id(t) not in cached]
         if self.unet is not None:
             tensors += list(self.unet.parameters()) + list(self.unet.buffers())
         return tensors
@@ -128,17 +129,30 @@ class BasePrior:
         finally:
             network.apply()
 
-    def predict(self, noisy: Any, timesteps: Any, prompts: list[str], autocast: Any) -> Any:
+    def predict(
+        self, noisy: Any, timesteps: Any, prompts: list[str], autocast: Any, crops: list[Any] | None = None
+    ) -> Any:
         """The base model's prediction (fp32, no gradient) for ``noisy`` latents at ``timesteps`` with the base
-        embeddings of ``prompts`` (class prompts); ``autocast``: the run's, for the adapter's frozen UNet."""
+        embeddings of ``prompts`` (class prompts); ``autocast``: the run's, for the adapter's frozen UNet;
+        ``crops``: the samples' crops (SDXL's time ids)."""
         import torch
 
-        hidden = torch.stack([self.embeddings[p] for p in prompts]).to(noisy.device)
+        from .families import Conditioning
+
+        conditioning = Conditioning.stack([self.embeddings[p] for p in prompts]).to(noisy.device)
+        inputs = self.trainer.family.unet_inputs(conditioning, crops)
         with torch.no_grad(), self._base_unet(autocast) as unet:
-            return unet(noisy, timesteps, encoder_hidden_states=hidden).sample.float()
+            return unet(noisy, timesteps, **inputs).sample.float()
 
     def targets(
-        self, target: Any, is_base: list[bool], noisy: Any, timesteps: Any, prompts: list[str], autocast: Any
+        self,
+        target: Any,
+        is_base: list[bool],
+        noisy: Any,
+        timesteps: Any,
+        prompts: list[str],
+        autocast: Any,
+        crops: list[Any] | None = None,
     ) -> Any:
         """``target`` with the rows marked in ``is_base`` replaced by the base model's prediction for them."""
         import torch
@@ -147,5 +161,6 @@ class BasePrior:
         if not rows:
             return target
         where = torch.tensor(rows, device=target.device)
-        base = self.predict(noisy[where], timesteps[where], [prompts[i] for i in rows], autocast)
+        row_crops = [crops[i] for i in rows] if crops else None
+        base = self.predict(noisy[where], timesteps[where], [prompts[i] for i in rows], autocast, row_crops)
         return target.index_put((where,), base.to(target.dtype))

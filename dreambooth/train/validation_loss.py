@@ -41,6 +41,7 @@ class HeldOut:
     latent: Any
     noise: Any
     conditioning: Any = None
+    crop: Any = None  # the pixels' crop (SDXL's time ids)
 
 
 def recorded_best(path: Path) -> float | None:
@@ -74,7 +75,7 @@ class ValidationLoss:
         still on the training device)."""
         import torch
 
-        from ..data.cache import latent_distribution, pixels
+        from ..data.cache import latent_distribution, pixels_and_crop
 
         trainer = self.trainer
         s, vae = trainer.settings, trainer.components.vae
@@ -84,7 +85,9 @@ class ValidationLoss:
         for example in self.examples:
             content = trainer.contents.get(example.path)
             size = trainer._size(example) or s.resolution
-            image = pixels(example.path, size, s.center_crop, False, mix_seed(s.seed, "validation crop", content))
+            image, crop = pixels_and_crop(
+                example.path, size, s.center_crop, False, mix_seed(s.seed, "validation crop", content)
+            )
             mean, _ = latent_distribution(vae, image)
             latent = mean * vae.config.scaling_factor
             generator = torch.Generator().manual_seed(mix_seed(s.seed, "validation", content))
@@ -93,7 +96,7 @@ class ValidationLoss:
             if inpainting is not None:
                 mask = inpainting.mask(image, mix_seed(s.seed, "validation mask", content))
                 conditioning = inpainting.conditioning(image.unsqueeze(0), mask.unsqueeze(0)).float().cpu()
-            self.items.append(HeldOut(example, latent, noise, conditioning))
+            self.items.append(HeldOut(example, latent, noise, conditioning, crop))
         if not trainer._trains_text() and trainer.cache_text:
             trainer._text([e.prompt for e in self.examples], train_text=False)
         trainer.log(f"validation loss on {len(self.items)} held-out image(s) at timesteps {self.timesteps}")
@@ -123,8 +126,10 @@ class ValidationLoss:
                 if item.conditioning is not None:
                     noisy = inpainting.unet_input(noisy, item.conditioning.expand(count, -1, -1, -1).to(device))
                 with run.autocast:
-                    hidden = trainer._text([item.example.prompt] * count, trainer._trains_text()).to(device)
-                    prediction = components.unet(noisy, steps, encoder_hidden_states=hidden).sample
+                    text = trainer._conditioning([item.example.prompt] * count, trainer._trains_text()).to(device)
+                    crops = [item.crop] * count if trainer.family.uses_crops else None
+                    inputs = trainer.family.unet_inputs(text, crops)
+                    prediction = components.unet(noisy, steps, **inputs).sample
                 target = training_target(scheduler, latents, noise, steps)
                 total += float(weighted_sample_losses(s, scheduler, prediction, target, steps).double().sum())
         return total / (len(self.items) * len(self.timesteps))
