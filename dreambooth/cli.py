@@ -22,8 +22,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DreamBoothError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt"}
 
@@ -118,6 +122,36 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     return argv + (["--debug"] if getattr(args, "debug", False) else [])
 
 
+def _family_resolution(settings: Settings, config: Path, assignments: list[str], notes: list[str]) -> Settings:
+    """The base model's family's resolution (SDXL: 1024) when neither the settings file nor ``--set`` gives one.
+
+    Only for a .safetensors file or a diffusers folder, whose sizes are read without the weights; a base that cannot
+    be read is left to the settings' checks."""
+    import dataclasses
+    import json
+
+    from .models.describe import architecture_of
+    from .train.families import family_for
+
+    try:
+        given = "resolution" in json.loads(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    if given or any(a.split("=", 1)[0].strip() == "resolution" for a in assignments):
+        return settings
+    base = Path(settings.pretrained_model_name_or_path)
+    if not (base.is_dir() or base.suffix.lower() == ".safetensors"):
+        return settings
+    try:
+        resolution = family_for(architecture_of(base)).default_resolution
+    except DreamBoothError:
+        return settings
+    if resolution == settings.resolution:
+        return settings
+    notes.append(f"resolution {resolution}: the default of the base model's family (set resolution to change it)")
+    return dataclasses.replace(settings, resolution=resolution)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
     import shlex
@@ -139,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    settings = _family_resolution(settings, args.config, args.set or [], notes)
     for note in notes if is_main else []:
         print(f"note: {note}", file=sys.stderr)
     problems = settings.validate()

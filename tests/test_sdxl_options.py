@@ -69,3 +69,28 @@ def test_the_sdxl_validation_loss_is_the_same_for_the_same_weights(sdxl_settings
     with torch.no_grad():
         trainer.components.unet.conv_out.bias.add_(0.1)
     assert trainer.validation.compute(run) != first
+
+
+def test_the_cli_trains_sdxl_at_1024_unless_a_resolution_is_given(make_settings, tiny_checkpoint, tmp_path):
+    """`train --config`: a settings file without a resolution trains an SDXL base at its family's 1024 (with a note);
+    one given in the file or with --set stays, and an SD base keeps 512."""
+    import json
+
+    from dreambooth.cli import _family_resolution
+
+    def resolved(family, data, assignments=()):
+        given = dict(a.split("=") for a in assignments)  # what Settings.load + --set made of the file
+        resolution = int(given.get("resolution", data.get("resolution", 512)))
+        settings = make_settings(pretrained_model_name_or_path=str(tiny_checkpoint(family)), resolution=resolution)
+        config = tmp_path / "settings.json"
+        config.write_text(json.dumps(data))
+        notes = []
+        return _family_resolution(settings, config, list(assignments), notes).resolution, notes
+
+    resolution, notes = resolved("sdxl", {})
+    assert resolution == 1024 and notes == [
+        "resolution 1024: the default of the base model's family (set resolution to change it)"
+    ]
+    assert resolved("sdxl", {"resolution": 256}) == (256, [])
+    assert resolved("sdxl", {}, ["resolution=128"]) == (128, [])
+    assert resolved("sd1", {}) == (512, [])

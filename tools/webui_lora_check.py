@@ -269,8 +269,9 @@ def main() -> int:
     models = args.webui / "models"
     if args.base:
         base = models / "Stable-diffusion" / args.base.name
-        shutil.copy(args.base, base)
-        shutil.copy(args.base.with_suffix(".yaml"), base.with_suffix(".yaml"))
+        if base.resolve() != args.base.resolve():  # a base already in the WebUI's models folder stays where it is
+            shutil.copy(args.base, base)
+            shutil.copy(args.base.with_suffix(".yaml"), base.with_suffix(".yaml"))
     else:
         base = write_base(work, args.family, models)
     say(f"base model: {base}")
