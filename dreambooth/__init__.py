@@ -5,4 +5,4 @@ The core (everything except ``dreambooth.ui`` and ``dreambooth.webui``) imports 
 them, so importing this package is cheap.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -191,18 +191,6 @@ def test_the_sdxl_scripts_layers_counted_from_its_target_names():
     assert _script_parameters(_sdxl_components(), 4) == 73984
 
 
-def _sdxl_lora_trains() -> bool:
-    from dreambooth.models.architecture import training_unsupported
-
-    return training_unsupported("tiny SDXL", bench.bench_architecture(bench.BENCH_TINY_SDXL)) is None
-
-
-needs_sdxl_training = pytest.mark.skipif(
-    not _sdxl_lora_trains(), reason="the trainer does not train SDXL yet (branches sdxl-train and sdxl-lora)"
-)
-
-
-@needs_sdxl_training
 @pytest.mark.parametrize("train_text", [False, True], ids=["text-frozen", "text-trained"])
 def test_diffusers_targets_adapt_exactly_the_sdxl_scripts_layers(train_text):
     from dreambooth.network import adapter
@@ -220,7 +208,6 @@ def test_diffusers_targets_adapt_exactly_the_sdxl_scripts_layers(train_text):
     assert all(bench_lora.is_diffusers_target(target) for target in network.targets.values())
 
 
-@needs_sdxl_training
 @pytest.mark.slow  # two short trainer runs (tiny SDXL, 128 px, 2 steps each) with their tracked passes
 def test_our_sdxl_lora_rows_train_the_scripts_parameters_and_report_their_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -19,17 +19,6 @@ GIB = 2**30
 SDXL = ARCH_SHORTCUTS["sdxl"]
 
 
-def _trains_sdxl() -> bool:
-    from dreambooth.models.architecture import training_unsupported
-
-    return training_unsupported("SDXL", SDXL) is None
-
-
-needs_sdxl_training = pytest.mark.skipif(
-    not _trains_sdxl(), reason="the trainer does not train SDXL yet (the dry run is its training step)"
-)
-
-
 def _bytes(build, arch, element_bytes):
     """A module's weights as the tracker counts them: each tensor rounded up to 512-byte blocks."""
     module = _on_meta(lambda: build(arch))
@@ -49,7 +38,6 @@ def test_the_sdxl_shortcut_is_the_released_model():
 # ------------------------------------------------------------------------------------------------ the tiny SDXL
 
 
-@needs_sdxl_training
 def test_both_text_encoders_are_built_cached_and_wait_off_the_gpu():
     arch = bench_architecture(BENCH_TINY_SDXL)
     base = Settings(pretrained_model_name_or_path="x", resolution=64)
@@ -63,7 +51,6 @@ def test_both_text_encoders_are_built_cached_and_wait_off_the_gpu():
     assert on_cpu.breakdown["weights, frozen (fp32)"] == modules
 
 
-@needs_sdxl_training
 def test_the_sdxl_vae_stays_fp32_in_a_bf16_run():
     """Without cached latents the VAE encodes every step on the GPU: SDXL's in fp32 (it overflows in half precision),
     where SD's takes the mixed-precision dtype."""
@@ -93,7 +80,6 @@ SDXL_AGREEMENT = {
 }
 
 
-@needs_sdxl_training
 @pytest.mark.slow  # a 2-step tiny-SDXL run and its dry run each (2-3 min on the loaded 2-core machine)
 @pytest.mark.parametrize("name", list(SDXL_AGREEMENT))
 def test_the_estimate_agrees_with_a_real_cpu_run_of_the_tiny_sdxl(name, tmp_path):
@@ -111,7 +97,6 @@ FIT_PRESET = {  # what Fit my GPU turns on for SDXL on a 12 GiB card (the ladder
 }
 
 
-@needs_sdxl_training
 @pytest.mark.slow  # a dry run of the full-size SDXL (about 2 min on the loaded 2-core machine)
 def test_a_full_sdxl_fine_tune_at_1024_fits_12_gib_with_the_fit_preset():
     settings = Settings(pretrained_model_name_or_path="x", resolution=1024, train_batch_size=1, **FIT_PRESET)
@@ -123,7 +108,6 @@ def test_a_full_sdxl_fine_tune_at_1024_fits_12_gib_with_the_fit_preset():
     assert result.breakdown.get(GRADIENTS, 0) < 0.1 * GIB  # fused backward: one parameter's gradient at a time
 
 
-@needs_sdxl_training
 @pytest.mark.slow  # a dry run of the full-size SDXL (about 2 min on the loaded 2-core machine)
 def test_sdxl_lora_rank_16_at_1024_fits_7_gib():
     settings = Settings(

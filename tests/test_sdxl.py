@@ -292,28 +292,6 @@ def test_sdxl_is_described_and_accepted_for_training(tiny_checkpoint, make_setti
     assert problems == [], problems
 
 
-def test_lora_merge_and_extract_refuse_sdxl_until_its_lora_names_exist(tiny_checkpoint, tmp_path):
-    """SDXL files load now: the LoRA tools, written for SD 1/2 layer names, must say so instead of writing SD names."""
-    from dreambooth.network.extract import extract_lora
-    from dreambooth.network.merge import merge_lora
-
-    source = tiny_checkpoint("sdxl")
-    with pytest.raises(UnsupportedModelError, match="extracting a LoRA from SDXL is not supported yet"):
-        extract_lora(source, source, tmp_path / "x.safetensors", rank=4)
-    lora = tmp_path / "lora.safetensors"
-    layer = "lora_unet_down_blocks_1_attentions_0_proj_in"
-    save_file(
-        {
-            layer + ".lora_down.weight": torch.zeros(4, 64),
-            layer + ".lora_up.weight": torch.zeros(64, 4),
-            layer + ".alpha": torch.tensor(4.0),
-        },
-        str(lora),
-    )
-    with pytest.raises(UnsupportedModelError, match="merging a LoRA into SDXL is not supported yet"):
-        merge_lora(source, lora, tmp_path / "merged.safetensors")
-
-
 # ---------------------------------------------------------------------------------------- independent reader
 
 

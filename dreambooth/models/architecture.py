@@ -275,19 +275,6 @@ def unsupported(source: str, family: str, evidence: str) -> UnsupportedModelErro
     )
 
 
-def training_unsupported(source: str, arch: Architecture, doing: str = "training") -> UnsupportedModelError | None:
-    """Why a model that loads and converts cannot be used for ``doing`` yet, else None.
-
-    Every family trains (SDXL through train/families/sdxl.py); ``doing`` other than "training" ("merging a LoRA
-    into", "extracting a LoRA from") is refused for SDXL until its LoRA names exist."""
-    if not arch.is_sdxl or doing == "training":
-        return None
-    return UnsupportedModelError(
-        f"{source}: the model is SDXL; {doing} SDXL is not supported yet (SDXL files can be inspected and converted "
-        "with 'python -m dreambooth info' and 'convert'): choose an SD 1.x or SD 2.x model."
-    )
-
-
 def detect_family(sd: dict[str, Any], source: str) -> str:
     """The family ("sd1", "sd2" or "sdxl") from the key names; other families are refused by name."""
     if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in sd):

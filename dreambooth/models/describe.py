@@ -72,13 +72,10 @@ def unsupported_family(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not (path.is_dir() or path.suffix.lower() == ".safetensors"):
         return None
-    from .architecture import training_unsupported
-
     try:
-        arch = architecture_of(path)
+        architecture_of(path)
     except UnsupportedModelError as error:
         return str(error)
     except ModelFileError:
         return None
-    refusal = training_unsupported(str(path), arch)
-    return str(refusal) if refusal else None
+    return None
