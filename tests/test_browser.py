@@ -417,3 +417,51 @@ def test_the_memory_estimate_follows_resolution_and_checkpointing(app):
         checkpointed = _estimate_mib(page, other_than=at_256)
         browser.close()
     assert checkpointed < at_256
+
+
+def test_the_validation_loss_curve_is_drawn_beside_the_training_loss(app, tmp_path):
+    """Issue 16: a run with a held-out image (validation_split) and validation every step draws a second line,
+    "validation", in the tab's loss plot, and the status shows the latest validation loss."""
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(app["url"])
+        _tab(page, "Setup").click()
+        page.locator("#db_settings_message").first.get_by_text("Default settings").wait_for()
+        page.locator("#db_model_name input").fill("ringval")
+        _fill_a_short_run(page, app["data"], steps=3)
+        page.locator("#db_group_saving").click()
+        page.locator("#db_validation_split input").fill("0.34")
+        page.locator("#db_validation_steps input").fill("1")
+        page.locator("#db_group_samples").click()
+        page.locator("#db_n_save_sample input").fill("0")
+        _tab(page, "Run").click()
+        page.locator("#db_train").click()
+        page.locator("#db_message").first.get_by_text("Started").wait_for()
+        status = _wait_text(page, r"Finished: ringval", RUN_SECONDS)
+        plot = page.locator("#db_loss_plot")
+        deadline = time.monotonic() + START_SECONDS
+        colours = (0, 0)
+        while time.monotonic() < deadline and min(colours) < 50:  # vega draws on a canvas: count the two lines' hues
+            colours = _line_colours(plot.screenshot())
+            time.sleep(0.5)
+        _screenshot(page, tmp_path / "validation-plot.png")
+        browser.close()
+    assert min(colours) >= 50, f"the plot shows one series only (red, green pixels: {colours})"
+    assert re.search(r"validation loss \d", status), status
+
+
+def _line_colours(png: bytes) -> tuple[int, int]:
+    """Pixels of the loss plot's two series colours in a screenshot: (red: training, green: validation)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    red = int(((r > g + 60) & (r > b + 40)).sum())
+    green = int(((g > r + 40) & (g > b + 20)).sum())
+    return red, green
