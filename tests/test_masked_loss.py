@@ -304,7 +304,7 @@ def local_trainer(make_settings, tmp_path, folder, paths, cached, contents, **ch
         noise_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         vae=PatchVAE(),
         unet=PointwiseUNet(),
-        arch=types.SimpleNamespace(is_inpainting=False),
+        arch=types.SimpleNamespace(is_inpainting=False, is_sdxl=False),
     )
     trainer.text_cache = {"photo of zwx ring": torch.zeros(77, 8)}
     if changes.get("use_aspect_ratio_bucket"):

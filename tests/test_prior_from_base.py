@@ -101,7 +101,7 @@ def test_with_lora_the_target_is_the_base_model_with_the_adapter_off(make_settin
     noisy = torch.randn((2, 4, 8, 8), generator=generator)
     timesteps = torch.tensor([100, 700])
     prompt = "photo of a ring"
-    hidden = trainer.prior.embeddings[prompt].expand(2, -1, -1)
+    hidden = trainer.prior.embeddings[prompt].hidden.expand(2, -1, -1)
     with torch.no_grad():
         base = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
         network.apply()
