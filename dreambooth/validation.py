@@ -23,7 +23,8 @@ _NAME_FORBIDDEN = '/\\:*?"<>|'
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 # CLIP reads 77 tokens: the start token, 75 of the prompt, the end token.
 CLIP_PROMPT_TOKENS = 75
-# The resolution each family's released models were trained at; "sdxl" waits for that family in architecture.py.
+# The resolution each family's released models were trained at (warnings below it); train/families give the default
+# resolution a run starts with (SDXL 1024, SD 512: SD 2.x 768-v models keep the 512 default and get this warning).
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 PROMPT_FIELDS = (
     "save_sample_prompt",
